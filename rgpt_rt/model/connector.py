@@ -1,0 +1,20 @@
+"""The connector shared by image and region tokens (LLaVA-1.5 "mlp2x_gelu")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Connector(nn.Module):
+    """Linear(C, D) - GELU - Linear(D, D): vision channels into the LLM's embedding space."""
+
+    def __init__(self, vision_channels: int, llm_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_channels, llm_hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(llm_hidden, llm_hidden)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # features: [..., C] -> [..., D]
+        return self.fc2(self.act(self.fc1(features)))
