@@ -24,7 +24,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is a file; give a folder path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_abandoned(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -38,6 +39,24 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_abandoned(target: Path) -> None:
+    """Remove temporary folders of `target` left by a writer that was killed (its process is gone)."""
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = leftover.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
