@@ -5,7 +5,8 @@
       config.json          the RGPTConfig
       tokenizer.json
       vision.onnx          CLIP + refinement + patch merge + connector: pixel_values -> image_embeds, hires
-      connector.safetensors   the connector, for region embeddings
+      vision.safetensors   CLIP + refinement weights for the torch vision backend (no ONNX Runtime / TensorRT)
+      connector.safetensors   the connector, for region embeddings (and the torch backend)
       llm.safetensors      the LLM: INT4 linears (the project's layout) + fp16 embeddings, norms, lm_head
       vision.<gpu>.trt<version>.engine   when TensorRT built one (device-specific)
 

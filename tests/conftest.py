@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,3 +26,41 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def run_build_script(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """export/build_engine.py as a user runs it."""
+    script = ROOT / "export" / "build_engine.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight tiny RGPT saved with save_pretrained."""
+    from rgpt_rt.config import RGPTConfig
+    from rgpt_rt.model import RGPT
+
+    folder = tmp_path_factory.mktemp("src") / "ckpt"
+    torch.manual_seed(3)
+    RGPT(RGPTConfig.from_preset("tiny")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """The bundle of tiny_checkpoint, built once per test run through the command line."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    result = run_build_script(
+        "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quant", "none", "--trt", "auto"
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "[6/6]" in result.stdout and "bundle written" in result.stdout
+    assert "TensorRT not installed: ONNX only" in result.stdout
+    return out

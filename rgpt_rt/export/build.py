@@ -273,6 +273,7 @@ def build_bundle(options: BuildOptions) -> dict[str, Any]:
                 k: v.detach().float().contiguous() for k, v in model.connector.state_dict().items()
             }
             save_file(connector, str(tmp / "connector.safetensors"))
+            save_file(vision_tensors(model), str(tmp / "vision.safetensors"))
             return write_manifest(
                 tmp,
                 {
@@ -332,6 +333,21 @@ def check_bundle(
         raise BundleError(f"{folder}: vision.onnx fails parity on fresh inputs: {error}") from None
     report["seed"] = fresh_seed
     return report
+
+
+def vision_tensors(model) -> dict[str, torch.Tensor]:
+    """CLIP (the layers that run) and refinement weights, fp32, under the names the runtime's
+    torch vision backend reads: clip.embeddings.*, clip.encoder.layers.N.*, refinement.*."""
+    from rgpt_rt.model.vision import transformer_root
+
+    tensors = {}
+    for name, value in transformer_root(model.vision.clip).state_dict().items():
+        if name.startswith("post_layernorm.") or not value.is_floating_point():
+            continue  # the pooled-output norm never runs; position ids are recomputed
+        tensors[f"clip.{name}"] = value.detach().float().contiguous()
+    for name, value in model.refinement.state_dict().items():
+        tensors[f"refinement.{name}"] = value.detach().float().contiguous()
+    return tensors
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

@@ -68,7 +68,7 @@ def read_clip_vision_config(folder: Path) -> VisionConfig:
     return VisionConfig(**kwargs)
 
 
-def _transformer_root(model: CLIPVisionModel) -> nn.Module:
+def transformer_root(model: CLIPVisionModel) -> nn.Module:
     # transformers 4.x nests the transformer under .vision_model; 5.x does not.
     return getattr(model, "vision_model", model)
 
@@ -79,7 +79,7 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         if clip is None:
             clip = CLIPVisionModel(clip_vision_config(cfg))
-        root = _transformer_root(clip)
+        root = transformer_root(clip)
         layers = root.encoder.layers
         if len(layers) < cfg.layers_used:
             raise ValueError(

@@ -21,41 +21,20 @@ from rgpt_rt.bundle import BundleError, verify_bundle
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.export.onnx_vision import TENSORRT_ONNX_OPS, check_onnx_graph, unsupported_ops
-from rgpt_rt.model import RGPT
+from tests.conftest import run_build_script as run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "build_engine.py"
 
 
-def run_script(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        **kwargs,
-    )
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("src") / "ckpt"
-    torch.manual_seed(3)
-    RGPT(RGPTConfig.from_preset("tiny")).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    result = run_script(
-        "--checkpoint", str(checkpoint), "--out", str(out), "--quant", "none", "--trt", "auto"
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert "[6/6]" in result.stdout and "bundle written" in result.stdout
-    assert "TensorRT not installed: ONNX only" in result.stdout
-    return out
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def test_the_bundle_holds_every_file_with_its_hash(bundle):
@@ -64,6 +43,7 @@ def test_the_bundle_holds_every_file_with_its_hash(bundle):
         "config.json",
         "tokenizer.json",
         "vision.onnx",
+        "vision.safetensors",
         "connector.safetensors",
         "llm.safetensors",
     }
