@@ -1,0 +1,405 @@
+"""Generation on the runtime decoder: greedy and sampled decoding (temperature, top-k, top-p,
+repetition penalty), eos and stop strings, batches whose rows finish independently, and
+streaming text deltas that never split a character.
+
+    ids = generate(decoder, input_ids=prompt, max_new_tokens=64)                  # greedy
+    rows = generate_batch(decoder, inputs_embeds=[e1, e2], eos_token_id=2)         # one list per row
+    for delta in generate_stream(decoder, tokenizer, input_ids=prompt, stop=["\\n"]): print(delta, end="")
+
+The Session prefills its own cache (shared prefixes, see KVCache.copy_prefix) and calls the
+cache-level `decode` / `stream` with the logits prefill returned.
+Logit processing follows transformers' processors (same order, same arithmetic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from rgpt_rt.runtime.decoder import KVCache, LlamaDecoder
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 is greedy (top_k / top_p then unused)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the context
+    eos_token_id: int | Sequence[int] | None = None
+    stop: Sequence[str] = ()  # stop strings (need a tokenizer); the text ends before them
+    seed: int | None = None  # for sampling, when no torch.Generator is given
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy); got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off); got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off); got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1: off); got {self.repetition_penalty}"
+            )
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def eos_ids(self) -> set[int]:
+        if self.eos_token_id is None:
+            return set()
+        return {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id)
+
+
+@dataclass
+class Generation:
+    """One row's result: its new tokens (without the eos that ended it; with the token that
+    completed a stop string), its text (None without a tokenizer) and why it ended."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+
+
+# --- logits -> tokens -----------------------------------------------------------------------
+
+
+def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None = None) -> Tensor:
+    """logits [B, V] (fp32); seen [B, V] bool: tokens already in each row's context -> the
+    processed logits [B, V], filtered tokens at -inf. Order and arithmetic as transformers:
+    repetition penalty, temperature, top-k, top-p."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        penalized = torch.where(logits < 0, logits * p, logits / p)
+        logits = torch.where(seen, penalized, logits)
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[
+            ..., -1, None
+        ]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)  # [B, V] ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - params.top_p)  # the low tail holding at most 1 - top_p
+        remove[..., -1:] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: Tensor,
+    params: SamplingParams,
+    seen: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits [B, V] -> tokens [B] int64: argmax when temperature is 0, else a draw from the
+    processed distribution (deterministic for a given generator state)."""
+    logits = process_logits(logits.float(), params, seen)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+# --- text: incremental detokenisation and stop strings -----------------------------------------
+
+
+class TextStream:
+    """Text deltas of one growing sequence of token ids.
+
+    A delta holds only text that later tokens cannot change: nothing of a character whose bytes
+    are still arriving (a trailing U+FFFD is held back) and nothing that may begin a stop string.
+    Without stop strings the deltas (push... then finish) concatenate to tokenizer.decode(ids).
+    Decoding uses a window that starts at the previous emission point (as vLLM does), so the cost
+    per token does not grow with the sequence.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True
+    ):
+        self.tokenizer, self.stop, self.skip_special_tokens = (
+            tokenizer,
+            tuple(stop),
+            skip_special_tokens,
+        )
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.stopped = False  # a stop string was completed; no more text will come
+        self._prefix = 0  # window start: the ids before it are already emitted
+        self._read = 0  # the ids before it are decoded into emitted (or held) text
+        self._held = ""  # final text kept back because it may begin a stop string
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing new, or a character still incomplete
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._emit(after[len(before) :], final=False)
+
+    def finish(self) -> str:
+        """What is left at the end (an incomplete character decodes as U+FFFD here)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return self._emit(after[len(before) :], final=True)
+
+    def _decode(self, ids: list[int]) -> str:
+        return (
+            self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+        )
+
+    def _emit(self, delta: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        pending = self._held + delta
+        hits = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self._held, self.stopped = pending[: min(hits)], "", True
+        elif final or not self.stop:
+            out, self._held = pending, ""
+        else:
+            keep = _stop_prefix_length(pending, self.stop)
+            out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self.text += out
+        return out
+
+
+def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    for n in range(min(len(text), max(len(s) for s in stop) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stop):
+            return n
+    return 0
+
+
+# --- the decode loop on a prefilled cache ------------------------------------------------------
+
+
+def _decode_steps(
+    decoder: LlamaDecoder,
+    cache: KVCache,
+    logits: Tensor,
+    params: SamplingParams,
+    tokenizer: Tokenizer | None,
+    generator: torch.Generator | None,
+    context_ids: Sequence[Sequence[int]] | None,
+) -> Iterator[tuple[list[Generation], list[str]]]:
+    """Yields after every step the rows so far and each row's new text delta. Rows that ended
+    (eos, stop string) keep being stepped with the batch until every row has ended; what they
+    sample then is ignored."""
+    B = cache.batch_size
+    if logits.shape[0] != B:
+        raise ValueError(f"logits hold {logits.shape[0]} rows but the cache has {B}")
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to read the text")
+    steps_needed = int(cache.lengths.max()) + params.max_new_tokens - 1
+    if steps_needed > cache.max_len:
+        raise ValueError(
+            f"the cache holds up to {int(cache.lengths.max())} positions; {params.max_new_tokens} new tokens "
+            f"need max_len >= {steps_needed} but it is {cache.max_len}"
+        )
+    if generator is None and params.temperature > 0 and params.seed is not None:
+        generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=logits.device)
+        for row, ids in enumerate(context_ids or ()):
+            seen[row, torch.as_tensor(list(ids), dtype=torch.int64, device=logits.device)] = True
+    eos = params.eos_ids
+    rows = [Generation(text="" if tokenizer else None) for _ in range(B)]
+    streams = [TextStream(tokenizer, params.stop) for _ in range(B)] if tokenizer else None
+    done = [False] * B
+    for step in range(params.max_new_tokens):
+        tokens = sample(logits, params, seen, generator)  # [B]
+        if seen is not None:
+            seen[torch.arange(B, device=seen.device), tokens] = True
+        deltas = [""] * B
+        for b, token in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            if token in eos:
+                done[b], rows[b].finish_reason = True, "eos"
+            else:
+                rows[b].ids.append(token)
+                if streams:
+                    deltas[b] = streams[b].push(token)
+                    if streams[b].stopped:
+                        done[b], rows[b].finish_reason = True, "stop"
+            if streams and (done[b] or step == params.max_new_tokens - 1):
+                deltas[b] += streams[b].finish()
+            if streams:
+                rows[b].text += deltas[b]
+        yield rows, deltas
+        if all(done) or step == params.max_new_tokens - 1:
+            return
+        logits = decoder.decode_step(tokens, cache)  # [B, V]
+
+
+def decode(
+    decoder: LlamaDecoder,
+    cache: KVCache,
+    logits: Tensor,
+    params: SamplingParams,
+    *,
+    tokenizer: Tokenizer | None = None,
+    generator: torch.Generator | None = None,
+    context_ids: Sequence[Sequence[int]] | None = None,
+) -> list[Generation]:
+    """Generate from a prefilled cache: logits [B, V] are what prefill returned. One Generation per
+    row; rows finish independently. context_ids: each row's prompt ids, for the repetition penalty
+    (transformers counts the prompt too; with embeddings only there are none)."""
+    steps = _decode_steps(decoder, cache, logits, params, tokenizer, generator, context_ids)
+    rows: list[Generation] = []
+    for rows_so_far, _ in steps:
+        rows = rows_so_far
+    return rows
+
+
+def stream(
+    decoder: LlamaDecoder,
+    cache: KVCache,
+    logits: Tensor,
+    tokenizer: Tokenizer,
+    params: SamplingParams,
+    *,
+    generator: torch.Generator | None = None,
+    context_ids: Sequence[int] | None = None,
+) -> Iterator[str]:
+    """Text deltas of one row (cache batch size 1) as they become final; they concatenate to the
+    text `decode` returns."""
+    if cache.batch_size != 1:
+        raise ValueError(f"stream decodes one row; the cache has {cache.batch_size}")
+    context = [context_ids] if context_ids is not None else None
+    for _, deltas in _decode_steps(decoder, cache, logits, params, tokenizer, generator, context):
+        if deltas[0]:
+            yield deltas[0]
+
+
+# --- from prompts: prefill, then decode ----------------------------------------------------------
+
+
+def generate(
+    decoder: LlamaDecoder,
+    input_ids: Tensor | Sequence[int] | None = None,
+    inputs_embeds: Tensor | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    generator: torch.Generator | None = None,
+    **sampling,
+) -> list[int]:
+    """The new token ids of one sequence: input_ids [T] (or [1, T]) or inputs_embeds [T, D] (or
+    [1, T, D]). Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_k,
+    top_p, repetition_penalty, eos_token_id, stop, seed); stop strings need the tokenizer."""
+    ids = None if input_ids is None else [_flat_ids(input_ids)]
+    embeds = None if inputs_embeds is None else [_one_row(inputs_embeds)]
+    return generate_batch(
+        decoder, ids, embeds, tokenizer=tokenizer, generator=generator, **sampling
+    )[0]
+
+
+def generate_batch(
+    decoder: LlamaDecoder,
+    input_ids: Sequence[Sequence[int]] | None = None,
+    inputs_embeds: Sequence[Tensor] | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    generator: torch.Generator | None = None,
+    **sampling,
+) -> list[list[int]]:
+    """The new token ids of each of several sequences of any lengths, decoded as one batch:
+    input_ids, a list of id lists, or inputs_embeds, a list of [T_i, D]. Rows finish independently."""
+    params = SamplingParams(**sampling)
+    cache, logits = _prefill_rows(decoder, input_ids, inputs_embeds, params.max_new_tokens)
+    rows = decode(
+        decoder,
+        cache,
+        logits,
+        params,
+        tokenizer=tokenizer,
+        generator=generator,
+        context_ids=input_ids,
+    )
+    return [row.ids for row in rows]
+
+
+def generate_stream(
+    decoder: LlamaDecoder,
+    tokenizer: Tokenizer,
+    input_ids: Tensor | Sequence[int] | None = None,
+    inputs_embeds: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    **sampling,
+) -> Iterator[str]:
+    """Text deltas of one sequence (see `generate`) as soon as they are final."""
+    params = SamplingParams(**sampling)
+    ids = None if input_ids is None else [_flat_ids(input_ids)]
+    embeds = None if inputs_embeds is None else [_one_row(inputs_embeds)]
+    cache, logits = _prefill_rows(decoder, ids, embeds, params.max_new_tokens)
+    context = ids[0] if ids else None
+    yield from stream(
+        decoder, cache, logits, tokenizer, params, generator=generator, context_ids=context
+    )
+
+
+def _prefill_rows(
+    decoder: LlamaDecoder,
+    input_ids: Sequence[Sequence[int]] | None,
+    inputs_embeds: Sequence[Tensor] | None,
+    max_new_tokens: int,
+) -> tuple[KVCache, Tensor]:
+    """Right-pad the rows, allocate a cache just large enough, prefill -> (cache, logits [B, V])."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    rows = list(input_ids if input_ids is not None else inputs_embeds)
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every row needs at least one input token")
+    lengths = [len(r) for r in rows]
+    B, T = len(rows), max(lengths)
+    cache = decoder.new_cache(B, T + max_new_tokens - 1)
+    if input_ids is not None:
+        padded = torch.zeros(B, T, dtype=torch.int64)
+        for b, r in enumerate(rows):
+            padded[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
+        return cache, decoder.prefill(cache, input_ids=padded, lengths=lengths)
+    D = rows[0].shape[-1]
+    padded = torch.zeros(B, T, D, dtype=decoder.dtype, device=decoder.device)  # [B, T, D]
+    for b, r in enumerate(rows):
+        padded[b, : len(r)] = r
+    return cache, decoder.prefill(cache, inputs_embeds=padded, lengths=lengths)
+
+
+def _flat_ids(input_ids: Tensor | Sequence[int]) -> list[int]:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(
+            f"generate takes one sequence: input_ids [T] or [1, T]; got {tuple(ids.shape)}"
+        )
+    return ids.tolist()
+
+
+def _one_row(inputs_embeds: Tensor) -> Tensor:
+    if inputs_embeds.dim() == 3 and inputs_embeds.shape[0] == 1:
+        inputs_embeds = inputs_embeds[0]
+    if inputs_embeds.dim() != 2:
+        raise ValueError(
+            f"generate takes one sequence: inputs_embeds [T, D] or [1, T, D]; got {tuple(inputs_embeds.shape)}"
+        )
+    return inputs_embeds
