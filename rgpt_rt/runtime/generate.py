@@ -13,6 +13,7 @@ Logit processing follows transformers' processors (same order, same arithmetic).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -120,63 +121,84 @@ def sample(
 class TextStream:
     """Text deltas of one growing sequence of token ids.
 
-    A delta holds only text that later tokens cannot change: nothing of a character whose bytes
-    are still arriving (a trailing U+FFFD is held back) and nothing that may begin a stop string.
-    Without stop strings the deltas (push... then finish) concatenate to tokenizer.decode(ids).
-    Decoding uses a window that starts at the previous emission point (as vLLM does), so the cost
-    per token does not grow with the sequence.
+    A delta holds only text that later tokens cannot change: no trailing U+FFFD (a character
+    whose bytes are still arriving), nothing from a trailing run of byte-fallback tokens
+    (<0xE4>...: LLaMA's decoder turns a whole run into U+FFFDs if any of it is invalid UTF-8, so
+    the run is final only when a non-byte token closes it), and nothing that may begin a stop
+    string. Without stop strings, the deltas of push... finish concatenate to tokenizer.decode(ids).
+
+    Each push decodes a window of the recent tokens only, so the cost per token stays flat: the
+    window starts at the last point where all text was final, and decoding starts one window
+    earlier (`_context`) and subtracts that text, so a decoder that strips the first token's
+    leading space (SentencePiece) strips it only where the full decode does (as vLLM does).
     """
 
     def __init__(
         self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True
     ):
-        self.tokenizer, self.stop, self.skip_special_tokens = (
-            tokenizer,
-            tuple(stop),
-            skip_special_tokens,
-        )
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.stop = tuple(stop)
         self.ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.stopped = False  # a stop string was completed; no more text will come
-        self._prefix = 0  # window start: the ids before it are already emitted
-        self._read = 0  # the ids before it are decoded into emitted (or held) text
-        self._held = ""  # final text kept back because it may begin a stop string
+        self._context = 0  # decoding starts here ...
+        self._start = 0  # ... and the text of ids[_context:_start] is already out
+        self._taken = 0  # characters of the window's text (after _start) already taken
+        self._held = ""  # taken text kept back because it may begin a stop string
+        self._byte_token: dict[int, bool] = {}
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""  # nothing new, or a character still incomplete
-        self._prefix, self._read = self._read, len(self.ids)
-        return self._emit(after[len(before) :], final=False)
+        end = len(self.ids)
+        while end > self._start and self._is_byte_token(self.ids[end - 1]):
+            end -= 1  # an open run of byte-fallback tokens is not final yet
+        window = self._window_text(end)
+        final = window.rstrip("\ufffd")  # an incomplete character at the end is not final yet
+        delta, self._taken = final[self._taken :], max(self._taken, len(final))
+        if end == len(self.ids) and final == window:  # all text is final: move the window on
+            self._context, self._start, self._taken = self._start, len(self.ids), 0
+        return self._emit(delta, last=False)
 
     def finish(self) -> str:
         """What is left at the end (an incomplete character decodes as U+FFFD here)."""
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return self._emit(after[len(before) :], final=True)
+        delta = self._window_text(len(self.ids))[self._taken :]
+        self._context = self._start = len(self.ids)
+        self._taken = 0
+        return self._emit(delta, last=True)
+
+    def _window_text(self, end: int) -> str:
+        """The text of ids[_start:end], decoded in the context of ids[_context:_start]."""
+        context = self._decode(self.ids[self._context : self._start])
+        return self._decode(self.ids[self._context : end])[len(context) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return (
-            self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
-        )
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _emit(self, delta: str, final: bool) -> str:
+    def _is_byte_token(self, token_id: int) -> bool:
+        if token_id not in self._byte_token:
+            piece = self.tokenizer.id_to_token(token_id) or ""
+            self._byte_token[token_id] = _BYTE_PIECE.fullmatch(piece) is not None
+        return self._byte_token[token_id]
+
+    def _emit(self, delta: str, last: bool) -> str:
         if self.stopped:
             return ""
         pending = self._held + delta
         hits = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
         if hits:
             out, self._held, self.stopped = pending[: min(hits)], "", True
-        elif final or not self.stop:
+        elif last or not self.stop:
             out, self._held = pending, ""
         else:
             keep = _stop_prefix_length(pending, self.stop)
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self.text += out
         return out
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:

@@ -65,3 +65,38 @@ def hf_greedy(
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|."""
     return float((ours.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+# Text with characters of 2, 3 and 4 UTF-8 bytes, for tokenizers whose tokens split characters.
+MULTIBYTE_TEXT = "Hello 世界! 🙂🎉 café — naïve 日本語のテキスト, ünïcödé ✓ 🚀🌍 and plain words."
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE (rgpt_rt's own kind) trained so small that emoji and CJK characters
+    span several tokens."""
+    from rgpt_rt.tokenizer import train_tokenizer
+
+    return train_tokenizer([MULTIBYTE_TEXT] * 8, vocab_size=300)
+
+
+def byte_fallback_tokenizer():
+    """A LLaMA-style tokenizer: Metaspace pieces with byte fallback (<0xE4> ...) for characters
+    not in the vocabulary, and LLaMA's decoder (▁ -> space, fuse bytes, strip one leading space)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", "▁Hello", "▁caf", "é", "▁and", "▁plain", "▁words", ".", "!", ",", "世"]
+    vocab = [(p, 0.0 if i < 259 else -float(i)) for i, p in enumerate(pieces)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return tokenizer
