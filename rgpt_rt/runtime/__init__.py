@@ -1,7 +1,7 @@
 """What runs at the edge: the LLaMA decoder and generation (vision backends and the Session
 arrive with their issues). Never imports transformers, the trainer or rgpt_rt.model."""
 
-from rgpt_rt.runtime.decoder import KVCache, LlamaDecoder, llm_config_from_hf, read_llm_config
+from rgpt_rt.runtime.decoder import KVCache, LlamaDecoder
 from rgpt_rt.runtime.generate import (
     Generation,
     SamplingParams,
@@ -12,6 +12,7 @@ from rgpt_rt.runtime.generate import (
     generate_stream,
     stream,
 )
+from rgpt_rt.runtime.hf_llama import llm_config_from_hf, read_hf_tensors, read_llm_config
 
 __all__ = [
     "Generation",
@@ -24,6 +25,7 @@ __all__ = [
     "generate_batch",
     "generate_stream",
     "llm_config_from_hf",
+    "read_hf_tensors",
     "read_llm_config",
     "stream",
 ]

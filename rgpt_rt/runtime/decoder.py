@@ -9,12 +9,11 @@ attention and SwiGLU in one file, loaded from HF-named weights, with a static KV
 Positions are slots: row b of the cache holds positions 0..lengths[b]-1 and its next token goes
 at position lengths[b]. Attention is causal by position, so rows of different lengths share one
 batch, and the keys of a shared prefix can be copied between rows and caches (`copy_prefix`).
-No transformers here: weights are read with safetensors and config.json with json.
+No transformers here: hf_llama.py reads the folder with safetensors and json.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,12 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from rgpt_rt.config import LLMConfig
+from rgpt_rt.runtime.hf_llama import ROPE_TYPES, read_hf_tensors, read_llm_config, rope_type
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # The linears that quant="int4" replaces; embeddings, norms and lm_head stay in floating point.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # CUDA graphs of the decode step attend over a key length rounded up to this many slots, so a
@@ -35,94 +33,7 @@ QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 GRAPH_KV_BUCKET = 256
 
 
-# --- config.json -> LLMConfig ---------------------------------------------------------------
-
-
-def llm_config_from_hf(raw: Mapping[str, Any]) -> LLMConfig:
-    """The LLMConfig of a transformers LLaMA config.json (4.x or 5.x layout)."""
-    if raw.get("model_type") != "llama":
-        raise ValueError(
-            f"config.json describes a {raw.get('model_type')!r} model; the runtime decoder runs "
-            "LLaMA-architecture models (model_type 'llama', e.g. Vicuna-7B v1.5)"
-        )
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not LLaMA's 'silu'")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
-        raise ValueError("attention_bias / mlp_bias are not supported: LLaMA linears have no bias")
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    if head_dim * heads != raw["hidden_size"]:
-        raise ValueError(
-            f"head_dim {head_dim} x {heads} heads != hidden_size {raw['hidden_size']}; "
-            "the runtime decoder needs head_dim = hidden_size / num_attention_heads"
-        )
-    # transformers 5 writes rope settings as rope_parameters; 4.x as rope_theta + rope_scaling.
-    rope = raw.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    scaling = raw.get("rope_scaling")
-    if rope.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling is not None and rope_type(scaling) == "default":
-        scaling = None
-    if rope_type(scaling) not in ROPE_TYPES:
-        raise ValueError(
-            f"rope_scaling type {rope_type(scaling)!r} is not supported; the decoder runs {ROPE_TYPES}"
-        )
-    return LLMConfig(
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-    )
-
-
-def read_llm_config(folder: str | Path) -> LLMConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no config.json; give a LLaMA folder saved by transformers"
-        )
-    return llm_config_from_hf(json.loads(path.read_text()))
-
-
-def read_hf_tensors(
-    folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> dict[str, Tensor]:
-    """Every tensor of model.safetensors (or of the shards listed in model.safetensors.index.json),
-    by its HF name, cast to `dtype` and moved to `device` one tensor at a time."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{folder} has neither model.safetensors nor model.safetensors.index.json"
-        )
-    tensors = {}
-    for name in files:
-        with safe_open(str(folder / name), framework="pt") as shard:
-            for key in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
-                t = shard.get_tensor(key)
-                tensors[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-    return tensors
-
-
 # --- RoPE -----------------------------------------------------------------------------------
-
-
-def rope_type(scaling: Mapping[str, Any] | None) -> str:
-    if not scaling:
-        return "default"
-    return scaling.get("rope_type", scaling.get("type", "default"))
 
 
 def rope_inv_freq(config: LLMConfig) -> Tensor:
@@ -290,14 +201,15 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         input_pos: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
+        kv_len: int,
     ) -> Tensor:
-        """x [B, T, D]; cos, sin [B, T, hd]; mask [B, 1, G*T, S] (True: attend); input_pos [B, T];
-        k_cache, v_cache [B, Hkv, T_max, hd] -> [B, T, D]. Writes this step's K/V at input_pos and
-        attends over the first S slots."""
+        """x [B, T, D]; cos, sin [B, T, hd]; mask [B, 1, G*T, S] (True: attend; None: attend to
+        all S); input_pos [B, T]; k_cache, v_cache [B, Hkv, T_max, hd] -> [B, T, D]. Writes this
+        step's K/V at input_pos and attends over the first S slots."""
         B, T, _ = x.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
@@ -308,8 +220,7 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None]  # [B, 1]
         k_cache[rows, :, input_pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into the slots
         v_cache[rows, :, input_pos] = v.transpose(1, 2)
-        S = mask.shape[-1]
-        keys, values = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, Hkv, S, hd]
+        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, Hkv, S, hd]
 
         # Grouped-query attention without repeating K/V: the G = H / Hkv query heads that share a
         # KV head are folded into the query length (head h = j*G + r reads KV head j).
@@ -339,8 +250,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, k_cache, v_cache)
+    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache, kv_len) -> Tensor:
+        h = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, input_pos, k_cache, v_cache, kv_len
+        )
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -478,19 +392,22 @@ class LlamaDecoder(nn.Module):
             )
         return self.embed_tokens(input_ids.to(self.device))
 
-    def forward(self, x: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+    def forward(
+        self, x: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
+    ) -> Tensor:
         """x [B, T, D] input embeddings; input_pos [B, T] the position (= cache slot) of each token.
         Writes every layer's K/V at those slots, attends causally by position over slots [0, kv_len),
-        and returns the final-normed hidden states [B, T, D]."""
-        T = x.shape[1]
+        and returns the final-normed hidden states [B, T, D]. unmasked: the caller knows that every
+        query sees all kv_len slots (one token per row, each at position kv_len - 1)."""
         groups = self.config.num_heads // self.config.num_kv_heads
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, T, hd]
-        slots = torch.arange(kv_len, device=x.device)
-        mask = slots[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
-        mask = mask[:, None].repeat(1, 1, groups, 1)  # [B, 1, G*T, S], query row r*T + t
-        assert mask.shape[2] == groups * T
+        mask = None
+        if not unmasked:
+            slots = torch.arange(kv_len, device=x.device)
+            mask = slots[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
+            mask = mask[:, None].repeat(1, 1, groups, 1)  # [B, 1, G*T, S], query row r*T + t
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, input_pos, cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, mask, input_pos, cache.k[i], cache.v[i], kv_len)
         return self.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
@@ -577,14 +494,17 @@ class LlamaDecoder(nn.Module):
             )
             logits = self._graph(cache, kv_len, tokens, input_pos)(tokens, input_pos)
         else:
-            logits = self._step(tokens, input_pos, cache, int(start.max()) + 1)
+            uniform = int(start.min()) == int(start.max())  # then no key is masked
+            logits = self._step(tokens, input_pos, cache, int(start.max()) + 1, unmasked=uniform)
         cache.lengths += 1
         return logits
 
-    def _step(self, tokens: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+    def _step(
+        self, tokens: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
+    ) -> Tensor:
         """tokens [B], input_pos [B] (device) -> logits [B, V]: the decode step, graph-capturable."""
         x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
-        h = self(x, input_pos[:, None], cache, kv_len)  # [B, 1, D]
+        h = self(x, input_pos[:, None], cache, kv_len, unmasked)  # [B, 1, D]
         return self.lm_head(h[:, 0])  # [B, V]
 
     def _graph(

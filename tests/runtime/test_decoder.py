@@ -144,6 +144,20 @@ def test_copy_prefix_within_one_cache(hf_llama):
     assert cache.lengths.tolist() == [21, 18]
 
 
+def test_decode_step_over_a_padded_key_length_equals_the_exact_one(hf_llama):
+    """CUDA graphs replay the step over a key length rounded up to a bucket; the masked slots
+    past each row's position must not change the result (checked here on the CPU)."""
+    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    cache = decoder.new_cache(2, 300)
+    padded = torch.cat([_prompt(30), _prompt(30, seed=3)]).clone()
+    logits = decoder.prefill(cache, input_ids=padded, lengths=[30, 21])
+    tokens, pos = logits.argmax(-1), cache.lengths.clone()
+    exact = decoder.decode_step(tokens, cache)
+    cache.lengths -= 1  # the same step again, attending over all 300 slots
+    padded_len = decoder._step(tokens, pos, cache, kv_len=300)
+    assert relative_error(padded_len, exact) <= FP32_TOL
+
+
 def test_sharded_folder_loads_like_one_file(hf_llama, tmp_path):
     model, folder = hf_llama("gqa")
     model.save_pretrained(str(tmp_path), max_shard_size="40KB")
