@@ -154,10 +154,9 @@ class KVCache:
             )
         index = torch.tensor(rows, device=self.device)
         for mine, theirs in ((self.k, src.k), (self.v, src.v)):
+            # [L, Hkv, P, hd] from the source row, broadcast into [L, R, Hkv, P, hd]
             prefix = theirs[:, src_row, :, :length].to(device=self.device, dtype=mine.dtype)
-            mine[:, index, :, :length] = prefix[
-                :, None
-            ]  # [L, 1, Hkv, P, hd] into [L, R, Hkv, P, hd]
+            mine[:, index, :, :length] = prefix[:, None]
         self.lengths[rows] = length
 
     def snapshot(self, row: int = 0, length: int | None = None) -> KVCache:
@@ -326,8 +325,12 @@ class LlamaDecoder(nn.Module):
             if name.endswith("rotary_emb.inv_freq"):  # saved by old transformers; recomputed here
                 continue
             state[_runtime_name(name)] = tensor.to(device=device, dtype=dtype)
-        if config.tie_word_embeddings and "lm_head.weight" not in state:
-            state["lm_head.weight"] = state.get("embed_tokens.weight")
+        if (
+            config.tie_word_embeddings
+            and "lm_head.weight" not in state
+            and "embed_tokens.weight" in state
+        ):
+            state["lm_head.weight"] = state["embed_tokens.weight"]
         with torch.device("meta"):
             model = cls(config)
         expected = {n for n in model.state_dict() if n.rsplit(".", 1)[0] not in int4_weights}
