@@ -223,7 +223,9 @@ def _decode_steps(
 ) -> Iterator[tuple[list[Generation], list[str]]]:
     """Yields after every step the rows so far and each row's new text delta. Rows that ended
     (eos, stop string) keep being stepped with the batch until every row has ended; what they
-    sample then is ignored."""
+    sample then is ignored, and at the end (or when the caller stops iterating) each row's cache
+    length is set back to its context plus the tokens it sampled except the last (the eos, or
+    the final token), which were never fed to the model."""
     B = cache.batch_size
     if logits.shape[0] != B:
         raise ValueError(f"logits hold {logits.shape[0]} rows but the cache has {B}")
@@ -245,31 +247,37 @@ def _decode_steps(
     eos = params.eos_ids
     rows = [Generation(text="" if tokenizer else None) for _ in range(B)]
     streams = [TextStream(tokenizer, params.stop) for _ in range(B)] if tokenizer else None
+    start = cache.lengths.clone()  # [B] host
+    sampled = [0] * B  # tokens each row sampled while it was running (its eos included)
     done = [False] * B
-    for step in range(params.max_new_tokens):
-        tokens = sample(logits, params, seen, generator)  # [B]
-        if seen is not None:
-            seen[torch.arange(B, device=seen.device), tokens] = True
-        deltas = [""] * B
-        for b, token in enumerate(tokens.tolist()):
-            if done[b]:
-                continue
-            if token in eos:
-                done[b], rows[b].finish_reason = True, "eos"
-            else:
-                rows[b].ids.append(token)
+    try:
+        for step in range(params.max_new_tokens):
+            tokens = sample(logits, params, seen, generator)  # [B]
+            if seen is not None:
+                seen[torch.arange(B, device=seen.device), tokens] = True
+            deltas = [""] * B
+            for b, token in enumerate(tokens.tolist()):
+                if done[b]:
+                    continue
+                sampled[b] += 1
+                if token in eos:
+                    done[b], rows[b].finish_reason = True, "eos"
+                else:
+                    rows[b].ids.append(token)
+                    if streams:
+                        deltas[b] = streams[b].push(token)
+                        if streams[b].stopped:
+                            done[b], rows[b].finish_reason = True, "stop"
                 if streams:
-                    deltas[b] = streams[b].push(token)
-                    if streams[b].stopped:
-                        done[b], rows[b].finish_reason = True, "stop"
-            if streams and (done[b] or step == params.max_new_tokens - 1):
-                deltas[b] += streams[b].finish()
-            if streams:
-                rows[b].text += deltas[b]
-        yield rows, deltas
-        if all(done) or step == params.max_new_tokens - 1:
-            return
-        logits = decoder.decode_step(tokens, cache)  # [B, V]
+                    if done[b] or step == params.max_new_tokens - 1:
+                        deltas[b] += streams[b].finish()
+                    rows[b].text += deltas[b]
+            yield rows, deltas
+            if all(done) or step == params.max_new_tokens - 1:
+                return
+            logits = decoder.decode_step(tokens, cache)  # [B, V]
+    finally:
+        cache.lengths.copy_(start + torch.tensor(sampled).clamp_min(1) - 1)
 
 
 def decode(
@@ -283,7 +291,9 @@ def decode(
     context_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[Generation]:
     """Generate from a prefilled cache: logits [B, V] are what prefill returned. One Generation per
-    row; rows finish independently. context_ids: each row's prompt ids, for the repetition penalty
+    row; rows finish independently. Afterwards row b's cache holds its context and its tokens but
+    the last one sampled (the eos, or the final token): a chat continues by prefilling that token
+    and the next turn. context_ids: each row's prompt ids, for the repetition penalty
     (transformers counts the prompt too; with embeddings only there are none)."""
     steps = _decode_steps(decoder, cache, logits, params, tokenizer, generator, context_ids)
     rows: list[Generation] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llama_reference import build_hf, byte_level_tokenizer, hf_greedy
+from llama_reference import build_hf, byte_level_tokenizer, hf_greedy, relative_error
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -146,3 +146,35 @@ def _decode(decoder, tokenizer, ids, **sampling):
     cache = decoder.new_cache(1, ids.shape[1] + sampling["max_new_tokens"])
     logits = decoder.prefill(cache, input_ids=ids)
     return decode(decoder, cache, logits, SamplingParams(**sampling), tokenizer=tokenizer)[0]
+
+
+def test_a_chat_continues_in_the_same_cache(hf_llama):
+    """After decode each row's cache holds its context and its tokens but the last sampled one;
+    prefilling that token and a next turn equals prefilling the whole conversation afresh."""
+    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    prompts = [list(range(10, 16)), list(range(40, 50))]
+    free = generate_batch(decoder, input_ids=prompts, max_new_tokens=12)
+    k = next(k for k in range(3, 12) if free[0][k] not in free[0][:k])
+    eos = free[0][k]
+    cache = decoder.new_cache(2, 64)
+    padded = torch.zeros(2, 10, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.tensor(p)
+    logits = decoder.prefill(cache, input_ids=padded, lengths=[6, 10])
+    rows = decode(decoder, cache, logits, SamplingParams(max_new_tokens=12, eos_token_id=eos))
+    assert rows[0].finish_reason == "eos"
+    fed, pending = [], []
+    for b, row in enumerate(rows):
+        if row.finish_reason == "eos":  # all its tokens are in; the eos is not
+            fed.append(prompts[b] + row.ids)
+            pending.append([eos, 7, 8, 9])  # the token never fed, then the next turn
+        else:
+            fed.append(prompts[b] + row.ids[:-1])
+            pending.append([row.ids[-1], 7, 8, 9])
+    assert cache.lengths.tolist() == [len(f) for f in fed]
+    turn = torch.tensor(pending)  # [2, 4]
+    continued = decoder.prefill(cache, input_ids=turn)
+    for b in range(2):
+        whole = torch.tensor([fed[b] + pending[b]])
+        fresh = decoder.prefill(decoder.new_cache(1, 64), input_ids=whole)
+        assert relative_error(continued[b], fresh[0]) <= 1e-5
