@@ -30,33 +30,37 @@ from rgpt_rt.model.llm import build_llm
 from rgpt_rt.runtime import LlamaDecoder, SamplingParams, decode
 
 
-def _timed(fn: Callable[[], object], device: str) -> float:
+def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _median(fn: Callable[[], object], device: str, warmup: int, runs: int) -> float:
     for _ in range(warmup):
         _timed(fn, device)
-    return statistics.median(_timed(fn, device) for _ in range(runs))
+    return statistics.median(_timed(fn, device)[0] for _ in range(runs))
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], device: str, warmup: int, runs: int) -> dict:
-    """Median seconds of each function, timed in turns so that a shared machine's load falls
-    on all of them alike."""
+def _interleaved(fns: dict, device: str, warmup: int, runs: int) -> dict:
+    """Median (wall, CPU) seconds of each function, timed in turns so that a shared machine's
+    load falls on all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             _timed(fn, device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
             times[name].append(_timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {
+        name: tuple(statistics.median(t[i] for t in ts) for i in (0, 1))
+        for name, ts in times.items()
+    }
 
 
 def copy_bandwidth(device: str) -> float | None:
@@ -226,12 +230,20 @@ def main() -> None:
             fns[(name, "prefill")], fns[(name, "generate")] = prefill, generate
         times = _interleaved(fns, args.device, args.warmup, args.runs)
         for name, (_, _, moved) in sides.items():
-            t_prefill, t_generate = times[(name, "prefill")], times[(name, "generate")]
+            (t_prefill, cpu_prefill), (t_generate, cpu_generate) = (
+                times[(name, "prefill")],
+                times[(name, "generate")],
+            )
             row = {
                 "impl": name,
                 "batch": batch,
                 **_result(t_prefill, t_generate, args.new_tokens, batch, moved),
             }
+            if args.device == "cpu":  # CPU time: what the work costs, whatever the machine's load
+                row["prefill_cpu_ms"] = 1e3 * cpu_prefill
+                row["decode_step_cpu_ms"] = (
+                    1e3 * (cpu_generate - cpu_prefill) / (args.new_tokens - 1)
+                )
             if bandwidth:
                 row["pct_of_copy_bandwidth"] = 100 * row["decode_gb_s"] / bandwidth
             results["rows"].append(row)
@@ -241,17 +253,26 @@ def main() -> None:
     )
     if bandwidth:
         print(f"copy bandwidth {bandwidth:.0f} GB/s")
-    print("\n| impl | batch | prefill ms | decode ms/step | decode tok/s | GB/s | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    cpu = args.device == "cpu"
+    head = "| impl | batch | prefill ms | decode ms/step | decode tok/s | GB/s | decode speed-up |"
+    if cpu:
+        head += " prefill CPU ms | decode CPU ms/step | CPU-time speed-up |"
+    print("\n" + head + "\n" + "|---" * (head.count(" | ") + 1) + "|")
     rows = results["rows"]
     for row in rows:
         ref = next(
             r for r in rows if r["batch"] == row["batch"] and r["impl"] == "transformers generate"
         )
-        print(
+        line = (
             f"| {row['impl']} | {row['batch']} | {row['prefill_ms']:.2f} | {row['decode_step_ms']:.3f} | "
-            f"{row['decode_tok_s']:.0f} | {row['decode_gb_s']:.1f} | {ref['decode_step_ms'] / row['decode_step_ms']:.2f}x |"
+            f"{row['decode_tok_s']:.0f} | {row['decode_gb_s']:.2f} | {ref['decode_step_ms'] / row['decode_step_ms']:.2f}x |"
         )
+        if cpu:
+            line += (
+                f" {row['prefill_cpu_ms']:.2f} | {row['decode_step_cpu_ms']:.3f} | "
+                f"{ref['decode_step_cpu_ms'] / row['decode_step_cpu_ms']:.2f}x |"
+            )
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
