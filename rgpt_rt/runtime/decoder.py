@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,23 @@ def rope_inv_freq(config: LLMConfig) -> Tensor:
     raise ValueError(f"rope_scaling type {kind!r} is not supported; the decoder runs {ROPE_TYPES}")
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, hd]; cos, sin [B, T, hd] -> [B, H, T, hd] (rotate-half convention, as HF LLaMA)."""
-    cos, sin = cos[:, None], sin[:, None]
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x [B, H, T, hd]; cos, signed_sin [B, 1, T, hd] -> [B, H, T, hd]. HF LLaMA's rotate-half,
+    x·cos + cat(-x2, x1)·sin, with the minus folded into the sin table's first half (bit-exact)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
+@dataclass
+class Positions:
+    """Where one forward's tokens go, computed once and shared by every layer."""
+
+    input_pos: Tensor  # [B, T] the slot (= position) of each token
+    rows: Tensor  # [B, 1] 0..B-1, to index the cache
+    cos: Tensor  # [B, 1, T, hd]
+    signed_sin: Tensor  # [B, 1, T, hd]
+    mask: Tensor | None  # [B, 1, G*T, S] (True: attend), None: attend to all S slots
+    kv_len: int  # S: the slots attended
 
 
 # --- the static KV cache --------------------------------------------------------------------
@@ -195,37 +207,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, D, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        input_pos: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        kv_len: int,
-    ) -> Tensor:
-        """x [B, T, D]; cos, sin [B, T, hd]; mask [B, 1, G*T, S] (True: attend; None: attend to
-        all S); input_pos [B, T]; k_cache, v_cache [B, Hkv, T_max, hd] -> [B, T, D]. Writes this
-        step's K/V at input_pos and attends over the first S slots."""
-        B, T, _ = x.shape
+    def forward(self, x: Tensor, pos: Positions, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B*T, D] (the tokens of B rows of T); k_cache, v_cache [B, Hkv, T_max, hd] -> [B*T, D].
+        Writes this step's K/V at pos.input_pos and attends over the first pos.kv_len slots."""
+        B, T = pos.input_pos.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = self.v_proj(x).view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
+        q, k = apply_rope(q, pos.cos, pos.signed_sin), apply_rope(k, pos.cos, pos.signed_sin)
 
-        rows = torch.arange(B, device=x.device)[:, None]  # [B, 1]
-        k_cache[rows, :, input_pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into the slots
-        v_cache[rows, :, input_pos] = v.transpose(1, 2)
-        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, Hkv, S, hd]
+        k_cache[pos.rows, :, pos.input_pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into the slots
+        v_cache[pos.rows, :, pos.input_pos] = v
+        keys, values = k_cache[:, :, : pos.kv_len], v_cache[:, :, : pos.kv_len]  # [B, Hkv, S, hd]
 
         # Grouped-query attention without repeating K/V: the G = H / Hkv query heads that share a
         # KV head are folded into the query length (head h = j*G + r reads KV head j).
         q = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # [B, Hkv, G*T, hd]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, G*T, hd]
-        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=pos.mask)
+        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)
         return self.o_proj(out)
 
 
@@ -249,11 +249,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, k_cache, v_cache, kv_len) -> Tensor:
-        h = self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, input_pos, k_cache, v_cache, kv_len
-        )
-        x = x + h
+    def forward(self, x: Tensor, pos: Positions, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B*T, D] -> [B*T, D]."""
+        x = x + self.self_attn(self.input_layernorm(x), pos, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -272,7 +270,7 @@ class LlamaDecoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope_inv_freq = rope_inv_freq(config)  # [hd/2] fp32, host; tables are built from it
         self.register_buffer("rope_cos", torch.empty(0, config.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0, config.head_dim), persistent=False)
+        self.register_buffer("rope_signed_sin", torch.empty(0, config.head_dim), persistent=False)
         self.use_cuda_graphs = True
         self._graph_pool = None
 
@@ -357,7 +355,7 @@ class LlamaDecoder(nn.Module):
         if quant == "int4":
             model.quantize_int4(group_size)
         model.rope_cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
-        model.rope_sin = torch.empty(0, config.head_dim, dtype=dtype, device=device)
+        model.rope_signed_sin = torch.empty(0, config.head_dim, dtype=dtype, device=device)
         return model.eval()
 
     def quantize_int4(self, group_size: int = 128) -> None:
@@ -372,7 +370,7 @@ class LlamaDecoder(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes a decode step reads from the weights: every parameter and buffer but the rope
         tables and the embedding table (of which it reads B rows), unless lm_head shares it."""
-        skip = {id(self.rope_cos), id(self.rope_sin)}
+        skip = {id(self.rope_cos), id(self.rope_signed_sin)}
         if not self.config.tie_word_embeddings:
             skip.add(id(self.embed_tokens.weight))
         seen, total = set(), 0
@@ -402,16 +400,25 @@ class LlamaDecoder(nn.Module):
         Writes every layer's K/V at those slots, attends causally by position over slots [0, kv_len),
         and returns the final-normed hidden states [B, T, D]. unmasked: the caller knows that every
         query sees all kv_len slots (one token per row, each at position kv_len - 1)."""
+        B, T, D = x.shape
         groups = self.config.num_heads // self.config.num_kv_heads
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, T, hd]
         mask = None
         if not unmasked:
             slots = torch.arange(kv_len, device=x.device)
             mask = slots[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
             mask = mask[:, None].repeat(1, 1, groups, 1)  # [B, 1, G*T, S], query row r*T + t
+        pos = Positions(
+            input_pos=input_pos,
+            rows=torch.arange(B, device=x.device)[:, None],
+            cos=self.rope_cos[input_pos][:, None],
+            signed_sin=self.rope_signed_sin[input_pos][:, None],
+            mask=mask,
+            kv_len=kv_len,
+        )
+        x = x.reshape(B * T, D)  # the layers see tokens as rows: 2-D linears, fewer ops per step
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, input_pos, cache.k[i], cache.v[i], kv_len)
-        return self.norm(x)
+            x = layer(x, pos, cache.k[i], cache.v[i])
+        return self.norm(x).view(B, T, D)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A zeroed static KV cache for `batch_size` rows of up to `max_len` positions."""
@@ -531,8 +538,10 @@ class LlamaDecoder(nn.Module):
         positions = torch.arange(length, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, self.rope_inv_freq)  # [T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+        sign = torch.ones(emb.shape[-1])
+        sign[: emb.shape[-1] // 2] = -1  # rotate-half's minus (see apply_rope)
         self.rope_cos = emb.cos().to(device=self.device, dtype=self.dtype)
-        self.rope_sin = emb.sin().to(device=self.device, dtype=self.dtype)
+        self.rope_signed_sin = (emb.sin() * sign).to(device=self.device, dtype=self.dtype)
 
 
 class _DecodeGraph:
@@ -558,7 +567,7 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = decoder._step(self.tokens, self.input_pos, cache, kv_len)  # [B, V]
-        self.rope = (decoder.rope_cos, decoder.rope_sin)  # keep the captured tables alive
+        self.rope = (decoder.rope_cos, decoder.rope_signed_sin)  # keep the captured tables alive
 
     def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         self.tokens.copy_(tokens)

@@ -87,9 +87,8 @@ def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None =
         return logits
     logits = logits / params.temperature
     if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[
-            ..., -1, None
-        ]  # [B, 1]
+        top = torch.topk(logits, min(params.top_k, logits.shape[-1])).values  # [B, k]
+        kth = top[..., -1, None]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)  # [B, V] ascending
