@@ -171,7 +171,7 @@ class KVCache:
             mine[:, index, :, :length] = prefix[:, None]
         self.lengths[rows] = length
 
-    def snapshot(self, row: int = 0, length: int | None = None) -> KVCache:
+    def snapshot(self, length: int | None = None, row: int = 0) -> KVCache:
         """A new batch-1 cache holding exactly the first `length` positions of `row` (default: all
         it holds), to keep a prefix for later `copy_prefix` calls while this cache moves on."""
         length = int(self.lengths[row]) if length is None else length

@@ -114,6 +114,7 @@ def test_prefix_copy_then_suffix_prefill_equals_full_prefill(hf_llama):
     decoder.prefill(first, inputs_embeds=prefix)
     snap = first.snapshot()
     assert snap.max_len == 12 and snap.lengths.tolist() == [12]
+    assert torch.equal(first.snapshot(5).k[:, 0], first.k[:, 0, :, :5])  # a shorter prefix
     cache = decoder.new_cache(3, 40)
     cache.copy_prefix(snap, 0, [0, 1, 2], 12)
     padded = torch.zeros(3, 7, dtype=torch.int64)
