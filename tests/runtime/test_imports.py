@@ -9,6 +9,7 @@ import sys
 CODE = """
 import sys
 import torch
+torch.set_num_threads(1)
 import rgpt_rt.runtime
 from rgpt_rt.runtime import LlamaDecoder, generate
 decoder = LlamaDecoder.from_pretrained(sys.argv[1])
