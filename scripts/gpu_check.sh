@@ -41,6 +41,12 @@ if [ -f benchmarks/latency.py ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if [ -f benchmarks/decoder.py ]; then
+  step "benchmark decoder (7B shape, random weights; INT4 when rgpt_rt.quant exists)"
+  timeout 300 $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs 5 --json "$OUT/bench_decoder.json" 2>&1 | tail -12
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
 step "summary"
 $PY - "$OUT" "$status" "$(( $(date +%s) - started ))" <<'PY'
 import json, pathlib, sys
