@@ -183,12 +183,14 @@ def tokenize_conversation(
     num_regions: int,
     num_image_tokens: int,
     tokens: TokenConfig,
+    require_all: bool = True,
 ) -> PromptTokens:
     """Tokenize a conversation with a `tokenizers.Tokenizer` whose special tokens include
     tokens.image, tokens.region, tokens.bos and tokens.eos.
 
     Returns BOS + the prompt, where <image> is repeated num_image_tokens times and each
-    region placeholder is one region token; labels keep only answer tokens."""
+    region placeholder is one region token; labels keep only answer tokens. require_all: every
+    mask must be named (a chat may name some masks only in later turns: False)."""
     namer = RegionNamer(num_regions, tokens.region)
     turns = []
     for question, answer in conversation.turns:
@@ -201,7 +203,8 @@ def tokenize_conversation(
                 "answers may not hold region placeholders; refer to regions as 'Region [k]'"
             )
         turns.append((namer(question), answer))
-    namer.check_all_named()
+    if require_all:
+        namer.check_all_named()
     text, spans = Conversation(turns=turns, system=conversation.system).render(tokens)
 
     encoding = tokenizer.encode(text, add_special_tokens=False)

@@ -31,6 +31,7 @@ class Frame:
     pixels: np.ndarray  # [h, w, 3] uint8 at the working size
     original_size: tuple[int, int]  # (H, W) as given: masks and boxes use these pixels
     pixel_values: torch.Tensor  # [1, 3, S, S] float32
+    key: str = ""  # the content hash the Session caches this image's results under
 
     @property
     def scaled(self) -> bool:

@@ -1,0 +1,473 @@
+"""rgpt_rt.Session: region understanding at the edge.
+
+    sess = rgpt_rt.Session()                                   # the embedded default model, cuda when available
+    sess.describe("photo.png", mask)                           # -> str
+    for delta in sess.describe(image, (10, 20, 60, 80), stream=True): print(delta, end="")
+    sess.describe_many(image, masks)                           # every region in one batched decode
+    sess.classify(image, mask); sess.refer(image, "the red star", masks); sess.ask(image, "Is <region1> above <region2>?", masks)
+    chat = sess.chat(image, masks); chat.send("What color is <region1>?")
+    sess.info(); sess.stats
+
+Stages: preprocess -> vision (cached per image content) -> mask pooling + connector ->
+prompt -> prefill (the system prompt + image prefix is cached per image, so a further question
+prefills only its own tokens) -> INT4 decode, streamed.
+
+Thread safety: one Session may be shared by threads. Model calls are serialised by a lock;
+each answer in flight (a stream included) owns its KV cache until it finishes, is closed, or
+is dropped, so interleaved streams stay correct.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from rgpt_rt.bundle import verify_bundle
+from rgpt_rt.inputs import ImageLike, MaskLike
+from rgpt_rt.ops import mask_pool
+from rgpt_rt.prompts import (
+    Conversation,
+    classify_prompt,
+    describe_prompt,
+    parse_refer_answer,
+    refer_prompt,
+    tokenize_conversation,
+)
+from rgpt_rt.runtime.cache import ByteLRU, image_key, tensor_bytes
+from rgpt_rt.runtime.decoder import KVCache, LlamaDecoder
+from rgpt_rt.runtime.generate import SamplingParams, decode, stream
+from rgpt_rt.runtime.llm_bundle import load_bundle_decoder
+from rgpt_rt.runtime.preprocess import Frame, prepare_image, prepare_masks
+from rgpt_rt.runtime.vision import connect, select_vision_backend
+from rgpt_rt.tokenizer import load_tokenizer
+
+BUNDLE_ENV = "RGPT_RT_BUNDLE"
+DEFAULT_VOCABULARY = "the shape"  # what the embedded tiny model was taught; pass vocabulary= for others
+
+
+def default_bundle() -> Path:
+    """$RGPT_RT_BUNDLE, else the bundle of the embedded default model shipped in the package."""
+    if os.environ.get(BUNDLE_ENV):
+        return Path(os.environ[BUNDLE_ENV])
+    return Path(__file__).resolve().parents[1] / "assets" / "tiny-bundle"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported; use 'auto', 'cpu' or 'cuda'")
+    return device
+
+
+class Session:
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        device: str | torch.device = "auto",
+        *,
+        vision_backend: str | None = None,
+        max_image_side: int = 2048,
+        vision_cache_bytes: int = 256 << 20,
+        prefix_cache_bytes: int = 512 << 20,
+        max_batch: int = 16,
+        verify: bool = True,
+    ):
+        """bundle: a folder from export/build_engine.py (None: the embedded default model);
+        device: "auto" (cuda when available), "cpu" or "cuda"; vision_backend: force
+        "tensorrt", "onnxruntime" or "torch"; verify: check every file's sha256 at load."""
+        self.device = resolve_device(device)
+        self.folder = Path(bundle) if bundle is not None else default_bundle()
+        self.manifest = verify_bundle(self.folder, hashes=verify)
+        self.config = self.manifest.config
+        self.tokenizer = load_tokenizer(self.folder)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.vision = select_vision_backend(self.folder, self.manifest, self.device, prefer=vision_backend)
+        connector = load_file(str(self.folder / "connector.safetensors"))
+        self.connector = {f"connector.{k}": v.to(self.device, self.dtype) for k, v in connector.items()}
+        self.decoder: LlamaDecoder = load_bundle_decoder(self.folder, self.config.llm, self.dtype, self.device)
+        names = self.config.tokens
+        self.eos_id = self.tokenizer.token_to_id(names.eos)
+        self.image_id = self.tokenizer.token_to_id(names.image)
+        self.region_id = self.tokenizer.token_to_id(names.region)
+        self.max_image_side = max_image_side
+        self.max_batch = max_batch
+        self.max_context = self.config.llm.max_position_embeddings
+        self._lock = threading.RLock()
+        self._vision_cache = ByteLRU(vision_cache_bytes)
+        self._prefix_cache = ByteLRU(prefix_cache_bytes)
+        self._free_caches: dict[int, list[KVCache]] = {}
+        self.stats: dict[str, Any] = {}
+
+    # --- the public API ---------------------------------------------------------------------
+    def describe(
+        self,
+        image: ImageLike,
+        mask: MaskLike,
+        *,
+        detailed: bool = True,
+        stream: bool = False,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ) -> str | Iterator[str]:
+        """Describe one region (a mask or a box (x0, y0, x1, y1)) of an image."""
+        params = self._params(max_new_tokens, temperature)
+        return self._answer(image, [mask], describe_prompt(detailed), params, stream)
+
+    def describe_many(
+        self,
+        image: ImageLike,
+        masks: Sequence[MaskLike],
+        *,
+        detailed: bool = True,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Every region of one image: one vision pass, one shared prefix, one batched decode."""
+        params = self._params(max_new_tokens, temperature)
+        started = time.perf_counter()
+        stats: dict[str, Any] = {}
+        frame, image_embeds, hires = self._see(image, stats)
+        region_embeds = self._regions(hires, masks, frame, stats)  # [N, D]
+        question = describe_prompt(detailed)
+        answers: list[str] = []
+        for first in range(0, region_embeds.shape[0], self.max_batch):
+            chunk = region_embeds[first : first + self.max_batch]
+            ids, order = self._tokenize(Conversation.single(question), 1)
+            rows = [chunk[i : i + 1][order] for i in range(chunk.shape[0])]  # one region per row
+            with self._lock:
+                cache, logits = self._prefill(frame, image_embeds, ids, rows, params, stats)
+                try:
+                    generations = decode(self.decoder, cache, logits, params, tokenizer=self.tokenizer)
+                finally:
+                    self._release(cache)
+            answers.extend(g.text.strip() for g in generations)
+            stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(g.ids) for g in generations)
+        self._finish_stats(stats, started)
+        return answers
+
+    def classify(self, image: ImageLike, mask: MaskLike, *, vocabulary: str | None = None) -> str:
+        """The category of one region, in `vocabulary` (default: what the model was taught)."""
+        prompt = classify_prompt(vocabulary or DEFAULT_VOCABULARY)
+        return self._answer(image, [mask], prompt, self._params(32, 0.0), False)
+
+    def ask(
+        self,
+        image: ImageLike,
+        question: str,
+        masks: Sequence[MaskLike] | MaskLike,
+        *,
+        stream: bool = False,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ) -> str | Iterator[str]:
+        """A free question naming regions as <region1>..<regionN> (the masks, in order)."""
+        masks = _as_list(masks)
+        return self._answer(image, masks, question, self._params(max_new_tokens, temperature), stream)
+
+    def refer(self, image: ImageLike, expression: str, masks: Sequence[MaskLike]) -> int | None:
+        """Which region (0-based) fits the expression; None for "No corresponding options found."."""
+        masks = _as_list(masks)
+        if not expression.strip():
+            raise ValueError("the expression is empty; describe the region to find, e.g. 'the red star'")
+        answer = self._answer(image, masks, refer_prompt(expression, len(masks)), self._params(16, 0.0), False)
+        return parse_refer_answer(answer, len(masks))
+
+    def chat(self, image: ImageLike, masks: Sequence[MaskLike] | MaskLike) -> Chat:
+        """A multi-turn conversation about regions of one image: chat.send(text, stream=False)."""
+        return Chat(self, image, _as_list(masks))
+
+    def info(self) -> dict[str, Any]:
+        quant = self.manifest.quantization
+        return {
+            "bundle": str(self.folder),
+            "model": self.config.name,
+            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
+            "vision_backend": self.vision.name,
+            "llm": {"quantization": quant.get("method", "none"), "group_size": quant.get("group_size"), "dtype": str(self.dtype).replace("torch.", "")},
+            "tensorrt": self.manifest.data.get("tensorrt"),
+            "image_tokens": self.config.num_image_tokens,
+            "caches": {
+                "vision": {"entries": len(self._vision_cache), "bytes": self._vision_cache.bytes, "max_bytes": self._vision_cache.max_bytes},
+                "prefix": {"entries": len(self._prefix_cache), "bytes": self._prefix_cache.bytes, "max_bytes": self._prefix_cache.max_bytes},
+            },
+        }
+
+    # --- stages -------------------------------------------------------------------------------
+    def _params(self, max_new_tokens: int, temperature: float) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=self.eos_id)
+
+    def _see(self, image: ImageLike, stats: dict[str, Any]) -> tuple[Frame, torch.Tensor, torch.Tensor]:
+        """Preprocess, then the vision stage unless this image's result is cached."""
+        start = time.perf_counter()
+        frame = prepare_image(image, self.config.vision, self.max_image_side)
+        frame.key = image_key(frame.pixels)
+        stats["preprocess_ms"] = _ms(start)
+        start = time.perf_counter()
+        with self._lock:
+            cached = self._vision_cache.get(frame.key)
+            stats["vision_cached"] = cached is not None
+            if cached is None:
+                image_embeds, hires = self.vision(frame.pixel_values)
+                cached = (image_embeds.to(self.dtype), hires.to(self.dtype))
+                self._vision_cache.put(frame.key, cached, tensor_bytes(*cached))
+        _sync(self.device)
+        stats["vision_ms"] = _ms(start)
+        return frame, cached[0], cached[1]
+
+    def _regions(self, hires: torch.Tensor, masks, frame: Frame, stats: dict[str, Any]) -> torch.Tensor:
+        """Mask pooling on the hi-res map, then the connector: [N, D]."""
+        start = time.perf_counter()
+        prepared = prepare_masks(_as_list(masks), frame).to(self.device)  # [N, S', S']
+        with self._lock:
+            pooled = mask_pool(hires, prepared, mode=self.config.pool_mode)  # [N, C]
+            embeds = connect(pooled, self.connector)  # [N, D]
+        _sync(self.device)
+        stats["regions_ms"] = _ms(start)
+        stats["regions"] = int(prepared.shape[0])
+        return embeds
+
+    def _tokenize(self, conversation: Conversation, num_regions: int, require_all: bool = True):
+        tokens = tokenize_conversation(
+            self.tokenizer,
+            conversation,
+            num_regions=num_regions,
+            num_image_tokens=self.config.num_image_tokens,
+            tokens=self.config.tokens,
+            require_all=require_all,
+        )
+        return tokens.input_ids, torch.tensor(tokens.region_order, dtype=torch.int64)
+
+    def _prefix(self, frame: Frame, image_embeds: torch.Tensor, ids: list[int]) -> tuple[KVCache, int]:
+        """The KV of the shared prefix (BOS + system prompt + user role + image tokens), cached per
+        image. Returns a batch-1 cache holding it and its length P."""
+        length = max(i for i, t in enumerate(ids) if t == self.image_id) + 1
+        key = f"{frame.key}:{hash(tuple(ids[:length]))}"
+        cached = self._prefix_cache.get(key)
+        if cached is not None:
+            return cached, length
+        prefix_ids = torch.tensor([ids[:length]], device=self.device)
+        embeds = self._splice(prefix_ids, image_embeds, None)  # [1, P, D]
+        cache = self.decoder.new_cache(1, length)
+        self.decoder.prefill(cache, inputs_embeds=embeds)
+        self._prefix_cache.put(key, cache, cache.nbytes)
+        return cache, length
+
+    def _prefill(self, frame, image_embeds, ids, region_rows, params, stats):
+        """Prefix from the cache (or computed once), then each row's own suffix: the question with
+        its region embeddings. region_rows: one [R, D] tensor per row. Returns (cache, logits [B, V])."""
+        start = time.perf_counter()
+        prefix, length = self._prefix(frame, image_embeds, ids)
+        suffix = torch.tensor([ids[length:]] * len(region_rows), device=self.device)  # [B, Ts]
+        needed = length + suffix.shape[1] + params.max_new_tokens
+        if needed > self.max_context:
+            raise ValueError(
+                f"the prompt and answer need {needed} positions but the model holds {self.max_context}; "
+                "ask a shorter question or lower max_new_tokens"
+            )
+        cache = self._acquire(len(region_rows))
+        cache.copy_prefix(prefix, 0, list(range(len(region_rows))), length)
+        embeds = self._splice(suffix, None, torch.cat(region_rows))  # [B, Ts, D]
+        logits = self.decoder.prefill(cache, inputs_embeds=embeds)
+        _sync(self.device)
+        stats["prefill_ms"] = stats.get("prefill_ms", 0.0) + _ms(start)
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + int(suffix.numel())
+        stats["prefix_tokens"] = length
+        return cache, logits
+
+    def _splice(self, ids: torch.Tensor, image_embeds: torch.Tensor | None, region_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with image / region embeddings at their tokens (row-major)."""
+        image_slots, region_slots = ids == self.image_id, ids == self.region_id
+        safe = ids.masked_fill(image_slots | region_slots, 0)
+        embeds = self.decoder.embed(safe).clone()
+        if image_embeds is not None and bool(image_slots.any()):
+            embeds[image_slots] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+        if region_embeds is not None and bool(region_slots.any()):
+            embeds[region_slots] = region_embeds.to(embeds.dtype)
+        return embeds
+
+    def _answer(self, image, masks, question: str, params: SamplingParams, streaming: bool):
+        started = time.perf_counter()
+        stats: dict[str, Any] = {}
+        frame, image_embeds, hires = self._see(image, stats)
+        region_embeds = self._regions(hires, masks, frame, stats)
+        ids, order = self._tokenize(Conversation.single(question), region_embeds.shape[0])
+        with self._lock:
+            cache, logits = self._prefill(frame, image_embeds, ids, [region_embeds[order]], params, stats)
+        answer = AnswerStream(self, cache, logits, params, stats, started)
+        return answer if streaming else answer.text()
+
+    # --- KV caches in flight ------------------------------------------------------------------------
+    def _acquire(self, batch: int) -> KVCache:
+        free = self._free_caches.get(batch)
+        if free:
+            cache = free.pop()
+            cache.reset()
+            return cache
+        return self.decoder.new_cache(batch, self.max_context)
+
+    def _release(self, cache: KVCache) -> None:
+        with self._lock:
+            self._free_caches.setdefault(cache.batch_size, []).append(cache)
+
+    def _finish_stats(self, stats: dict[str, Any], started: float) -> None:
+        stats["total_ms"] = _ms(started)
+        if stats.get("decode_ms"):
+            stats["decode_tok_s"] = stats["new_tokens"] / (stats["decode_ms"] / 1000)
+        stats["vision_backend"] = self.vision.name
+        self.stats = stats
+
+
+class AnswerStream:
+    """The answer being decoded: iterate for text deltas, or call text() for the whole answer.
+    Owns its KV cache until the answer ends, close() is called, or it is dropped."""
+
+    def __init__(self, session: Session, cache: KVCache, logits, params, stats, started):
+        self._session, self._cache, self._stats, self._started = session, cache, stats, started
+        self._parts: list[str] = []
+        self._first: float | None = None
+        self._steps = stream(session.decoder, cache, logits, session.tokenizer, params)
+        self._decode_start = time.perf_counter()
+
+    def __iter__(self) -> AnswerStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._cache is None:
+            raise StopIteration
+        try:
+            with self._session._lock:
+                delta = next(self._steps)
+        except StopIteration:
+            self._end()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        if self._first is None:
+            self._first = time.perf_counter()
+            self._stats["ttft_ms"] = (self._first - self._started) * 1000
+        self._parts.append(delta)
+        return delta
+
+    def text(self) -> str:
+        for _ in self:
+            pass
+        return "".join(self._parts).strip()
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._steps.close()
+            self._session._release(self._cache)
+            self._cache = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _end(self) -> None:
+        stats = self._stats
+        stats["decode_ms"] = _ms(self._decode_start)
+        stats.setdefault("ttft_ms", stats["decode_ms"])
+        text = "".join(self._parts)
+        stats["new_tokens"] = len(self._session.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+        self.close()
+        self._session._finish_stats(stats, self._started)
+
+
+class Chat:
+    """A conversation about regions of one image. Each send() prefills only what the cache does
+    not hold yet (the new turn), then decodes."""
+
+    def __init__(self, session: Session, image: ImageLike, masks: Sequence[MaskLike]):
+        self.session = session
+        self._stats: dict[str, Any] = {}
+        self.frame, self.image_embeds, hires = session._see(image, self._stats)
+        self.region_embeds = session._regions(hires, masks, self.frame, self._stats)
+        self.conversation = Conversation()
+        self._cache: KVCache | None = None
+        self._cached_ids: list[int] = []
+
+    def send(self, text: str, *, stream: bool = False, max_new_tokens: int = 128, temperature: float = 0.0):
+        session = self.session
+        params = session._params(max_new_tokens, temperature)
+        self.conversation.add(text)
+        try:
+            ids, order = session._tokenize(self.conversation, self.region_embeds.shape[0], require_all=False)
+        except ValueError:
+            self.conversation.turns.pop()
+            raise
+        started = time.perf_counter()
+        stats = dict(self._stats)
+        with session._lock:
+            logits = self._prefill_new(ids, order, params, stats)
+        reply = _ChatReply(self, logits, params, stats, started)
+        return reply if stream else reply.text()
+
+    def _prefill_new(self, ids: list[int], order: torch.Tensor, params: SamplingParams, stats) -> torch.Tensor:
+        session = self.session
+        start = time.perf_counter()
+        if self._cache is None:
+            self._cache = session.decoder.new_cache(1, session.max_context)
+        common = 0
+        for a, b in zip(self._cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always prefill at least one token for fresh logits
+        if len(ids) + params.max_new_tokens > session.max_context:
+            raise ValueError(f"the conversation needs {len(ids) + params.max_new_tokens} positions but the model holds {session.max_context}; start a new chat")
+        self._cache.lengths[0] = common
+        full = torch.tensor([ids], device=session.device)
+        regions = self.region_embeds[order]
+        embeds = session._splice(full, self.image_embeds, regions)[:, common:]  # [1, new, D]
+        logits = session.decoder.prefill(self._cache, inputs_embeds=embeds)
+        self._cached_ids = list(ids)
+        stats["prefill_ms"] = _ms(start)
+        stats["prefill_tokens"] = len(ids) - common
+        return logits
+
+
+class _ChatReply(AnswerStream):
+    def __init__(self, chat: Chat, logits, params, stats, started):
+        self._chat = chat
+        super().__init__(chat.session, chat._cache, logits, params, stats, started)
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._steps.close()
+            self._cache = None  # the chat keeps its own cache
+
+    def _end(self) -> None:
+        super()._end()
+        answer = "".join(self._parts).strip()
+        question, _ = self._chat.conversation.turns[-1]
+        self._chat.conversation.turns[-1] = (question, answer)
+
+
+def _as_list(masks) -> list:
+    if isinstance(masks, tuple) and len(masks) == 4 and all(isinstance(v, int | float) for v in masks):
+        return [masks]  # one box
+    if hasattr(masks, "ndim") and masks.ndim == 2:
+        return [masks]  # one mask array
+    if isinstance(masks, str | Path) or hasattr(masks, "getpixel"):
+        return [masks]  # one PNG path or PIL image
+    return list(masks)
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
