@@ -13,7 +13,9 @@ from rgpt_rt.ops.int4 import _cpu
 from rgpt_rt.quant import Int4Linear, Int4Weight, dequantize, load_int4_linears, quantize_linears
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PATHS = [True, False] if _C.int4_cpu_has_simd() else [False]  # AVX2 path where the CPU has it, portable
+PATHS = (
+    [True, False] if _C.int4_cpu_has_simd() else [False]
+)  # AVX2 path where the CPU has it, portable
 
 
 def random_weight(n, k, group_size=128, max_zero=15, scale=0.02):
@@ -37,7 +39,9 @@ def check_against_reference(out, x, w, bias=None):
         baseline = baseline + bias.to(x.dtype)
     ours, torch_error = max_error(out, reference), max_error(baseline, reference)
     # at most 2× the error of the same-precision torch baseline against fp64
-    assert ours <= 2 * torch_error, f"int4_linear error {ours:.3g} vs torch {x.dtype} {torch_error:.3g}"
+    assert ours <= 2 * torch_error, (
+        f"int4_linear error {ours:.3g} vs torch {x.dtype} {torch_error:.3g}"
+    )
 
 
 CASES = {  # id: (M, N, K, group_size)
@@ -105,14 +109,21 @@ def test_wrong_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="not supported"):
         int4_linear(torch.randn(2, 256, dtype=torch.float64), w)
     with pytest.raises(ValueError, match="K = 256 is not a multiple of group_size 96"):
-        torch.ops.rgpt_rt.int4_linear(torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 96, 0)
+        torch.ops.rgpt_rt.int4_linear(
+            torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 96, 0
+        )
     with pytest.raises(ValueError, match="multiple of 32"):
-        torch.ops.rgpt_rt.int4_linear(torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 48, 0)
+        torch.ops.rgpt_rt.int4_linear(
+            torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 48, 0
+        )
 
 
 def test_opcheck():
     w = random_weight(24, 256, 64)
-    for x, bias in ((torch.randn(3, 256), None), (torch.randn(1, 256).half(), torch.randn(24).half())):
+    for x, bias in (
+        (torch.randn(3, 256), None),
+        (torch.randn(1, 256).half(), torch.randn(24).half()),
+    ):
         torch.library.opcheck(
             torch.ops.rgpt_rt.int4_linear.default, (x, w.qweight, w.scales, w.zeros, bias, 64, 0)
         )

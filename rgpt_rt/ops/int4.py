@@ -46,7 +46,9 @@ def check_int4_args(
     if x.dtype not in ACT_DTYPES:
         raise ValueError(f"x dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"qweight must be int32 [N, K/8]; got {qweight.dtype} {list(qweight.shape)}")
+        raise ValueError(
+            f"qweight must be int32 [N, K/8]; got {qweight.dtype} {list(qweight.shape)}"
+        )
     m, k = x.shape
     n = qweight.shape[0]
     if qweight.shape[1] * 8 != k:
@@ -57,14 +59,20 @@ def check_int4_args(
         raise ValueError(f"K = {k} is not a multiple of group_size {group_size}")
     groups = k // group_size
     if scales.dtype != torch.float16 or tuple(scales.shape) != (n, groups):
-        raise ValueError(f"scales must be float16 [{n}, {groups}]; got {scales.dtype} {list(scales.shape)}")
+        raise ValueError(
+            f"scales must be float16 [{n}, {groups}]; got {scales.dtype} {list(scales.shape)}"
+        )
     if zeros.dtype != torch.uint8 or tuple(zeros.shape) != (n, groups):
-        raise ValueError(f"zeros must be uint8 [{n}, {groups}]; got {zeros.dtype} {list(zeros.shape)}")
+        raise ValueError(
+            f"zeros must be uint8 [{n}, {groups}]; got {zeros.dtype} {list(zeros.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}]; got {list(bias.shape)}")
     tensors = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"int4_linear inputs are on several devices {sorted({str(t.device) for t in tensors})}")
+        raise ValueError(
+            f"int4_linear inputs are on several devices {sorted({str(t.device) for t in tensors})}"
+        )
     return m, n, k
 
 
@@ -102,7 +110,9 @@ def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
     from rgpt_rt import _C
 
     if not hasattr(_C, "int4_gemv_cuda"):
-        raise RuntimeError("rgpt_rt._C was built without CUDA; rebuild with nvcc on PATH to run int4_linear on a GPU")
+        raise RuntimeError(
+            "rgpt_rt._C was built without CUDA; rebuild with nvcc on PATH to run int4_linear on a GPU"
+        )
     m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
     tag = DTYPE_TAGS[x.dtype]
     with torch.cuda.device(x.device):
@@ -118,9 +128,15 @@ def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
             return torch.nn.functional.linear(x, weight, bias)
         x = _aligned(x)
         if splits is None:
-            splits = gemv_splits(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+            splits = gemv_splits(
+                n, k, torch.cuda.get_device_properties(x.device).multi_processor_count
+            )
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        partial = torch.empty(splits * m * n, dtype=torch.float32, device=x.device) if splits > 1 else None
+        partial = (
+            torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
+            if splits > 1
+            else None
+        )
         _C.int4_gemv_cuda(
             x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             0 if bias is None else bias.data_ptr(), out.data_ptr(),
@@ -172,22 +188,34 @@ def int4_linear_packed(
     """int4_linear on the packed tensors (what Int4Linear.forward calls): x [..., K] -> [..., N]."""
     k = qweight.shape[-1] * 8
     if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim; this INT4 weight takes K = {k}")
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dim; this INT4 weight takes K = {k}"
+        )
     if perm is not None:
         x = x.index_select(-1, perm)
     lead = x.shape[:-1]
-    out = torch.ops.rgpt_rt.int4_linear(x.reshape(-1, k), qweight, scales, zeros, bias, group_size, num_threads or 0)
+    out = torch.ops.rgpt_rt.int4_linear(
+        x.reshape(-1, k), qweight, scales, zeros, bias, group_size, num_threads or 0
+    )
     return out.reshape(*lead, qweight.shape[0])
 
 
 def int4_linear(
-    x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *, num_threads: int | None = None
+    x: torch.Tensor,
+    w: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    num_threads: int | None = None,
 ) -> torch.Tensor:
     """x [..., K] (fp32/fp16/bf16) @ dequantize(w).T + bias -> [..., N] in x's dtype."""
-    return int4_linear_packed(x, w.qweight, w.scales, w.zeros, w.group_size, bias, w.perm, num_threads)
+    return int4_linear_packed(
+        x, w.qweight, w.scales, w.zeros, w.group_size, bias, w.perm, num_threads
+    )
 
 
-def int4_linear_reference(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear_reference(
+    x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The plain torch reference: dequantize(w) (exact fp16 values), matmul in float64, x's dtype out."""
     from rgpt_rt.quant.format import dequantize
 

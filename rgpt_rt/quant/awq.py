@@ -43,7 +43,7 @@ import torch
 from rgpt_rt.quant.format import Int4Weight
 from rgpt_rt.quant.rtn import fake_quantize, quantize_rtn
 
-TOKEN_CHUNK = 2048  # tokens per matmul in the loss, bounding memory at T_chunk × ΣN
+TOKEN_CHUNK = 2048  # tokens per matmul of the quantized outputs in the loss
 
 
 @dataclass
@@ -65,11 +65,15 @@ def _check_inputs(weights: Sequence[torch.Tensor], x: torch.Tensor) -> int:
     if len(weights) == 0:
         raise ValueError("give at least one weight to quantize_awq")
     if x.dim() != 2:
-        raise ValueError(f"calibration activations x must be [T, K] (tokens × input dim); got {list(x.shape)}")
+        raise ValueError(
+            f"calibration activations x must be [T, K] (tokens × input dim); got {list(x.shape)}"
+        )
     k = x.shape[1]
     for i, w in enumerate(weights):
         if w.dim() != 2 or w.shape[1] != k:
-            raise ValueError(f"weight {i} has shape {list(w.shape)}; every weight must be [N_i, {k}] to read x [T, {k}]")
+            raise ValueError(
+                f"weight {i} has shape {list(w.shape)}; every weight must be [N_i, {k}] to read x [T, {k}]"
+            )
     if x.shape[0] == 0:
         raise ValueError("x has no calibration tokens")
     return k
@@ -83,14 +87,13 @@ def _spread_tokens(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
     return x[index]
 
 
-def _output_mse(x: torch.Tensor, w_ref: torch.Tensor, w_test: torch.Tensor, x_test: torch.Tensor) -> float:
-    """mean((x @ w_ref.T − x_test @ w_test.T)²), in token chunks."""
+def _output_mse(reference: torch.Tensor, x_test: torch.Tensor, w_test: torch.Tensor) -> float:
+    """mean((reference − x_test @ w_test.T)²), in token chunks."""
     total = 0.0
-    for start in range(0, x.shape[0], TOKEN_CHUNK):
-        ref = x[start : start + TOKEN_CHUNK] @ w_ref.T
+    for start in range(0, x_test.shape[0], TOKEN_CHUNK):
         test = x_test[start : start + TOKEN_CHUNK] @ w_test.T
-        total += float((ref - test).pow(2).sum())
-    return total / (x.shape[0] * w_ref.shape[0])
+        total += float((reference[start : start + TOKEN_CHUNK] - test).pow(2).sum())
+    return total / reference.numel()
 
 
 def awq_search_scales(
@@ -105,14 +108,14 @@ def awq_search_scales(
     x = _spread_tokens(x, max_tokens).to(torch.float32)
     w = torch.cat([wi.to(torch.float32) for wi in weights])  # [ΣN, K]
     x_mean = x.abs().mean(dim=0)  # [K]
+    reference = x @ w.T  # [T, ΣN] fp32 outputs (T ≤ max_tokens bounds the memory)
     best = None
     rtn_loss = float("nan")
     for step in range(n_grid):
         alpha = step / n_grid
         s = x_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        w_q = fake_quantize(w * s, group_size)
-        loss = _output_mse(x, w, w_q, x / s)
+        loss = _output_mse(reference, x / s, fake_quantize(w * s, group_size))
         if step == 0:
             rtn_loss = loss
         if best is None or loss < best[0]:
@@ -173,7 +176,9 @@ def quantize_awq(
     _check_inputs(weights, x)
     flags = [bool(clip)] * len(weights) if isinstance(clip, bool) else [bool(c) for c in clip]
     if len(flags) != len(weights):
-        raise ValueError(f"clip has {len(flags)} flags for {len(weights)} weights; give one per weight")
+        raise ValueError(
+            f"clip has {len(flags)} flags for {len(weights)} weights; give one per weight"
+        )
     search = awq_search_scales(weights, x, group_size, n_grid, max_tokens)
     s = search.scales
     x_scaled = x.to(torch.float32) / s
@@ -189,7 +194,9 @@ def quantize_awq(
 def fold_into_norm(norm_weight: torch.Tensor, scales: torch.Tensor) -> None:
     """An RMSNorm/LayerNorm weight [K] that feeds an AWQ group: divide it by the scales, in place."""
     if norm_weight.shape != scales.shape:
-        raise ValueError(f"norm weight {list(norm_weight.shape)} and scales {list(scales.shape)} differ in shape")
+        raise ValueError(
+            f"norm weight {list(norm_weight.shape)} and scales {list(scales.shape)} differ in shape"
+        )
     norm_weight.div_(scales.to(norm_weight))
 
 
@@ -198,7 +205,9 @@ def fold_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, scales: to
     """A previous linear [K, K_in] whose output feeds an AWQ group: divide its output rows (and
     bias) by the scales, in place. Do this before that linear is itself quantized."""
     if weight.dim() != 2 or weight.shape[0] != scales.shape[0]:
-        raise ValueError(f"previous linear weight {list(weight.shape)} must have {scales.shape[0]} output rows")
+        raise ValueError(
+            f"previous linear weight {list(weight.shape)} must have {scales.shape[0]} output rows"
+        )
     weight.div_(scales.to(weight)[:, None])
     if bias is not None:
         bias.div_(scales.to(bias))

@@ -52,7 +52,9 @@ def source_tensors(folder: Path) -> dict[str, tuple[Path, TensorEntry, int]]:
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        raise FileNotFoundError(
+            f"{folder} has neither model.safetensors nor model.safetensors.index.json"
+        )
     found = {}
     for shard in shards:
         entries, _, data_start = read_header(folder / shard)
@@ -70,7 +72,9 @@ def layer_order(name: str) -> tuple:
 
 
 def is_quantized(name: str, shape: tuple[int, ...], keep_fp16: Iterable[str]) -> bool:
-    return name.endswith(".weight") and len(shape) == 2 and not any(part in name for part in keep_fp16)
+    return (
+        name.endswith(".weight") and len(shape) == 2 and not any(part in name for part in keep_fp16)
+    )
 
 
 def quantize_checkpoint(
@@ -86,10 +90,14 @@ def quantize_checkpoint(
     src, dst = Path(src), Path(dst)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{src} has no config.json; give a LLaMA folder saved by transformers")
+        raise FileNotFoundError(
+            f"{src} has no config.json; give a LLaMA folder saved by transformers"
+        )
     config = json.loads(config_path.read_text())
     if config.get("quantization_config"):
-        raise ValueError(f"{src} is already quantized; use convert_quantized_folder for AWQ/GPTQ folders")
+        raise ValueError(
+            f"{src} is already quantized; use convert_quantized_folder for AWQ/GPTQ folders"
+        )
     keep_fp16 = tuple(keep_fp16)
     source = source_tensors(src)
     names = sorted(source, key=layer_order)
@@ -139,7 +147,9 @@ def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype.is_floating_point else dtype
 
 
-def _quantize_by_blocks(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_by_blocks(
+    w: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN of w [N, K] a block of rows at a time -> (qweight, scales, zeros) (same result as whole)."""
     n, k = w.shape
     qweight = torch.empty(n, k // 8, dtype=torch.int32)
@@ -179,7 +189,10 @@ def convert_quantized_folder(src: str | Path, dst: str | Path) -> Path:
     from rgpt_rt.quant.importers import load_quantized_folder
 
     folder = load_quantized_folder(src)
-    tensors = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in folder.tensors.items()}
+    tensors = {
+        name: t.to(torch.float16) if t.is_floating_point() else t
+        for name, t in folder.tensors.items()
+    }
     tensors.update({f"{name}.bias": bias for name, bias in folder.biases.items()})
     group_sizes = sorted({q.group_size for q in folder.int4.values()})
     config = dict(folder.config)
@@ -191,4 +204,3 @@ def convert_quantized_folder(src: str | Path, dst: str | Path) -> Path:
         save_int4(tmp / INT4_FILE, folder.int4, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(dst)
-

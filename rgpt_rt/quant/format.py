@@ -85,10 +85,14 @@ class Int4Weight:
         devices = {t.device for t in (self.qweight, self.scales, self.zeros)}
         if self.perm is not None:
             if self.perm.dtype != torch.int64 or tuple(self.perm.shape) != (k,):
-                raise ValueError(f"Int4Weight.perm must be int64 [{k}]; got {self.perm.dtype} {list(self.perm.shape)}")
+                raise ValueError(
+                    f"Int4Weight.perm must be int64 [{k}]; got {self.perm.dtype} {list(self.perm.shape)}"
+                )
             devices.add(self.perm.device)
         if len(devices) != 1:
-            raise ValueError(f"Int4Weight tensors are on several devices {devices}; move them together with .to()")
+            raise ValueError(
+                f"Int4Weight tensors are on several devices {devices}; move them together with .to()"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +100,9 @@ class Int4Weight:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.qweight, self.scales, self.zeros] + ([self.perm] if self.perm is not None else [])
+        tensors = [self.qweight, self.scales, self.zeros] + (
+            [self.perm] if self.perm is not None else []
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str) -> Int4Weight:
@@ -116,11 +122,11 @@ def pack_nk8i(codes: torch.Tensor) -> torch.Tensor:
     if codes.dim() != 2 or codes.shape[1] % 8 != 0:
         raise ValueError(f"codes must be [N, K] with K a multiple of 8; got {list(codes.shape)}")
     n, k = codes.shape
-    grouped = codes.to(torch.int64).reshape(n, k // 8, 8)  # [N, K/8, k offset]
-    words = torch.zeros(n, k // 8, dtype=torch.int64, device=codes.device)
-    for position, offset in enumerate(NK8I_ORDER):
-        words |= (grouped[:, :, offset] & 0xF) << (4 * position)
-    return _to_int32(words)
+    c = (codes.to(torch.uint8) & 0xF).reshape(n, k // 8, 8)  # [N, word, k offset]
+    # byte b of a (little-endian) word holds nibble positions 2b and 2b + 1
+    order = NK8I_ORDER
+    pairs = [c[..., order[2 * b]] | (c[..., order[2 * b + 1]] << 4) for b in range(4)]
+    return torch.stack(pairs, dim=-1).view(torch.int32).reshape(n, k // 8)
 
 
 def unpack_nk8i(qweight: torch.Tensor) -> torch.Tensor:
@@ -129,11 +135,6 @@ def unpack_nk8i(qweight: torch.Tensor) -> torch.Tensor:
     # int32 shifts are arithmetic, but the 4-bit mask drops the sign bits they bring in
     parts = [((qweight >> (4 * position)) & 0xF).to(torch.uint8) for position in NK8I_POSITION]
     return torch.stack(parts, dim=-1).reshape(n, words * 8)
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> int32 with the same 32 bits."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def dequantize_codes(
@@ -184,8 +185,14 @@ def int4_tensors(name: str, q: Int4Weight) -> dict[str, torch.Tensor]:
 
 def int4_metadata(shapes: dict[str, tuple[tuple[int, int], int]]) -> dict[str, str]:
     """safetensors metadata (str -> str) for a file holding INT4 weights {name: (shape, group_size)}."""
-    table = {name: {"shape": list(shape), "group_size": group} for name, (shape, group) in shapes.items()}
-    return {"format": "rgpt_rt.int4", "layout": LAYOUT, METADATA_KEY: json.dumps(table, sort_keys=True)}
+    table = {
+        name: {"shape": list(shape), "group_size": group} for name, (shape, group) in shapes.items()
+    }
+    return {
+        "format": "rgpt_rt.int4",
+        "layout": LAYOUT,
+        METADATA_KEY: json.dumps(table, sort_keys=True),
+    }
 
 
 def split_int4_tensors(
@@ -205,16 +212,22 @@ def split_int4_tensors(
             scales = rest.pop(name + ".scales")
             zeros = rest.pop(name + ".zeros")
         except KeyError as missing:
-            raise ValueError(f"INT4 weight {name!r} is listed in the metadata but {missing} is not in the file") from None
+            raise ValueError(
+                f"INT4 weight {name!r} is listed in the metadata but {missing} is not in the file"
+            ) from None
         perm = rest.pop(name + ".perm", None)
-        weights[name] = Int4Weight(qweight, scales, zeros, info["group_size"], tuple(info["shape"]), perm)
+        weights[name] = Int4Weight(
+            qweight, scales, zeros, info["group_size"], tuple(info["shape"]), perm
+        )
     leftover = [key for key in rest if key.endswith(QWEIGHT_SUFFIX)]
     if leftover:
         raise ValueError(f"{leftover[0]} is not described in the file metadata {METADATA_KEY!r}")
     return weights, rest
 
 
-def save_int4(path, weights: dict[str, Int4Weight], tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_int4(
+    path, weights: dict[str, Int4Weight], tensors: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write INT4 weights (and plain tensors) to one safetensors file, atomically."""
     from rgpt_rt.quant.safetensors_io import write_safetensors
 
@@ -225,10 +238,14 @@ def save_int4(path, weights: dict[str, Int4Weight], tensors: dict[str, torch.Ten
         if name in flat:
             raise ValueError(f"tensor name {name!r} is used twice")
         flat[name] = tensor
-    write_safetensors(path, flat, int4_metadata({name: (q.shape, q.group_size) for name, q in weights.items()}))
+    write_safetensors(
+        path, flat, int4_metadata({name: (q.shape, q.group_size) for name, q in weights.items()})
+    )
 
 
-def load_int4(path, device: str | torch.device = "cpu") -> tuple[dict[str, Int4Weight], dict[str, torch.Tensor]]:
+def load_int4(
+    path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Int4Weight], dict[str, torch.Tensor]]:
     """Read a file written by save_int4 (or quantize_checkpoint): ({name: Int4Weight}, {name: tensor})."""
     from safetensors import safe_open
 

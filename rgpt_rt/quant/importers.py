@@ -48,8 +48,16 @@ def _nibbles(words: torch.Tensor) -> torch.Tensor:
 
 
 def _check(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-        got = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+    if (
+        not isinstance(tensor, torch.Tensor)
+        or tensor.dtype != dtype
+        or tuple(tensor.shape) != shape
+    ):
+        got = (
+            f"{tensor.dtype} {list(tensor.shape)}"
+            if isinstance(tensor, torch.Tensor)
+            else type(tensor).__name__
+        )
         raise ValueError(f"{name} must be {dtype} {list(shape)}; got {got}")
 
 
@@ -63,7 +71,9 @@ def from_awq(
     if group_size == -1:
         group_size = k
     if k % group_size != 0:
-        raise ValueError(f"AWQ weight has K = {k} inputs, not a multiple of group_size {group_size}")
+        raise ValueError(
+            f"AWQ weight has K = {k} inputs, not a multiple of group_size {group_size}"
+        )
     groups = k // group_size
     _check("AWQ qweight", qweight, torch.int32, (k, n // 8))
     _check("AWQ qzeros", qzeros, torch.int32, (groups, n // 8))
@@ -94,14 +104,18 @@ def from_gptq(
     `sym` does not change the arithmetic (GPTQ kernels read the stored zeros either way);
     checkpoint_format "gptq" (v1: zeros stored as zero − 1) or "gptq_v2" (stored as is)."""
     if checkpoint_format not in ("gptq", "gptq_v2"):
-        raise ValueError(f"GPTQ checkpoint_format {checkpoint_format!r} is unknown; use 'gptq' or 'gptq_v2'")
+        raise ValueError(
+            f"GPTQ checkpoint_format {checkpoint_format!r} is unknown; use 'gptq' or 'gptq_v2'"
+        )
     if qweight.dim() != 2:
         raise ValueError(f"GPTQ qweight must be int32 [K/8, N]; got {list(qweight.shape)}")
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     if group_size == -1:
         group_size = k
     if k % group_size != 0:
-        raise ValueError(f"GPTQ weight has K = {k} inputs, not a multiple of group_size {group_size}")
+        raise ValueError(
+            f"GPTQ weight has K = {k} inputs, not a multiple of group_size {group_size}"
+        )
     groups = scales.shape[0] if scales.dim() == 2 else -1
     _check("GPTQ qweight", qweight, torch.int32, (k // 8, n))
     _check("GPTQ scales", scales, torch.float16, (groups, n))
@@ -116,12 +130,18 @@ def from_gptq(
     trivial = torch.arange(k, device=qweight.device) // group_size
     if g_idx is None or torch.equal(g_idx.to(torch.int64), trivial):
         if groups != k // group_size:
-            raise ValueError(f"GPTQ scales have {groups} groups but K / group_size = {k // group_size}")
-        return Int4Weight(pack_nk8i(codes), scales_nk.contiguous(), zeros.contiguous(), group_size, (n, k))
+            raise ValueError(
+                f"GPTQ scales have {groups} groups but K / group_size = {k // group_size}"
+            )
+        return Int4Weight(
+            pack_nk8i(codes), scales_nk.contiguous(), zeros.contiguous(), group_size, (n, k)
+        )
 
     g_idx = g_idx.to(torch.int64)
     if tuple(g_idx.shape) != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
-        raise ValueError(f"GPTQ g_idx must be [{k}] with values in [0, {groups}); got {list(g_idx.shape)}")
+        raise ValueError(
+            f"GPTQ g_idx must be [{k}] with values in [0, {groups}); got {list(g_idx.shape)}"
+        )
     counts = torch.bincount(g_idx, minlength=groups)
     if groups * group_size != k or not bool((counts == group_size).all()):
         raise ValueError(
@@ -166,19 +186,25 @@ def read_quantization_config(folder: str | Path) -> dict:
     if method == "awq":
         version = str(quant.get("version", "gemm")).lower()
         if version != "gemm":
-            raise ValueError(f"{path}: AWQ version {version!r}; only AutoAWQ 'gemm' checkpoints import")
+            raise ValueError(
+                f"{path}: AWQ version {version!r}; only AutoAWQ 'gemm' checkpoints import"
+            )
         if quant.get("zero_point", True) is False:
             raise ValueError(f"{path}: AWQ without zero points is not supported")
     elif method == "gptq":
         fmt = quant.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
-            raise ValueError(f"{path}: GPTQ checkpoint_format {fmt!r}; 'gptq' (v1) and 'gptq_v2' import")
+            raise ValueError(
+                f"{path}: GPTQ checkpoint_format {fmt!r}; 'gptq' (v1) and 'gptq_v2' import"
+            )
     else:
         raise ValueError(f"{path}: quant_method {method!r}; only 'awq' and 'gptq' import")
     return config
 
 
-def load_quantized_folder(folder: str | Path, device: str | torch.device = "cpu") -> QuantizedFolder:
+def load_quantized_folder(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> QuantizedFolder:
     """Read every *.safetensors in an HF AWQ/GPTQ folder into Int4Weights plus plain tensors.
 
     A linear is any prefix with {prefix}.qweight; its qzeros, scales (and g_idx, bias) go with it.
@@ -206,7 +232,9 @@ def load_quantized_folder(folder: str | Path, device: str | torch.device = "cpu"
             if parts[needed] is None:
                 raise ValueError(f"{folder}: {name}.qweight has no {name}.{needed}")
         if method == "awq":
-            out.int4[name] = from_awq(parts["qweight"], parts["qzeros"], parts["scales"], group_size)
+            out.int4[name] = from_awq(
+                parts["qweight"], parts["qzeros"], parts["scales"], group_size
+            )
         else:
             out.int4[name] = from_gptq(
                 parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], group_size,

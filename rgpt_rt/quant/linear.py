@@ -28,7 +28,9 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(weight, Int4Weight):
-            raise ValueError(f"Int4Linear takes an Int4Weight; got {type(weight).__name__} (use Int4Linear.from_linear for nn.Linear)")
+            raise ValueError(
+                f"Int4Linear takes an Int4Weight; got {type(weight).__name__} (use Int4Linear.from_linear for nn.Linear)"
+            )
         self.out_features, self.in_features = weight.shape
         self.group_size = weight.group_size
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -49,11 +51,20 @@ class Int4Linear(nn.Module):
     @property
     def weight_int4(self) -> Int4Weight:
         """The weight as an Int4Weight (sharing this module's buffers)."""
-        return Int4Weight(self.qweight_nk8i, self.scales, self.zeros, self.group_size, (self.out_features, self.in_features), self.perm)
+        return Int4Weight(
+            self.qweight_nk8i,
+            self.scales,
+            self.zeros,
+            self.group_size,
+            (self.out_features, self.in_features),
+            self.perm,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        return int4_linear_packed(x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias, self.perm)
+        return int4_linear_packed(
+            x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias, self.perm
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
@@ -76,7 +87,9 @@ def quantize_linears(
     chosen = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name not in exclude and name.rpartition(".")[2] not in exclude
+        if isinstance(module, nn.Linear)
+        and name not in exclude
+        and name.rpartition(".")[2] not in exclude
     ]
     for name, module in chosen:
         if module.in_features % group_size != 0:
@@ -103,7 +116,9 @@ def load_int4_linears(
         if not isinstance(module, (nn.Linear, Int4Linear)):
             raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
         if (module.out_features, module.in_features) != tuple(weight.shape):
-            raise ValueError(f"{name} is [{module.out_features}, {module.in_features}] but the INT4 weight is {list(weight.shape)}")
+            raise ValueError(
+                f"{name} is [{module.out_features}, {module.in_features}] but the INT4 weight is {list(weight.shape)}"
+            )
         bias = biases.get(name, module.bias)
         _set_submodule(model, name, Int4Linear(weight.to(module_device(module)), bias))
     return list(weights)

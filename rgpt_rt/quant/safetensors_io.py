@@ -56,16 +56,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
     entries = {}
     for name, info in header.items():
         if info["dtype"] not in ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which rgpt_rt does not read")
+            raise ValueError(
+                f"{path}: tensor {name} has dtype {info['dtype']}, which rgpt_rt does not read"
+            )
         start, end = info["data_offsets"]
-        entries[name] = TensorEntry(name, ST_DTYPES[info["dtype"]], tuple(info["shape"]), start, end)
+        entries[name] = TensorEntry(
+            name, ST_DTYPES[info["dtype"]], tuple(info["shape"]), start, end
+        )
     return entries, metadata, 8 + length
 
 
 def read_tensor(path: Path, entry: TensorEntry, data_start: int) -> torch.Tensor:
     """One tensor, read into fresh (anonymous) memory."""
     if entry.end - entry.start != entry.nbytes:
-        raise ValueError(f"{path}: tensor {entry.name} has {entry.end - entry.start} bytes for shape {entry.shape}")
+        raise ValueError(
+            f"{path}: tensor {entry.name} has {entry.end - entry.start} bytes for shape {entry.shape}"
+        )
     buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
     with open(path, "rb") as handle:
         handle.seek(data_start + entry.start)
@@ -88,7 +94,11 @@ class SafetensorsWriter:
         for entry in entries:
             entry.start, entry.end = offset, offset + entry.nbytes
             offset = entry.end
-            header[entry.name] = {"dtype": ST_NAMES[entry.dtype], "shape": list(entry.shape), "data_offsets": [entry.start, entry.end]}
+            header[entry.name] = {
+                "dtype": ST_NAMES[entry.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [entry.start, entry.end],
+            }
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
         self._pending = list(entries)
@@ -98,9 +108,13 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         entry = self._pending.pop(0) if self._pending else None
         if entry is None or entry.name != name:
-            raise ValueError(f"tensor {name} written out of the declared order (expected {entry and entry.name})")
+            raise ValueError(
+                f"tensor {name} written out of the declared order (expected {entry and entry.name})"
+            )
         if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-            raise ValueError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}; declared {entry.dtype} {list(entry.shape)}")
+            raise ValueError(
+                f"tensor {name} is {tensor.dtype} {list(tensor.shape)}; declared {entry.dtype} {list(entry.shape)}"
+            )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         self._handle.write(memoryview(data.numpy()))
 
@@ -113,13 +127,17 @@ class SafetensorsWriter:
             return
         if self._pending:
             self._handle.close()
-            raise ValueError(f"{len(self._pending)} declared tensors were never written, e.g. {self._pending[0].name}")
+            raise ValueError(
+                f"{len(self._pending)} declared tensors were never written, e.g. {self._pending[0].name}"
+            )
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     """Write tensors (in the given order) to a safetensors file that appears complete or not at
     all. Tensors may share memory (safetensors.torch.save refuses that; this writes each once
     per name)."""

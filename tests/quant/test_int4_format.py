@@ -71,7 +71,9 @@ def test_dequantize_is_the_fp16_product_for_every_scale_and_difference():
 def test_dequantize_uses_groups_along_k():
     q, codes = random_weight(3, 256, group_size=64, max_zero=16)
     groups = torch.arange(256) // 64
-    expected = (codes.to(torch.int32) - q.zeros.to(torch.int32)[:, groups]).half() * q.scales[:, groups]
+    expected = (codes.to(torch.int32) - q.zeros.to(torch.int32)[:, groups]).half() * q.scales[
+        :, groups
+    ]
     assert torch.equal(dequantize(q), expected)
 
 
@@ -92,7 +94,9 @@ def test_rtn_codes_and_error_bound():
 def test_rtn_accepts_half_and_bfloat16_weights():
     w = torch.randn(16, 128)
     for dtype in (torch.float16, torch.bfloat16):
-        assert torch.equal(quantize_rtn(w.to(dtype)).qweight, quantize_rtn(w.to(dtype).float()).qweight)
+        assert torch.equal(
+            quantize_rtn(w.to(dtype)).qweight, quantize_rtn(w.to(dtype).float()).qweight
+        )
 
 
 def test_k_not_a_multiple_of_the_group_size_is_refused():
