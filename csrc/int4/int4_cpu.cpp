@@ -1,12 +1,13 @@
 // W4A16 linear on the CPU: out[M, N] = x[M, K] @ W^T + bias, float32 x/out/bias, W in layout nk8i.
 //
-// Blocked: a block is kN output rows × kM rows of x; its weights are dequantized once per word
-// (8 codes) in registers and feed kM FMAs each, and each x load feeds kN rows. Threads take
-// contiguous ranges of output rows (the weight is read once in total, each thread its share).
-// Dequantization is the exact fp16 value fp16((q - z) * s):
-//   AVX2 path  (q - z) * s in fp32 (exact: a 5-bit integer times an fp16), rounded to fp16 and
-//              back with F16C (round to nearest even), 8 codes per instruction;
-//   portable   a table of the 16 values of each (row, group), rounded by float_to_half_bits.
+// Blocked: a block is kN output rows × kM rows of x; its weights are dequantized once in
+// registers and feed kM FMAs each. Threads take contiguous ranges of output rows (the weight is
+// read once in total, each thread its share). Dequantization gives the exact fp16 value
+// fp16((q - z) * s), from a table of the 16 values of each (row, group):
+//   AVX2 path  the table is computed in fp32 (exact: a 5-bit integer times an fp16) and rounded
+//              by F16C; 32 codes (16 bytes) at a time are looked up with vpshufb (low and high
+//              bytes of the fp16 values) and widened to fp32 with F16C;
+//   portable   the table is rounded by float_to_half_bits; codes are looked up one by one.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -134,12 +135,48 @@ void rows_portable(const Int4LinearParams& p, int64_t n_begin, int64_t n_end) {
 
 #ifdef RGPT_INT4_X86
 // --- AVX2 + FMA + F16C path ---------------------------------------------------------------------
-// 8 codes of one word -> the 8 exact fp16 weights (k offsets 0..7) as fp32 lanes.
-RGPT_AVX2 inline __m256 dequant8(uint32_t word, __m256i shifts, __m256 zero, __m256 scale) {
-  __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
-  codes = _mm256_and_si256(codes, _mm256_set1_epi32(0xF));
-  const __m256 product = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(codes), zero), scale);
-  return _mm256_cvtph_ps(_mm256_cvtps_ph(product, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+// Per (row, group): the 16 exact values fp16((q - z) * s), q = 0..15, computed in fp32 (exact)
+// and rounded by F16C (nearest even), split into a low-byte and a high-byte table for vpshufb.
+struct GroupTable {
+  __m256i low, high;  // byte q of each 128-bit lane: low / high byte of value q
+};
+
+RGPT_AVX2 inline GroupTable group_table(uint16_t scale_bits, int zero) {
+  const __m256 scale = _mm256_set1_ps(_cvtsh_ss(scale_bits));
+  const __m256 z = _mm256_set1_ps(static_cast<float>(zero));
+  const __m256 q0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 q1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m128i h0 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_sub_ps(q0, z), scale), kNearest);
+  const __m128i h1 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_sub_ps(q1, z), scale), kNearest);
+  const __m128i byte = _mm_set1_epi16(0x00FF);
+  const __m128i low = _mm_packus_epi16(_mm_and_si128(h0, byte), _mm_and_si128(h1, byte));
+  const __m128i high = _mm_packus_epi16(_mm_srli_epi16(h0, 8), _mm_srli_epi16(h1, 8));
+  return {_mm256_broadcastsi128_si256(low), _mm256_broadcastsi128_si256(high)};
+}
+
+// 32 codes (4 words, k = 0..31 of a chunk) -> w[i] = the 8 weights of k = 8i..8i+7, as fp32.
+RGPT_AVX2 inline void dequant32(const uint32_t* words, const GroupTable& table, __m256 (&w)[4]) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(words));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i even = _mm_and_si128(packed, nibble);                     // positions 0,2,4,6
+  const __m128i odd = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);  // positions 1,3,5,7
+  // byte b of a word holds positions 2b and 2b + 1: interleaving gives each word's positions 0..7
+  const __m128i words01 = _mm_unpacklo_epi8(even, odd);
+  const __m128i words23 = _mm_unpackhi_epi8(even, odd);
+  // positions -> k order: k offset i sits at position [0,4,1,5,2,6,3,7][i]
+  const __m256i to_k = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,  //
+                                        0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+  const __m256i codes = _mm256_shuffle_epi8(_mm256_set_m128i(words23, words01), to_k);
+  // lane 0 holds k 0..15, lane 1 k 16..31; look the fp16 values up byte by byte
+  const __m256i low = _mm256_shuffle_epi8(table.low, codes);
+  const __m256i high = _mm256_shuffle_epi8(table.high, codes);
+  const __m256i first = _mm256_unpacklo_epi8(low, high);   // fp16: lane 0 k 0..7, lane 1 k 16..23
+  const __m256i second = _mm256_unpackhi_epi8(low, high);  // lane 0 k 8..15, lane 1 k 24..31
+  w[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(first));
+  w[1] = _mm256_cvtph_ps(_mm256_castsi256_si128(second));
+  w[2] = _mm256_cvtph_ps(_mm256_extracti128_si256(first, 1));
+  w[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(second, 1));
 }
 
 RGPT_AVX2 inline float sum8(__m256 v) {
@@ -151,26 +188,32 @@ RGPT_AVX2 inline float sum8(__m256 v) {
 
 template <int MB, int NB>
 RGPT_AVX2 void block_avx2(const Int4LinearParams& p, int64_t n0, int64_t m0) {
+  // independent partial sums per (row of x, output row): enough FMA chains in flight
+  constexpr int kPartial = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   const auto* x = static_cast<const float*>(p.x);
-  const int64_t words = p.k / 8, groups = p.k / p.group_size, words_per_group = p.group_size / 8;
-  const __m256i shifts = _mm256_setr_epi32(kShift[0], kShift[1], kShift[2], kShift[3], kShift[4],
-                                           kShift[5], kShift[6], kShift[7]);
-  __m256 acc[MB][NB];
+  const int64_t words = p.k / 8, groups = p.k / p.group_size, chunks_per_group = p.group_size / 32;
+  __m256 acc[MB][NB][kPartial];
   for (int mi = 0; mi < MB; ++mi) {
-    for (int r = 0; r < NB; ++r) acc[mi][r] = _mm256_setzero_ps();
+    for (int r = 0; r < NB; ++r) {
+      for (int a = 0; a < kPartial; ++a) acc[mi][r][a] = _mm256_setzero_ps();
+    }
   }
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 scale[NB], zero[NB];
+    GroupTable table[NB];
     for (int r = 0; r < NB; ++r) {
-      scale[r] = _mm256_set1_ps(_cvtsh_ss(p.scales[(n0 + r) * groups + g]));
-      zero[r] = _mm256_set1_ps(static_cast<float>(p.zeros[(n0 + r) * groups + g]));
+      table[r] = group_table(p.scales[(n0 + r) * groups + g], p.zeros[(n0 + r) * groups + g]);
     }
-    for (int64_t j = g * words_per_group; j < (g + 1) * words_per_group; ++j) {
-      __m256 w[NB];
-      for (int r = 0; r < NB; ++r) w[r] = dequant8(p.qweight[(n0 + r) * words + j], shifts, zero[r], scale[r]);
-      for (int mi = 0; mi < MB; ++mi) {
-        const __m256 xv = _mm256_loadu_ps(x + (m0 + mi) * p.k + j * 8);
-        for (int r = 0; r < NB; ++r) acc[mi][r] = _mm256_fmadd_ps(xv, w[r], acc[mi][r]);
+    for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      for (int r = 0; r < NB; ++r) {
+        __m256 w[4];
+        dequant32(p.qweight + (n0 + r) * words + c * 4, table[r], w);
+        for (int mi = 0; mi < MB; ++mi) {
+          const float* xr = x + (m0 + mi) * p.k + c * 32;
+          for (int i = 0; i < 4; ++i) {
+            __m256& sum = acc[mi][r][i % kPartial];
+            sum = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * i), w[i], sum);
+          }
+        }
       }
     }
   }
@@ -178,7 +221,9 @@ RGPT_AVX2 void block_avx2(const Int4LinearParams& p, int64_t n0, int64_t m0) {
   auto* out = static_cast<float*>(p.out);
   for (int mi = 0; mi < MB; ++mi) {
     for (int r = 0; r < NB; ++r) {
-      out[(m0 + mi) * p.n + n0 + r] = sum8(acc[mi][r]) + (bias ? bias[n0 + r] : 0.0f);
+      __m256 total = acc[mi][r][0];
+      for (int a = 1; a < kPartial; ++a) total = _mm256_add_ps(total, acc[mi][r][a]);
+      out[(m0 + mi) * p.n + n0 + r] = sum8(total) + (bias ? bias[n0 + r] : 0.0f);
     }
   }
 }

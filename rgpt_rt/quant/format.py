@@ -32,7 +32,6 @@ LAYOUT = "nk8i"
 NK8I_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble position p holds k offset NK8I_ORDER[p]
 NK8I_POSITION = tuple(NK8I_ORDER.index(i) for i in range(8))  # k offset i sits at this position
 GROUP_MULTIPLE = 32
-MAX_ZERO = 16
 
 
 def check_group_shape(n: int, k: int, group_size: int) -> None:
