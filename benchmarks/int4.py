@@ -1,7 +1,7 @@
 """INT4 W4A16 linear: rgpt_rt's int4_linear against a dense torch.matmul and torch's own INT4
 matmul, on LLaMA-7B shapes, in µs and in % of the memory floor measured in the same run.
 
-    python benchmarks/int4.py --device cpu  [--rows 1,4]            [--json FILE]
+    python benchmarks/int4.py --device cpu  [--rows 1,4] [--threads N] [--json FILE]
     python benchmarks/int4.py --device cuda [--rows 1,4,16,128]     [--json FILE]
 
 floor = bytes the op must move (weights + scales + zeros + x + out) / copy bandwidth, where
@@ -134,9 +134,14 @@ def main() -> None:
     parser.add_argument(
         "--shapes", default=None, help="comma-separated indices into the shape list (default: all)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU: torch threads (default: torch's)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     rows = [int(m) for m in (args.rows or ("1,4" if device == "cpu" else "1,4,16,128")).split(",")]

@@ -3,6 +3,7 @@
     format.py      Int4Weight (layout "nk8i"), dequantize, save_int4 / load_int4
     rtn.py         quantize_rtn(w, group_size=128)
     awq.py         quantize_awq(weights, x, ...), fold_into_norm / fold_into_linear
+    awq_llama.py   quantize_llama_layer_awq(layer weights, captured inputs): AWQ for a LLaMA layer
     importers.py   from_awq, from_gptq, load_quantized_folder (HF AWQ/GPTQ folders)
     checkpoint.py  quantize_checkpoint (streaming), load_int4_checkpoint, convert_quantized_folder
     linear.py      Int4Linear, quantize_linears, load_int4_linears
@@ -18,6 +19,7 @@ from rgpt_rt.quant.awq import (
     fold_into_norm,
     quantize_awq,
 )
+from rgpt_rt.quant.awq_llama import AwqLayer, quantize_llama_layer_awq
 from rgpt_rt.quant.checkpoint import (
     INT4_FILE,
     Int4Checkpoint,
@@ -33,6 +35,7 @@ from rgpt_rt.quant.rtn import quantize_rtn
 __all__ = [
     "INT4_FILE",
     "LAYOUT",
+    "AwqLayer",
     "AwqResult",
     "AwqScales",
     "Int4Checkpoint",
@@ -54,6 +57,7 @@ __all__ = [
     "quantize_awq",
     "quantize_checkpoint",
     "quantize_linears",
+    "quantize_llama_layer_awq",
     "quantize_rtn",
     "save_int4",
 ]

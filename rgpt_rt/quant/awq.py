@@ -31,6 +31,8 @@ group only after the scales that fold into its weights are folded:
     r = quantize_awq([gate.weight, up.weight], x_mlp)
     fold_into_norm(post_attention_layernorm.weight, r.scales)
     # r.weights replace the linears (Int4Linear(r.weights[i])); the next layer reads this one's output
+
+awq_llama.quantize_llama_layer_awq does exactly this for a LLaMA layer's HF-named weights.
 """
 
 from __future__ import annotations
