@@ -51,20 +51,14 @@ def test_pack_of_a_known_word():
 def test_dequantize_is_the_fp16_product_for_every_scale_and_difference():
     # every finite fp16 scale bit pattern × every (q − z) in [−16, 15]: the fp16 multiply of
     # AutoAWQ/GPTQ (torch fp16 arithmetic) and Int4Weight's dequantize agree bit for bit
-    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
-    scales = bits.view(torch.float16)
-    scales = scales[torch.isfinite(scales)]
-    diffs = torch.arange(-16, 16)
-    zeros = torch.full((scales.numel(), 1), 16, dtype=torch.uint8)
-    for diff in diffs.tolist():
-        codes = torch.full((scales.numel(), 32), diff + 16, dtype=torch.uint8)
-        if diff + 16 > 15:
-            codes = torch.full((scales.numel(), 32), diff + 1, dtype=torch.uint8)
-            zero = torch.ones_like(zeros)
-        else:
-            zero = zeros
-        ours = dequantize_codes(codes, scales[:, None], zero, 32)
-        expected = torch.tensor(diff, dtype=torch.float16) * scales[:, None].expand(-1, 32)
+    scales = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    scales = scales[torch.isfinite(scales)][:, None]  # [S, 1]: one group of 32 per row
+    for diff in range(-16, 16):
+        code, zero = (diff, 0) if diff >= 0 else (diff + 16, 16)  # both 4-bit codes, zeros 0..16
+        codes = torch.full((scales.shape[0], 32), code, dtype=torch.uint8)
+        zeros = torch.full((scales.shape[0], 1), zero, dtype=torch.uint8)
+        ours = dequantize_codes(codes, scales, zeros, 32)
+        expected = torch.tensor(diff, dtype=torch.float16) * scales.expand(-1, 32)
         assert torch.equal(ours.view(torch.int16), expected.view(torch.int16)), diff
 
 
