@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "build_info.h"
+#include "int4/int4.h"
 #ifdef RGPT_WITH_CUDA
 #include "device/device.h"
 #endif
@@ -14,7 +15,23 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "rgpt_rt kernels (C++ always, CUDA when built with nvcc)";
   m.def("build_info", &rgpt::build_info_dict,
         "What this build holds: {'cuda': bool, 'cuda_architectures': [...], 'cxx_compiler': str, ...}");
+  // INT4 (csrc/int4): pointers are integers (tensor.data_ptr()); see int4.h for the contracts.
+  m.def("int4_linear_cpu", &rgpt::int4_linear_cpu_entry, py::call_guard<py::gil_scoped_release>(),
+        "out[M,N] = x[M,K] @ W^T + bias (float32), W INT4 layout nk8i",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+        py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"),
+        py::arg("num_threads"), py::arg("use_simd") = true);
+  m.def("int4_cpu_has_simd", &rgpt::int4_cpu_has_simd, "Whether the AVX2+FMA+F16C CPU path runs here");
 #ifdef RGPT_WITH_CUDA
+  m.def("int4_gemv_cuda", &rgpt::int4_gemv_cuda_entry,
+        "GEMV for 1..8 rows of x on `stream`; split-K when splits > 1 (fp32 workspace [splits, M, N])",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+        py::arg("out"), py::arg("partial"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("group_size"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
+  m.def("int4_dequant_cuda", &rgpt::int4_dequant_cuda_entry,
+        "Dequantize W [N, K] into `out` (dtype) on `stream`, for the prefill GEMM",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),
+        py::arg("k"), py::arg("group_size"), py::arg("dtype"), py::arg("stream"));
   m.def("cuda_runtime_info", &rgpt::cuda_runtime_info,
         "The linked CUDA runtime version, the driver version, and the visible devices");
 #endif

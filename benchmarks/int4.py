@@ -1,0 +1,204 @@
+"""INT4 W4A16 linear: rgpt_rt's int4_linear against a dense torch.matmul and torch's own INT4
+matmul, on LLaMA-7B shapes, in µs and in % of the memory floor measured in the same run.
+
+    python benchmarks/int4.py --device cpu  [--rows 1,4] [--threads N] [--json FILE]
+    python benchmarks/int4.py --device cuda [--rows 1,4,16,128]     [--json FILE]
+
+floor = bytes the op must move (weights + scales + zeros + x + out) / copy bandwidth, where
+the copy bandwidth is measured here (a large tensor copy: read + write bytes / time).
+% of floor = floor / measured time (100% = at the bandwidth of a plain copy).
+CUDA times are of the op replayed from a CUDA graph (as in decoding), so no Python overhead;
+CPU times are wall-clock medians. Weights are random: speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rgpt_rt.ops import int4_linear
+from rgpt_rt.quant import Int4Weight
+
+SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
+    "q/k/v/o 4096→4096": (4096, 4096),
+    "gate/up 4096→11008": (4096, 11008),
+    "down 11008→4096": (11008, 4096),
+    "lm_head 4096→32000": (4096, 32000),
+}
+GROUP = 128
+
+
+def random_int4(n: int, k: int, device: str) -> Int4Weight:
+    qweight = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device)
+    scales = (torch.rand(n, k // GROUP, device=device) * 0.01 + 1e-4).half()
+    zeros = torch.randint(0, 16, (n, k // GROUP), dtype=torch.uint8, device=device)
+    return Int4Weight(qweight, scales, zeros, GROUP, (n, k))
+
+
+def time_cpu(fn, min_seconds: float = 0.3, max_reps: int = 50) -> float:
+    """Median wall time of fn() in µs, after one warm-up call."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def time_cuda(fn, calls: int = 20, reps: int = 10) -> float:
+    """µs per call of fn() replayed from a CUDA graph of `calls` calls (eager loop if capture fails)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        run = graph.replay
+    except RuntimeError:
+
+        def run():
+            for _ in range(calls):
+                fn()
+
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large tensor copy (bytes read + bytes written)."""
+    size = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        seconds = time_cuda(lambda: dst.copy_(src), calls=5, reps=5) / 1e6
+    else:
+        seconds = time_cpu(lambda: dst.copy_(src), min_seconds=1.0) / 1e6
+    return 2 * size / seconds
+
+
+def torch_int4(x: torch.Tensor, n: int, k: int):
+    """torch's INT4 matmul (tinygemm layout) as a callable, or (None, reason) where unavailable."""
+    aten = torch.ops.aten
+    try:
+        if x.is_cuda:
+            if not hasattr(aten, "_weight_int4pack_mm"):
+                return None, "no aten._weight_int4pack_mm"
+            codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=x.device)
+            packed = aten._convert_weight_to_int4pack(codes, 8)
+            act = x.to(torch.bfloat16)
+            sz = torch.rand(k // GROUP, n, 2, device=x.device).to(torch.bfloat16)
+            fn = lambda: aten._weight_int4pack_mm(act, packed, GROUP, sz)  # noqa: E731
+        else:
+            if not hasattr(aten, "_weight_int4pack_mm_for_cpu"):
+                return None, "no aten._weight_int4pack_mm_for_cpu"
+            codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+            packed = aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            sz = torch.rand(k // GROUP, n, 2).to(x.dtype)
+            fn = lambda: aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)  # noqa: E731
+        fn()
+        return fn, None
+    except (RuntimeError, NotImplementedError) as error:
+        return None, f"unavailable: {str(error).splitlines()[0][:80]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--rows", default=None, help="comma-separated M values (default: cpu 1,4; cuda 1,4,16,128)"
+    )
+    parser.add_argument(
+        "--shapes", default=None, help="comma-separated indices into the shape list (default: all)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU: torch threads (default: torch's)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    rows = [int(m) for m in (args.rows or ("1,4" if device == "cpu" else "1,4,16,128")).split(",")]
+    shapes = list(SHAPES.items())
+    if args.shapes:
+        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    dense_dtype = torch.float32 if device == "cpu" else torch.float16
+    act_dtype = torch.float32 if device == "cpu" else torch.float16
+    timer = time_cpu if device == "cpu" else time_cuda
+
+    bandwidth = copy_bandwidth(device)
+    if device == "cuda":
+        hardware = torch.cuda.get_device_name()
+    else:
+        hardware = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    print(
+        f"# INT4 linear on {hardware}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}"
+    )
+    print(
+        f"ours: rgpt_rt int4_linear ({act_dtype} x, INT4 g{GROUP}); dense: torch.matmul {dense_dtype}; "
+        "torch int4: aten._weight_int4pack_mm" + ("_for_cpu" if device == "cpu" else "") + "\n"
+    )
+    header = (
+        "| shape (K→N) | M | ours µs | % floor | dense µs | % floor | torch int4 µs | % floor |"
+    )
+    print(header)
+    print("|" + "---|" * 8)
+    results = []
+    for name, (k, n) in shapes:
+        w = random_int4(n, k, device)
+        dense = torch.randn(n, k, device=device).to(dense_dtype)
+        for m in rows:
+            x = torch.randn(m, k, device=device).to(act_dtype)
+            act_bytes = x.element_size() * (m * k + m * n)
+            int4_floor = (w.nbytes + act_bytes) / bandwidth * 1e6
+            dense_floor = (dense.numel() * dense.element_size() + act_bytes) / bandwidth * 1e6
+            ours = timer(lambda x=x, w=w: int4_linear(x, w))
+            dense_us = timer(lambda x=x, dense=dense: x.to(dense_dtype) @ dense.T)
+            fn, reason = torch_int4(x, n, k)
+            theirs = timer(fn) if fn is not None else None
+            row = {
+                "shape": name, "K": k, "N": n, "M": m, "ours_us": ours, "ours_floor_us": int4_floor,
+                "dense_us": dense_us, "dense_floor_us": dense_floor, "torch_int4_us": theirs,
+                "torch_int4_note": reason,
+            }  # fmt: skip
+            results.append(row)
+            t4 = f"{theirs:.0f} | {100 * int4_floor / theirs:.0f}%" if theirs else f"{reason} | –"
+            print(f"| {name} | {m} | {ours:.0f} | {100 * int4_floor / ours:.0f}% | {dense_us:.0f} | "
+                  f"{100 * dense_floor / dense_us:.0f}% | {t4} |", flush=True)  # fmt: skip
+    report = {
+        "device": hardware, "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth / 1e9,
+        "group_size": GROUP, "act_dtype": str(act_dtype), "dense_dtype": str(dense_dtype), "results": results,
+    }  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""W4A16 linear: x @ W.T with W an INT4 weight in layout nk8i (rgpt_rt/quant/format.py).
+
+    int4_linear(x[..., K], w: Int4Weight, bias=None, *, num_threads=None) -> [..., N]
+    int4_linear_reference(x[..., K], w, bias=None) -> [..., N]     (dequantize, matmul in fp64)
+
+x is fp32, fp16 or bf16; the result has x's dtype. The weight values are exactly dequantize(w)
+(fp16((q − z)·s)) on every path; products accumulate in fp32.
+
+Paths (the op `torch.ops.rgpt_rt.int4_linear` takes the packed tensors, this wrapper unpacks):
+  CPU   csrc/int4/int4_cpu.cpp on float32 (fp16/bf16 x is widened here, the output rounded
+        back), threaded over output rows: num_threads, default torch.get_num_threads().
+  CUDA  M ≤ 8 rows: the GEMV kernel (split-K into an fp32 workspace when N is small);
+        M > 8: dequantize into a workspace in x's dtype and torch.matmul (cuBLAS). bf16 x then
+        multiplies weights rounded to bf16 (what a bf16 matmul of the dequantized weight does).
+The op allocates its outputs and workspaces here and launches on the current stream, so it can
+be captured in a CUDA graph; register_fake lets torch.compile trace through it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from rgpt_rt.quant.format import Int4Weight
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # int4.h Int4DType
+GEMV_MAX_ROWS = 8  # CUDA: rows of x handled by the GEMV kernel; more go to dequantize + matmul
+GEMV_ROWS_PER_BLOCK = 8  # int4_cuda.cu: kWarps × kRowsPerWarp
+MAX_SPLITS = 16
+
+
+def check_int4_args(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> tuple[int, int, int]:
+    """Validate the op's arguments; return (M, N, K). Raises ValueError saying what is wrong."""
+    if x.dim() != 2:
+        raise ValueError(f"int4_linear op takes x as [M, K]; got {list(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(
+            f"qweight must be int32 [N, K/8]; got {qweight.dtype} {list(qweight.shape)}"
+        )
+    m, k = x.shape
+    n = qweight.shape[0]
+    if qweight.shape[1] * 8 != k:
+        raise ValueError(f"x has K = {k} features but the weight has {qweight.shape[1] * 8} inputs")
+    if group_size <= 0 or group_size % 32 != 0:
+        raise ValueError(f"group_size {group_size} must be a positive multiple of 32")
+    if k % group_size != 0:
+        raise ValueError(f"K = {k} is not a multiple of group_size {group_size}")
+    groups = k // group_size
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (n, groups):
+        raise ValueError(
+            f"scales must be float16 [{n}, {groups}]; got {scales.dtype} {list(scales.shape)}"
+        )
+    if zeros.dtype != torch.uint8 or tuple(zeros.shape) != (n, groups):
+        raise ValueError(
+            f"zeros must be uint8 [{n}, {groups}]; got {zeros.dtype} {list(zeros.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}]; got {list(bias.shape)}")
+    tensors = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(
+            f"int4_linear inputs are on several devices {sorted({str(t.device) for t in tensors})}"
+        )
+    return m, n, k
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous with a 16-byte aligned start (the CUDA kernels load 16 bytes at a time)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def gemv_splits(n: int, k: int, multiprocessors: int) -> int:
+    """How many K splits the GEMV uses: enough blocks for ~4 per SM, each split ≥ 32 chunks."""
+    blocks = -(-n // GEMV_ROWS_PER_BLOCK)
+    target = 4 * multiprocessors
+    if blocks >= target:
+        return 1
+    return max(1, min(-(-target // blocks), (k // 32) // 32, MAX_SPLITS))
+
+
+def _cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):
+    from rgpt_rt import _C
+
+    m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
+    x32 = x.to(torch.float32).contiguous()
+    out = torch.empty(m, n, dtype=torch.float32)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    _C.int4_linear_cpu(
+        x32.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+        0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+        m, n, k, group_size, num_threads or torch.get_num_threads(), use_simd,
+    )  # fmt: skip
+    return out.to(x.dtype)
+
+
+def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
+    from rgpt_rt import _C
+
+    if not hasattr(_C, "int4_gemv_cuda"):
+        raise RuntimeError(
+            "rgpt_rt._C was built without CUDA; rebuild with nvcc on PATH to run int4_linear on a GPU"
+        )
+    m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
+    tag = DTYPE_TAGS[x.dtype]
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        if bias is not None:
+            bias = bias.to(x.dtype).contiguous()
+        if m > GEMV_MAX_ROWS:  # prefill: dequantize into a workspace, then cuBLAS
+            weight = torch.empty(n, k, dtype=x.dtype, device=x.device)
+            _C.int4_dequant_cuda(
+                qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), weight.data_ptr(),
+                n, k, group_size, tag, stream,
+            )  # fmt: skip
+            return torch.nn.functional.linear(x, weight, bias)
+        x = _aligned(x)
+        if splits is None:
+            splits = gemv_splits(
+                n, k, torch.cuda.get_device_properties(x.device).multi_processor_count
+            )
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        partial = (
+            torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
+            if splits > 1
+            else None
+        )
+        _C.int4_gemv_cuda(
+            x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            0 if bias is None else bias.data_ptr(), out.data_ptr(),
+            0 if partial is None else partial.data_ptr(),
+            m, n, k, group_size, splits, tag, stream,
+        )  # fmt: skip
+        return out
+
+
+@torch.library.custom_op("rgpt_rt::int4_linear", mutates_args=())
+def int4_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    num_threads: int,
+) -> torch.Tensor:
+    """x [M, K] @ W.T + bias -> [M, N] (x's dtype); W = (qweight int32 [N, K/8] nk8i,
+    scales fp16 [N, K/G], zeros uint8 [N, K/G]). num_threads: CPU threads, 0 = torch's."""
+    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
+    if m == 0:
+        return x.new_empty(0, n)
+    qweight, scales, zeros = _aligned(qweight), scales.contiguous(), zeros.contiguous()
+    if x.is_cuda:
+        return _cuda(x, qweight, scales, zeros, bias, group_size)
+    if x.device.type != "cpu":
+        raise ValueError(f"int4_linear runs on CPU and CUDA; got a tensor on {x.device}")
+    return _cpu(x, qweight, scales, zeros, bias, group_size, num_threads)
+
+
+@int4_linear_op.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, num_threads):
+    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
+    return x.new_empty(m, n)
+
+
+def int4_linear_packed(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """int4_linear on the packed tensors (what Int4Linear.forward calls): x [..., K] -> [..., N]."""
+    k = qweight.shape[-1] * 8
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dim; this INT4 weight takes K = {k}"
+        )
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    lead = x.shape[:-1]
+    out = torch.ops.rgpt_rt.int4_linear(
+        x.reshape(-1, k), qweight, scales, zeros, bias, group_size, num_threads or 0
+    )
+    return out.reshape(*lead, qweight.shape[0])
+
+
+def int4_linear(
+    x: torch.Tensor,
+    w: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """x [..., K] (fp32/fp16/bf16) @ dequantize(w).T + bias -> [..., N] in x's dtype."""
+    return int4_linear_packed(
+        x, w.qweight, w.scales, w.zeros, w.group_size, bias, w.perm, num_threads
+    )
+
+
+def int4_linear_reference(
+    x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The plain torch reference: dequantize(w) (exact fp16 values), matmul in float64, x's dtype out."""
+    from rgpt_rt.quant.format import dequantize
+
+    out = x.to(torch.float64) @ dequantize(w).to(x.device, torch.float64).T
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out.to(x.dtype)
