@@ -124,7 +124,7 @@ def test_from_state_takes_already_quantized_weights(hf_llama, stand_in_quant):
 
 @pytest.mark.skipif(not HAVE_QUANT, reason="rgpt_rt.quant (the INT4 half of issue 5) is not merged")
 def test_int4_decoder_equals_fp_decoder_on_dequantized_weights(hf_llama, record_property):
-    from rgpt_rt.quant import Int4Linear, Int4Weight, dequantize
+    from rgpt_rt.quant import Int4Linear, dequantize
 
     model, folder = hf_llama("gqa")
     fp = LlamaDecoder.from_pretrained(folder)
@@ -134,7 +134,7 @@ def test_int4_decoder_equals_fp_decoder_on_dequantized_weights(hf_llama, record_
     for name, module in q.named_modules():
         if name.rsplit(".", 1)[-1] in QUANTIZED_LINEARS:
             assert isinstance(module, Int4Linear), name
-            (weight,) = [v for v in vars(module).values() if isinstance(v, Int4Weight)]
+            weight = module.weight_int4
             tensors[f"model.{name}.weight"] = dequantize(weight).float()
     dequantized = LlamaDecoder.from_state(q.config, tensors)
     ids = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(6))
