@@ -42,8 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--group-size",
         type=int,
-        default=128,
-        help="INT4 group size along the input dim (default %(default)s)",
+        help="INT4 group size along the input dim (default: 128 when it divides every linear, else 64/32/16)",
     )
     parser.add_argument(
         "--calib", type=Path, help="calibration prompts for AWQ (a text file, one prompt per line)"

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from rgpt_rt.atomic import atomic_directory
 from rgpt_rt.bundle import BundleError, verify_bundle, write_manifest
 from rgpt_rt.export import onnx_vision, tensorrt_engine
-from rgpt_rt.export.llm import QUANT_METHODS, write_llm
+from rgpt_rt.export.llm import QUANT_METHODS, resolve_group_size, write_llm
 
 DEFAULT_OUT = Path("build/bundles/tiny")
 TRT_MODES = ("auto", "on", "off")
@@ -41,7 +41,9 @@ class BuildOptions:
         None  # refinement + connector weights (rgpt.safetensors) for --clip/--llm
     )
     quant: str = "rtn"
-    group_size: int = 128
+    group_size: int | None = (
+        None  # None: 128 when it divides every linear's input width, else 64/32/16
+    )
     calib: Path | None = None
     trt: str = "auto"
     max_batch: int = 8
@@ -56,7 +58,7 @@ class BuildOptions:
             raise ValueError(f"--trt {self.trt!r} is unknown; use one of {TRT_MODES}")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1; got {self.max_batch}")
-        if self.group_size < 1:
+        if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"--group-size must be positive; got {self.group_size}")
         if (self.clip is None) != (self.llm is None):
             raise ValueError("--clip and --llm go together: give both folders, or --checkpoint")
@@ -218,6 +220,11 @@ def build_bundle(options: BuildOptions) -> dict[str, Any]:
     steps = StepLog(options.log, total=6)
     started = time.perf_counter()
     model = steps.run("load checkpoint", lambda: load_source(options))
+    group_size = (
+        None
+        if options.quant == "none"
+        else resolve_group_size(model.config.llm, options.group_size)
+    )
     with atomic_directory(options.out) as tmp:
         onnx_path = tmp / "vision.onnx"
         graph = steps.run(
@@ -258,10 +265,10 @@ def build_bundle(options: BuildOptions) -> dict[str, Any]:
         quantization = steps.run(
             "LLM weights",
             lambda: write_llm(
-                model.llm,
+                model,
                 tmp / "llm.safetensors",
                 quant=options.quant,
-                group_size=options.group_size,
+                group_size=group_size,
                 calibration=options.calib,
             ),
         )

@@ -1,8 +1,8 @@
 """A least-recently-used cache bounded in bytes (vision results and prefix KV per image).
 
-    cache = ByteLRU(max_bytes=256 << 20)
-    cache.put(key, value, nbytes)     # evicts the least recently used entries to fit
-    value = cache.get(key)            # None when absent; marks the entry as recently used
+cache = ByteLRU(max_bytes=256 << 20)
+cache.put(key, value, nbytes)     # evicts the least recently used entries to fit
+value = cache.get(key)            # None when absent; marks the entry as recently used
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from rgpt_rt.quant.format import load_int4
 from rgpt_rt.runtime.decoder import LlamaDecoder
 
 
-def load_bundle_decoder(folder: Path, config: LLMConfig, dtype: torch.dtype, device: torch.device) -> LlamaDecoder:
+def load_bundle_decoder(
+    folder: Path, config: LLMConfig, dtype: torch.dtype, device: torch.device
+) -> LlamaDecoder:
     int4, tensors = load_int4(folder / "llm.safetensors")
     return LlamaDecoder.from_state(config, tensors, int4_weights=int4, dtype=dtype, device=device)

@@ -19,7 +19,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from rgpt_rt.config import VisionConfig
-from rgpt_rt.inputs import ImageLike, MaskLike, box_to_mask, load_image, load_mask, pad_mask, preprocess_image
+from rgpt_rt.inputs import (
+    ImageLike,
+    MaskLike,
+    box_to_mask,
+    load_image,
+    load_mask,
+    pad_mask,
+    preprocess_image,
+)
 
 MAX_IMAGE_PIXELS = 200_000_000  # larger files are refused before they are decoded
 
@@ -52,11 +60,20 @@ def open_image(image: ImageLike, max_side: int) -> tuple[np.ndarray, tuple[int, 
                     raise ValueError(
                         f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit; downscale it first"
                     )
-                opened.draft("RGB", (max_side, max_side))  # JPEG decodes at a reduced size when it can
+                opened.draft(
+                    "RGB", (max_side, max_side)
+                )  # JPEG decodes at a reduced size when it can
                 image = opened.convert("RGB")
                 image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
-            raise ValueError(f"image file {path} could not be read as an image ({error}); give a PNG or JPEG") from None
+        except (
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ) as error:
+            raise ValueError(
+                f"image file {path} could not be read as an image ({error}); give a PNG or JPEG"
+            ) from None
         original = (height, width)
     else:
         array = load_image(image)
@@ -71,7 +88,9 @@ def open_image(image: ImageLike, max_side: int) -> tuple[np.ndarray, tuple[int, 
 
 def prepare_image(image: ImageLike, vision: VisionConfig, max_side: int = 2048) -> Frame:
     pixels, original = open_image(image, max_side)
-    return Frame(pixels=pixels, original_size=original, pixel_values=preprocess_image(pixels, vision)[None])
+    return Frame(
+        pixels=pixels, original_size=original, pixel_values=preprocess_image(pixels, vision)[None]
+    )
 
 
 def prepare_masks(masks: Sequence[MaskLike], frame: Frame) -> torch.Tensor:
@@ -88,7 +107,9 @@ def prepare_masks(masks: Sequence[MaskLike], frame: Frame) -> torch.Tensor:
             mask = box_to_mask(mask, frame.original_size)  # validated in original pixels
         full = load_mask(mask, frame.original_size, index)  # [H, W] bool, checked non-empty
         if frame.scaled:
-            coverage = Image.fromarray(full.astype(np.float32)).resize((width, height), Image.Resampling.BOX)
+            coverage = Image.fromarray(full.astype(np.float32)).resize(
+                (width, height), Image.Resampling.BOX
+            )
             full = np.asarray(coverage, dtype=np.float32).clip(0.0, 1.0)
         out.append(pad_mask(full))
     stacked = np.stack(out)

@@ -49,7 +49,9 @@ from rgpt_rt.runtime.vision import connect, select_vision_backend
 from rgpt_rt.tokenizer import load_tokenizer
 
 BUNDLE_ENV = "RGPT_RT_BUNDLE"
-DEFAULT_VOCABULARY = "the shape"  # what the embedded tiny model was taught; pass vocabulary= for others
+DEFAULT_VOCABULARY = (
+    "the shape"  # what the embedded tiny model was taught; pass vocabulary= for others
+)
 
 
 def default_bundle() -> Path:
@@ -64,7 +66,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+        raise ValueError(
+            "device 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device} is not supported; use 'auto', 'cpu' or 'cuda'")
     return device
@@ -92,10 +96,16 @@ class Session:
         self.config = self.manifest.config
         self.tokenizer = load_tokenizer(self.folder)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.vision = select_vision_backend(self.folder, self.manifest, self.device, prefer=vision_backend)
+        self.vision = select_vision_backend(
+            self.folder, self.manifest, self.device, prefer=vision_backend
+        )
         connector = load_file(str(self.folder / "connector.safetensors"))
-        self.connector = {f"connector.{k}": v.to(self.device, self.dtype) for k, v in connector.items()}
-        self.decoder: LlamaDecoder = load_bundle_decoder(self.folder, self.config.llm, self.dtype, self.device)
+        self.connector = {
+            f"connector.{k}": v.to(self.device, self.dtype) for k, v in connector.items()
+        }
+        self.decoder: LlamaDecoder = load_bundle_decoder(
+            self.folder, self.config.llm, self.dtype, self.device
+        )
         names = self.config.tokens
         self.eos_id = self.tokenizer.token_to_id(names.eos)
         self.image_id = self.tokenizer.token_to_id(names.image)
@@ -148,7 +158,9 @@ class Session:
             with self._lock:
                 cache, logits = self._prefill(frame, image_embeds, ids, rows, params, stats)
                 try:
-                    generations = decode(self.decoder, cache, logits, params, tokenizer=self.tokenizer)
+                    generations = decode(
+                        self.decoder, cache, logits, params, tokenizer=self.tokenizer
+                    )
                 finally:
                     self._release(cache)
             answers.extend(g.text.strip() for g in generations)
@@ -173,14 +185,20 @@ class Session:
     ) -> str | Iterator[str]:
         """A free question naming regions as <region1>..<regionN> (the masks, in order)."""
         masks = _as_list(masks)
-        return self._answer(image, masks, question, self._params(max_new_tokens, temperature), stream)
+        return self._answer(
+            image, masks, question, self._params(max_new_tokens, temperature), stream
+        )
 
     def refer(self, image: ImageLike, expression: str, masks: Sequence[MaskLike]) -> int | None:
         """Which region (0-based) fits the expression; None for "No corresponding options found."."""
         masks = _as_list(masks)
         if not expression.strip():
-            raise ValueError("the expression is empty; describe the region to find, e.g. 'the red star'")
-        answer = self._answer(image, masks, refer_prompt(expression, len(masks)), self._params(16, 0.0), False)
+            raise ValueError(
+                "the expression is empty; describe the region to find, e.g. 'the red star'"
+            )
+        answer = self._answer(
+            image, masks, refer_prompt(expression, len(masks)), self._params(16, 0.0), False
+        )
         return parse_refer_answer(answer, len(masks))
 
     def chat(self, image: ImageLike, masks: Sequence[MaskLike] | MaskLike) -> Chat:
@@ -192,22 +210,43 @@ class Session:
         return {
             "bundle": str(self.folder),
             "model": self.config.name,
-            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
+            "device": str(self.device)
+            + (
+                f" ({torch.cuda.get_device_name(self.device)})"
+                if self.device.type == "cuda"
+                else ""
+            ),
             "vision_backend": self.vision.name,
-            "llm": {"quantization": quant.get("method", "none"), "group_size": quant.get("group_size"), "dtype": str(self.dtype).replace("torch.", "")},
+            "llm": {
+                "quantization": quant.get("method", "none"),
+                "group_size": quant.get("group_size"),
+                "dtype": str(self.dtype).replace("torch.", ""),
+            },
             "tensorrt": self.manifest.data.get("tensorrt"),
             "image_tokens": self.config.num_image_tokens,
             "caches": {
-                "vision": {"entries": len(self._vision_cache), "bytes": self._vision_cache.bytes, "max_bytes": self._vision_cache.max_bytes},
-                "prefix": {"entries": len(self._prefix_cache), "bytes": self._prefix_cache.bytes, "max_bytes": self._prefix_cache.max_bytes},
+                "vision": {
+                    "entries": len(self._vision_cache),
+                    "bytes": self._vision_cache.bytes,
+                    "max_bytes": self._vision_cache.max_bytes,
+                },
+                "prefix": {
+                    "entries": len(self._prefix_cache),
+                    "bytes": self._prefix_cache.bytes,
+                    "max_bytes": self._prefix_cache.max_bytes,
+                },
             },
         }
 
     # --- stages -------------------------------------------------------------------------------
     def _params(self, max_new_tokens: int, temperature: float) -> SamplingParams:
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=self.eos_id)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=self.eos_id
+        )
 
-    def _see(self, image: ImageLike, stats: dict[str, Any]) -> tuple[Frame, torch.Tensor, torch.Tensor]:
+    def _see(
+        self, image: ImageLike, stats: dict[str, Any]
+    ) -> tuple[Frame, torch.Tensor, torch.Tensor]:
         """Preprocess, then the vision stage unless this image's result is cached."""
         start = time.perf_counter()
         frame = prepare_image(image, self.config.vision, self.max_image_side)
@@ -225,7 +264,9 @@ class Session:
         stats["vision_ms"] = _ms(start)
         return frame, cached[0], cached[1]
 
-    def _regions(self, hires: torch.Tensor, masks, frame: Frame, stats: dict[str, Any]) -> torch.Tensor:
+    def _regions(
+        self, hires: torch.Tensor, masks, frame: Frame, stats: dict[str, Any]
+    ) -> torch.Tensor:
         """Mask pooling on the hi-res map, then the connector: [N, D]."""
         start = time.perf_counter()
         prepared = prepare_masks(_as_list(masks), frame).to(self.device)  # [N, S', S']
@@ -248,7 +289,9 @@ class Session:
         )
         return tokens.input_ids, torch.tensor(tokens.region_order, dtype=torch.int64)
 
-    def _prefix(self, frame: Frame, image_embeds: torch.Tensor, ids: list[int]) -> tuple[KVCache, int]:
+    def _prefix(
+        self, frame: Frame, image_embeds: torch.Tensor, ids: list[int]
+    ) -> tuple[KVCache, int]:
         """The KV of the shared prefix (BOS + system prompt + user role + image tokens), cached per
         image. Returns a batch-1 cache holding it and its length P."""
         length = max(i for i, t in enumerate(ids) if t == self.image_id) + 1
@@ -285,7 +328,12 @@ class Session:
         stats["prefix_tokens"] = length
         return cache, logits
 
-    def _splice(self, ids: torch.Tensor, image_embeds: torch.Tensor | None, region_embeds: torch.Tensor | None) -> torch.Tensor:
+    def _splice(
+        self,
+        ids: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        region_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Token embeddings [B, T, D] with image / region embeddings at their tokens (row-major)."""
         image_slots, region_slots = ids == self.image_id, ids == self.region_id
         safe = ids.masked_fill(image_slots | region_slots, 0)
@@ -303,7 +351,9 @@ class Session:
         region_embeds = self._regions(hires, masks, frame, stats)
         ids, order = self._tokenize(Conversation.single(question), region_embeds.shape[0])
         with self._lock:
-            cache, logits = self._prefill(frame, image_embeds, ids, [region_embeds[order]], params, stats)
+            cache, logits = self._prefill(
+                frame, image_embeds, ids, [region_embeds[order]], params, stats
+            )
         answer = AnswerStream(self, cache, logits, params, stats, started)
         return answer if streaming else answer.text()
 
@@ -379,7 +429,9 @@ class AnswerStream:
         stats["decode_ms"] = _ms(self._decode_start)
         stats.setdefault("ttft_ms", stats["decode_ms"])
         text = "".join(self._parts)
-        stats["new_tokens"] = len(self._session.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+        stats["new_tokens"] = (
+            len(self._session.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
+        )
         self.close()
         self._session._finish_stats(stats, self._started)
 
@@ -397,12 +449,21 @@ class Chat:
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []
 
-    def send(self, text: str, *, stream: bool = False, max_new_tokens: int = 128, temperature: float = 0.0):
+    def send(
+        self,
+        text: str,
+        *,
+        stream: bool = False,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ):
         session = self.session
         params = session._params(max_new_tokens, temperature)
         self.conversation.add(text)
         try:
-            ids, order = session._tokenize(self.conversation, self.region_embeds.shape[0], require_all=False)
+            ids, order = session._tokenize(
+                self.conversation, self.region_embeds.shape[0], require_all=False
+            )
         except ValueError:
             self.conversation.turns.pop()
             raise
@@ -413,7 +474,9 @@ class Chat:
         reply = _ChatReply(self, logits, params, stats, started)
         return reply if stream else reply.text()
 
-    def _prefill_new(self, ids: list[int], order: torch.Tensor, params: SamplingParams, stats) -> torch.Tensor:
+    def _prefill_new(
+        self, ids: list[int], order: torch.Tensor, params: SamplingParams, stats
+    ) -> torch.Tensor:
         session = self.session
         start = time.perf_counter()
         if self._cache is None:
@@ -425,7 +488,9 @@ class Chat:
             common += 1
         common = min(common, len(ids) - 1)  # always prefill at least one token for fresh logits
         if len(ids) + params.max_new_tokens > session.max_context:
-            raise ValueError(f"the conversation needs {len(ids) + params.max_new_tokens} positions but the model holds {session.max_context}; start a new chat")
+            raise ValueError(
+                f"the conversation needs {len(ids) + params.max_new_tokens} positions but the model holds {session.max_context}; start a new chat"
+            )
         self._cache.lengths[0] = common
         full = torch.tensor([ids], device=session.device)
         regions = self.region_embeds[order]
@@ -455,7 +520,11 @@ class _ChatReply(AnswerStream):
 
 
 def _as_list(masks) -> list:
-    if isinstance(masks, tuple) and len(masks) == 4 and all(isinstance(v, int | float) for v in masks):
+    if (
+        isinstance(masks, tuple)
+        and len(masks) == 4
+        and all(isinstance(v, int | float) for v in masks)
+    ):
         return [masks]  # one box
     if hasattr(masks, "ndim") and masks.ndim == 2:
         return [masks]  # one mask array
