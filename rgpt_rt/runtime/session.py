@@ -252,6 +252,8 @@ class Session:
         frame = prepare_image(image, self.config.vision, self.max_image_side)
         frame.key = image_key(frame.pixels)
         stats["preprocess_ms"] = _ms(start)
+        stats["original_size"] = list(frame.original_size)
+        stats["image_size"] = list(frame.pixels.shape[:2])
         start = time.perf_counter()
         with self._lock:
             cached = self._vision_cache.get(frame.key)

@@ -1,0 +1,208 @@
+"""rgpt_rt.Session on bundles of a random-weight tiny model: the API, caching, streaming,
+batching, threads, and every bad input. (Accuracy on the trained default model is tested in
+tests/runtime/test_default_session.py.)"""
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rgpt_rt.bundle import BundleError
+from rgpt_rt.export.build import BuildOptions, build_bundle
+from rgpt_rt.model import RGPT
+from rgpt_rt.prompts import describe_prompt
+from rgpt_rt.runtime.session import AnswerStream, Session
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int4") / "tiny"
+    build_bundle(BuildOptions(out=out, checkpoint=tiny_checkpoint, quant="rtn", log=lambda _: None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def session(int4_bundle):
+    return Session(int4_bundle, device="cpu")
+
+
+def scene(seed=0, height=90, width=120):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    first = np.zeros((height, width), dtype=bool)
+    first[10:40, 15:60] = True
+    second = np.zeros((height, width), dtype=np.uint8)
+    second[50:85, 70:115] = 255
+    return image, [first, second, (5, 5, 30, 30)]
+
+
+def test_describe_answers_and_reports_its_stages(session):
+    image, masks = scene()
+    text = session.describe(image, masks[0], max_new_tokens=12)
+    assert isinstance(text, str)
+    stats = session.stats
+    for key in ("preprocess_ms", "vision_ms", "regions_ms", "prefill_ms", "ttft_ms", "decode_ms", "total_ms"):
+        assert stats[key] >= 0, key
+    assert stats["vision_backend"] == "onnxruntime-cpu"
+    info = session.info()
+    assert info["llm"]["quantization"] == "rtn" and info["device"] == "cpu"
+
+
+def test_streamed_deltas_concatenate_to_the_answer(session):
+    image, masks = scene(1)
+    whole = session.describe(image, masks[1], max_new_tokens=16)
+    parts = list(session.describe(image, masks[1], max_new_tokens=16, stream=True))
+    assert "".join(parts).strip() == whole
+
+
+def test_a_warm_question_prefills_only_its_own_tokens(int4_bundle):
+    image, masks = scene(2)
+    cold_session = Session(int4_bundle, device="cpu")
+    first = cold_session.ask(image, "What color is <region1>?", [masks[0]], max_new_tokens=8)
+    assert cold_session.stats["vision_cached"] is False
+    question = "Give a short description of <region1>."
+    warm = cold_session.ask(image, question, [masks[1]], max_new_tokens=8)
+    stats = cold_session.stats
+    assert stats["vision_cached"] is True
+    suffix = stats["prefill_tokens"]
+    assert suffix < 40 and suffix + stats["prefix_tokens"] > cold_session.config.num_image_tokens
+    cold = Session(int4_bundle, device="cpu").ask(image, question, [masks[1]], max_new_tokens=8)
+    assert warm == cold
+    assert isinstance(first, str)
+
+
+def test_describe_many_equals_describe_per_region(session):
+    image, masks = scene(3)
+    many = session.describe_many(image, masks, max_new_tokens=10)
+    assert session.stats["regions"] == 3
+    singles = [session.describe(image, m, max_new_tokens=10) for m in masks]
+    assert many == singles
+
+
+def test_classify_refer_and_chat(session):
+    image, masks = scene(4)
+    assert isinstance(session.classify(image, masks[0]), str)
+    choice = session.refer(image, "the bright one", masks)
+    assert choice is None or 0 <= choice < 3
+    chat = session.chat(image, masks[:2])
+    first = chat.send("What is <region1>?", max_new_tokens=6)
+    second = chat.send("And <region2>?", max_new_tokens=6)
+    assert isinstance(first, str) and isinstance(second, str)
+    assert [q for q, _ in chat.conversation.turns] == ["What is <region1>?", "And <region2>?"]
+
+
+def test_session_prefill_matches_the_reference_model(tiny_checkpoint, tiny_bundle):
+    """The unquantized bundle through the Session computes the reference model's logits."""
+    reference = RGPT.from_pretrained(tiny_checkpoint).eval()
+    session = Session(tiny_bundle, device="cpu")
+    image, masks = scene(5)
+    question = describe_prompt(True)
+    prepared = reference.prepare(image, masks[:1], question)
+    with torch.no_grad():
+        image_embeds, hires = reference.encode_image(prepared.pixel_values)
+        regions = reference.encode_regions(hires, prepared.masks)[prepared.region_index]
+        embeds = reference.build_inputs_embeds(prepared.input_ids, image_embeds, regions)
+        expected = reference.llm(inputs_embeds=embeds).logits[0, -1]
+    stats = {}
+    frame, image_embeds, hires = session._see(image, stats)
+    region_embeds = session._regions(hires, masks[:1], frame, stats)
+    ids, order = session._tokenize(reference_conversation(question), 1)
+    assert ids == prepared.input_ids[0].tolist()
+    cache, logits = session._prefill(frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats)
+    session._release(cache)
+    # fp32 on both sides; the paths differ in kernel order (ONNX Runtime, mask-pool kernel, our decoder)
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def reference_conversation(question):
+    from rgpt_rt.prompts import Conversation
+
+    return Conversation.single(question)
+
+
+def test_threads_share_a_session_correctly(session):
+    image, masks = scene(6)
+    expected = [session.describe(image, m, max_new_tokens=8) for m in masks]
+    results = {}
+
+    def work(index):
+        results[index] = session.describe(image, masks[index % 3], max_new_tokens=8)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results[i] for i in range(6)] == [expected[i % 3] for i in range(6)]
+
+
+def test_an_abandoned_stream_returns_its_cache(session):
+    image, masks = scene(7)
+    before = sum(len(v) for v in session._free_caches.values())
+    answer = session.describe(image, masks[0], stream=True, max_new_tokens=20)
+    assert isinstance(answer, AnswerStream)
+    next(answer, None)
+    del answer
+    after = sum(len(v) for v in session._free_caches.values())
+    assert after == max(before, 1)
+
+
+def test_gray_rgba_and_huge_images_are_converted(session, tmp_path):
+    image, masks = scene(8)
+    gray = Image.fromarray(image).convert("L")
+    rgba = Image.fromarray(image).convert("RGBA")
+    assert isinstance(session.describe(gray, masks[0], max_new_tokens=4), str)
+    assert isinstance(session.describe(rgba, masks[0], max_new_tokens=4), str)
+    huge = np.zeros((6000, 4500, 3), dtype=np.uint8)
+    assert isinstance(session.describe(huge, (100, 200, 1500, 2500), max_new_tokens=4), str)
+    assert session.stats["original_size"] == [6000, 4500]
+    assert max(session.stats["image_size"]) == 2048, "a huge image is downscaled before the model sees it"
+    path = tmp_path / "photo.png"
+    Image.fromarray(image).save(path)
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(masks[0].astype(np.uint8) * 255).save(mask_path)
+    assert isinstance(session.describe(str(path), str(mask_path), max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ("empty-mask", ValueError, "mask 1 is empty"),
+        ("mask-size", ValueError, "mask 1 is 10x10 but the image is 120x90"),
+        ("more-regions", ValueError, r"names <region3> but 2 mask\(s\)"),
+        ("box-outside", ValueError, "lies outside the 120x90 image"),
+        ("box-inverted", ValueError, "needs x1 > x0"),
+        ("missing-file", FileNotFoundError, "does not exist"),
+        ("corrupt-file", ValueError, "could not be read as an image"),
+    ],
+)
+def test_bad_input_says_what_is_wrong(session, tmp_path, case, error, message):
+    image, masks = scene(9)
+    corrupt = tmp_path / "bad.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not a jpeg")
+    calls = {
+        "empty-mask": lambda: session.describe(image, np.zeros((90, 120), dtype=bool)),
+        "mask-size": lambda: session.describe(image, np.ones((10, 10), dtype=bool)),
+        "more-regions": lambda: session.ask(image, "Is <region3> left of <region1>?", masks[:2]),
+        "box-outside": lambda: session.describe(image, (200, 200, 300, 300)),
+        "box-inverted": lambda: session.describe(image, (50, 10, 40, 30)),
+        "missing-file": lambda: session.describe(tmp_path / "none.png", masks[0]),
+        "corrupt-file": lambda: session.describe(corrupt, masks[0]),
+    }
+    with pytest.raises(error, match=message):
+        calls[case]()
+
+
+def test_a_bundle_that_fails_verification_is_refused(int4_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(int4_bundle, copy)
+    data = bytearray((copy / "llm.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "llm.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="llm.safetensors does not match its sha256"):
+        Session(copy, device="cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Session(tmp_path / "nowhere", device="cpu")
