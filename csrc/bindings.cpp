@@ -2,8 +2,10 @@
 // raw pointers, sizes and dtype tags (see its header); this file only names them for Python.
 // Validation, allocation and the torch.library registration live in rgpt_rt/ops.py.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "build_info.h"
+#include "mask_pool/mask_pool_host.h"
 #ifdef RGPT_WITH_CUDA
 #include "device/device.h"
 #endif
@@ -14,6 +16,19 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "rgpt_rt kernels (C++ always, CUDA when built with nvcc)";
   m.def("build_info", &rgpt::build_info_dict,
         "What this build holds: {'cuda': bool, 'cuda_architectures': [...], 'cxx_compiler': str, ...}");
+
+  // mask pooling (csrc/mask_pool/, rgpt_rt/ops/mask_pool.py)
+  m.def("mask_pool_workspace_bytes", &rgpt::mask_pool::workspace_bytes, py::kw_only(),
+        py::arg("features_dtype"), py::arg("features_shape"), py::arg("masks_shape"),
+        py::arg("mode"), py::arg("device"), py::arg("device_index"), py::arg("num_threads"),
+        "Bytes of scratch memory mask_pool needs for these shapes on this device");
+  m.def("mask_pool", &rgpt::mask_pool::run, py::kw_only(), py::arg("features"),
+        py::arg("features_dtype"), py::arg("features_shape"), py::arg("masks"),
+        py::arg("masks_dtype"), py::arg("masks_shape"), py::arg("batch_index"), py::arg("mode"),
+        py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
+        py::arg("device_index"), py::arg("stream"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out[N, C] = mask-weighted means of features[B, H, W, C] (pointers as integers)");
 #ifdef RGPT_WITH_CUDA
   m.def("cuda_runtime_info", &rgpt::cuda_runtime_info,
         "The linked CUDA runtime version, the driver version, and the visible devices");

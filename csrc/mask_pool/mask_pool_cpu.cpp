@@ -1,0 +1,565 @@
+// Mask pooling on the CPU (how it works: README.md in this folder).
+//
+// Phase 1, tasks over (mask, band of cell rows): the cell weights w[n, i, j], separably.
+//   For cell row i, first down the mask rows it touches,   u[q] = sum_p ry(i, p) * m[p, q]
+//   (long contiguous loops over each mask row), then across, w[i, j] = sum_q cx(j, q) * u[q]
+//   (a span of u per cell). Binary masks count the rows wholly inside the cell row with byte
+//   counters, so their weights are exact integers (units of 1/(H*W) pixel); float masks
+//   accumulate u in fp32. A record per (mask, cell row) keeps the row's weight total and the
+//   columns holding weight, so that phase 2 visits only cells some mask of a group touches.
+// Phase 2, tasks over (up to kGroup masks of one image, block of kBlock channels): one pass over
+//   the features in the group's bounding box; each feature block is converted to fp32 once
+//   and added, weighted, into the accumulator of every mask that weights that cell.
+// Each task writes its own outputs, in a fixed order: the result does not depend on the
+// number of threads.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "mask_pool/mask_pool.h"
+
+namespace rgpt::mask_pool {
+namespace {
+
+constexpr int kGroup = 16;  // masks pooled together in one pass over the features
+constexpr int kBlock = 64;  // channels per phase-2 task
+constexpr int kPanel = 64;  // cells gathered per fp32 panel (16 KB: stays in L1)
+constexpr int kPrefetch = 24;  // cells ahead whose features are prefetched
+
+// ---- scalar conversions: bit exact, independent of the FPU's denormal mode -------------------
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// Branch-free (masks, not conditionals), so that loops over it vectorise.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  const uint32_t normal = ((exponent + 112u) << 23) | (mantissa << 13);
+  // zero or subnormal: mantissa * 2^-24, exact in fp32
+  const uint32_t subnormal = bits_of(static_cast<float>(static_cast<int32_t>(mantissa)) * 0x1p-24f);
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(exponent == 0);
+  const uint32_t is_special = 0u - static_cast<uint32_t>(exponent == 31);  // inf, nan
+  const uint32_t out = (normal & ~is_subnormal) | (subnormal & is_subnormal) |
+                       (is_special & 0x7f800000u);  // exponent 143 | 255 = 255
+  return float_from_bits(sign | out);
+}
+
+inline float bfloat16_to_float(uint16_t h) {
+  return float_from_bits(static_cast<uint32_t>(h) << 16);
+}
+
+// Round to nearest even; subnormals, overflow to inf, and nan handled.
+uint16_t float_to_half(float f) {
+  const uint32_t x = bits_of(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t magnitude = x & 0x7fffffffu;
+  const uint32_t exponent = magnitude >> 23;
+  if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // nan
+  if (exponent >= 143) return static_cast<uint16_t>(sign | 0x7c00u);          // >= 2^16: inf
+  if (exponent >= 113) {  // a normal half
+    uint32_t h = ((exponent - 112) << 10) | ((magnitude >> 13) & 0x3ffu);
+    const uint32_t rest = magnitude & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into inf is right
+    return static_cast<uint16_t>(sign | h);
+  }
+  if (exponent < 102) return static_cast<uint16_t>(sign);  // below half the least subnormal
+  // a subnormal half: significand * 2^(exponent - 150), counted in units of 2^-24
+  const uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126 - exponent;  // 14..24
+  uint32_t h = significand >> shift;
+  const uint32_t rest = significand & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+uint16_t float_to_bfloat16(float f) {
+  const uint32_t x = bits_of(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // nan
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// ---- element access ------------------------------------------------------------------------
+template <Scalar S>
+struct Element;
+template <>
+struct Element<Scalar::kFloat32> {
+  using Storage = float;
+  static float load(Storage x) { return x; }
+  static Storage store(float v) { return v; }
+};
+template <>
+struct Element<Scalar::kFloat16> {
+  using Storage = uint16_t;
+  static float load(Storage x) { return half_to_float(x); }
+  static Storage store(float v) { return float_to_half(v); }
+};
+template <>
+struct Element<Scalar::kBFloat16> {
+  using Storage = uint16_t;
+  static float load(Storage x) { return bfloat16_to_float(x); }
+  static Storage store(float v) { return float_to_bfloat16(v); }
+};
+template <>
+struct Element<Scalar::kFloat64> {
+  using Storage = double;
+  static float load(Storage x) { return static_cast<float>(x); }
+};
+
+// What phase 1 leaves for phase 2, per (mask, cell row).
+struct RowRecord {
+  double total;         // sum of the row's fp32 weights
+  int32_t first, last;  // the columns holding weight (first > last: none)
+};
+
+// ---- workspace layout ---------------------------------------------------------------------
+constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+struct Layout {
+  int64_t weights, records, row_axis, col_axis, order, group_start, counts, scratch;
+  int64_t scratch_u, scratch_count, scratch_row;       // phase 1, per thread
+  int64_t scratch_acc, scratch_panel, scratch_wpanel;  // phase 2, per thread (same memory)
+  int64_t scratch_per_thread;
+  int64_t bytes;
+};
+
+Layout make_layout(const Params& p, int threads) {
+  Layout l{};
+  int64_t end = 0;
+  auto take = [&end](int64_t bytes) {
+    const int64_t start = end;
+    end = align_up(end + bytes, 64);
+    return start;
+  };
+  const int64_t n = p.num_masks;
+  const int64_t axis_entry = std::max<int64_t>(sizeof(AxisSpan), sizeof(BilinearTap));
+  l.weights = take(n * p.height * p.width * static_cast<int64_t>(sizeof(float)));
+  l.records = take(n * p.height * static_cast<int64_t>(sizeof(RowRecord)));
+  l.row_axis = take(p.height * axis_entry);
+  l.col_axis = take(p.width * axis_entry);
+  l.order = take(n * 8);
+  l.group_start = take((n + 1) * 8);
+  l.counts = take((p.batch + 1) * 8);
+  // per thread: u (4 bytes per mask column), byte counters, one cell row of weights (double)
+  l.scratch_u = 0;
+  l.scratch_count = align_up(p.mask_width * 4, 64);
+  l.scratch_row = l.scratch_count + align_up(p.mask_width, 64);
+  const int64_t phase1 = l.scratch_row + align_up(p.width * 8, 64);
+  l.scratch_acc = 0;
+  l.scratch_panel = l.scratch_acc + kGroup * kBlock * 4;
+  l.scratch_wpanel = l.scratch_panel + kPanel * kBlock * 4;
+  const int64_t phase2 = l.scratch_wpanel + kPanel * kGroup * 4;
+  l.scratch_per_thread = std::max(phase1, phase2);
+  l.scratch = take(l.scratch_per_thread * threads);
+  l.bytes = end;
+  return l;
+}
+
+template <typename T>
+T* carve(const Params& p, int64_t offset) {
+  return reinterpret_cast<T*>(static_cast<char*>(p.workspace) + offset);
+}
+
+// Runs fn(task, thread) for every task in [0, tasks) on up to `threads` threads, the caller's
+// included; tasks are handed out in order from a shared counter.
+void parallel_for(int64_t tasks, int threads, const std::function<void(int64_t, int)>& fn) {
+  threads = static_cast<int>(std::min<int64_t>(threads, tasks));
+  if (threads <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int thread) {
+    for (int64_t t = next++; t < tasks; t = next++) fn(t, thread);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int i = 1; i < threads; ++i) pool.emplace_back(worker, i);
+  worker(0);
+  for (auto& t : pool) t.join();
+}
+
+// ---- phase 1: cell weights ----------------------------------------------------------------
+struct WeightsJob {
+  const Params& p;
+  const AxisSpan* rows;         // [H] (area)
+  const AxisSpan* cols;         // [W] (area)
+  const BilinearTap* row_taps;  // [H] (bilinear)
+  const BilinearTap* col_taps;  // [W] (bilinear)
+  float* weights;               // [N, H, W]
+  RowRecord* records;           // [N, H]
+};
+
+// Stores one cell row of weights (as fp32) and its record.
+void store_row(const WeightsJob& job, int64_t n, int64_t i, const double* row) {
+  const int64_t width = job.p.width;
+  float* w = job.weights + (n * job.p.height + i) * width;
+  double total = 0;
+  int32_t first = static_cast<int32_t>(width), last = -1;
+  for (int64_t j = 0; j < width; ++j) {
+    const float v = static_cast<float>(row[j]);
+    w[j] = v;
+    total += v;
+    if (v != 0) {
+      first = std::min(first, static_cast<int32_t>(j));
+      last = static_cast<int32_t>(j);
+    }
+  }
+  job.records[n * job.p.height + i] = RowRecord{total, first, last};
+}
+
+// row[j] = sum_q cx(j, q) * u[q] for every cell column j.
+template <typename U, typename Sum>
+void sum_columns(const WeightsJob& job, const U* u, double* row) {
+  const double full = static_cast<double>(job.p.width);  // a pixel wholly inside the cell
+  for (int64_t j = 0; j < job.p.width; ++j) {
+    const AxisSpan c = job.cols[j];
+    double w = static_cast<double>(c.first) * static_cast<double>(u[c.lo]);
+    if (c.hi != c.lo) {
+      Sum inside = 0;
+      for (int64_t q = c.lo + 1; q < c.hi; ++q) inside += u[q];
+      w += full * static_cast<double>(inside) + static_cast<double>(c.last) * static_cast<double>(u[c.hi]);
+    }
+    row[j] = w;
+  }
+}
+
+// Area weights of one cell row of a bool/uint8 mask; exact integers until stored as fp32.
+void area_row_binary(const WeightsJob& job, int64_t n, int64_t i, char* scratch,
+                     const Layout& l) {
+  const Params& p = job.p;
+  const int64_t wm = p.mask_width;
+  uint32_t* u = reinterpret_cast<uint32_t*>(scratch + l.scratch_u);
+  uint8_t* count = reinterpret_cast<uint8_t*>(scratch + l.scratch_count);
+  const uint8_t* mask = static_cast<const uint8_t*>(p.masks) + n * p.mask_height * wm;
+  const AxisSpan r = job.rows[i];
+
+  // rows wholly inside the cell row: byte counters, added to u before they can wrap
+  std::fill(u, u + wm, 0u);
+  std::fill(count, count + wm, uint8_t{0});
+  int pending = 0;
+  for (int64_t row = r.lo + 1; row < r.hi; ++row) {
+    const uint8_t* m = mask + row * wm;
+    for (int64_t q = 0; q < wm; ++q) count[q] = static_cast<uint8_t>(count[q] + (m[q] != 0));
+    if (++pending == 255) {
+      for (int64_t q = 0; q < wm; ++q) u[q] += count[q];
+      std::fill(count, count + wm, uint8_t{0});
+      pending = 0;
+    }
+  }
+  const uint32_t full = static_cast<uint32_t>(p.height);
+  for (int64_t q = 0; q < wm; ++q) u[q] = (u[q] + count[q]) * full;
+  // the boundary rows, by their overlaps
+  const uint32_t first = static_cast<uint32_t>(r.first);
+  const uint8_t* m_first = mask + r.lo * wm;
+  for (int64_t q = 0; q < wm; ++q) u[q] += m_first[q] != 0 ? first : 0u;
+  if (r.hi != r.lo) {
+    const uint32_t last = static_cast<uint32_t>(r.last);
+    const uint8_t* m_last = mask + r.hi * wm;
+    for (int64_t q = 0; q < wm; ++q) u[q] += m_last[q] != 0 ? last : 0u;
+  }
+  double* row = reinterpret_cast<double*>(scratch + l.scratch_row);
+  sum_columns<uint32_t, uint64_t>(job, u, row);
+  store_row(job, n, i, row);
+}
+
+// Area weights of one cell row of a float mask: u in fp32, the column sums in fp64.
+template <Scalar S>
+void area_row_float(const WeightsJob& job, int64_t n, int64_t i, char* scratch, const Layout& l) {
+  using Storage = typename Element<S>::Storage;
+  const Params& p = job.p;
+  const int64_t wm = p.mask_width;
+  float* u = reinterpret_cast<float*>(scratch + l.scratch_u);
+  const Storage* mask = static_cast<const Storage*>(p.masks) + n * p.mask_height * wm;
+  const AxisSpan r = job.rows[i];
+  std::fill(u, u + wm, 0.0f);
+  for (int64_t row = r.lo; row <= r.hi; ++row) {
+    const float weight = static_cast<float>(
+        row == r.lo ? r.first : (row == r.hi ? r.last : p.height));  // overlap, units of 1/H
+    const Storage* m = mask + row * wm;
+    for (int64_t q = 0; q < wm; ++q) u[q] += weight * Element<S>::load(m[q]);
+  }
+  double* row = reinterpret_cast<double*>(scratch + l.scratch_row);
+  sum_columns<float, double>(job, u, row);
+  store_row(job, n, i, row);
+}
+
+// Bilinear weights of one cell row: F.interpolate(align_corners=False), in fp64.
+template <Scalar S>
+void bilinear_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, const Layout& l) {
+  const Params& p = job.p;
+  const int64_t wm = p.mask_width;
+  const BilinearTap ty = job.row_taps[i];
+  auto value = [&](int64_t y, int64_t x) -> double {
+    const int64_t at = (n * p.mask_height + y) * wm + x;
+    if constexpr (S == Scalar::kByte) {
+      return static_cast<const uint8_t*>(p.masks)[at] != 0 ? 1.0 : 0.0;
+    } else if constexpr (S == Scalar::kFloat64) {
+      return static_cast<const double*>(p.masks)[at];
+    } else {
+      using Storage = typename Element<S>::Storage;
+      return Element<S>::load(static_cast<const Storage*>(p.masks)[at]);
+    }
+  };
+  double* row = reinterpret_cast<double*>(scratch + l.scratch_row);
+  for (int64_t j = 0; j < p.width; ++j) {
+    const BilinearTap tx = job.col_taps[j];
+    const double top = (1.0 - tx.frac) * value(ty.lo, tx.lo) + tx.frac * value(ty.lo, tx.hi);
+    const double bottom = (1.0 - tx.frac) * value(ty.hi, tx.lo) + tx.frac * value(ty.hi, tx.hi);
+    row[j] = (1.0 - ty.frac) * top + ty.frac * bottom;
+  }
+  store_row(job, n, i, row);
+}
+
+template <Scalar S>
+void weights_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, const Layout& l) {
+  if (job.p.mode == Mode::kBilinear) {
+    bilinear_row<S>(job, n, i, scratch, l);
+  } else if constexpr (S == Scalar::kByte) {
+    area_row_binary(job, n, i, scratch, l);
+  } else {
+    area_row_float<S>(job, n, i, scratch, l);
+  }
+}
+
+// ---- phase 2: weighted sums ---------------------------------------------------------------
+// x86-64: the hot loops are also compiled for x86-64-v3 (AVX2, FMA) and picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RGPT_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RGPT_HOT
+#endif
+
+typedef float f32x8 __attribute__((vector_size(32)));  // GCC/Clang vectors: AVX, SSE or NEON
+
+// Feature blocks to fp32, one cell at a time (n <= kBlock; the rest of dst is zeroed).
+void load_block(const float* src, float* dst, int n) {
+  std::memcpy(dst, src, sizeof(float) * n);
+  std::fill(dst + n, dst + kBlock, 0.0f);
+}
+RGPT_HOT void load_block(const uint16_t* src, float* dst, int n, Scalar dtype) {
+  if (dtype == Scalar::kFloat16) {
+    for (int c = 0; c < n; ++c) dst[c] = half_to_float(src[c]);
+  } else {
+    for (int c = 0; c < n; ++c) dst[c] = bfloat16_to_float(src[c]);
+  }
+  std::fill(dst + n, dst + kBlock, 0.0f);
+}
+
+// acc[m][c] += sum_k weights[k][m] * panel[k][c] for m < 4 * quads, c < kBlock: a register
+// tile of 4 masks x 16 channels stays in registers across the k loop.
+RGPT_HOT void accumulate_panel(const float* panel, const float* weights, int cells, int quads,
+                               float* acc) {
+  for (int quad = 0; quad < quads; ++quad) {
+    for (int strip = 0; strip < kBlock; strip += 16) {
+      f32x8 tile[4][2] = {};
+      for (int k = 0; k < cells; ++k) {
+        f32x8 x0, x1;
+        std::memcpy(&x0, panel + k * kBlock + strip, sizeof x0);
+        std::memcpy(&x1, panel + k * kBlock + strip + 8, sizeof x1);
+        const float* w = weights + k * kGroup + 4 * quad;
+        for (int r = 0; r < 4; ++r) {
+          tile[r][0] += w[r] * x0;
+          tile[r][1] += w[r] * x1;
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        float* a = acc + (4 * quad + r) * kBlock + strip;
+        for (int c = 0; c < 8; ++c) {
+          a[c] += tile[r][0][c];
+          a[8 + c] += tile[r][1][c];
+        }
+      }
+    }
+  }
+}
+
+struct PoolJob {
+  const Params& p;
+  const float* weights;        // [N, H, W]
+  const RowRecord* records;    // [N, H]
+  const int64_t* order;        // mask indices sorted by image
+  const int64_t* group_start;  // [groups + 1] into order
+};
+
+// One group of masks (one image) over one channel block. Cells that any of the group's masks
+// weights are gathered kPanel at a time into fp32 panels (features, weights), then
+// accumulated by the register-tiled loop.
+template <Scalar F>
+void pool_group(const PoolJob& job, int64_t group, int64_t block, char* scratch,
+                const Layout& l) {
+  using Storage = typename Element<F>::Storage;
+  const Params& p = job.p;
+  const int64_t height = p.height, width = p.width, channels = p.channels;
+  const int64_t* members = job.order + job.group_start[group];
+  const int count = static_cast<int>(job.group_start[group + 1] - job.group_start[group]);
+  const int quads = (count + 3) / 4;
+  const int64_t image = p.batch_index[members[0]];
+  const int64_t c0 = block * kBlock;
+  const int block_width = static_cast<int>(std::min<int64_t>(kBlock, channels - c0));
+
+  // each mask's total, and the bounding box of the group's weights
+  double totals[kGroup];
+  const float* mask_weights[kGroup];
+  int64_t i_lo = height, i_hi = -1, j_lo = width, j_hi = -1;
+  for (int m = 0; m < count; ++m) {
+    const int64_t n = members[m];
+    mask_weights[m] = job.weights + n * height * width;
+    totals[m] = 0;
+    for (int64_t i = 0; i < height; ++i) {
+      const RowRecord r = job.records[n * height + i];
+      totals[m] += r.total;
+      if (r.first <= r.last) {
+        i_lo = std::min(i_lo, i);
+        i_hi = std::max(i_hi, i);
+        j_lo = std::min<int64_t>(j_lo, r.first);
+        j_hi = std::max<int64_t>(j_hi, r.last);
+      }
+    }
+  }
+
+  float* acc = reinterpret_cast<float*>(scratch + l.scratch_acc);        // [kGroup][kBlock]
+  float* panel = reinterpret_cast<float*>(scratch + l.scratch_panel);    // [kPanel][kBlock]
+  float* wpanel = reinterpret_cast<float*>(scratch + l.scratch_wpanel);  // [kPanel][kGroup]
+  std::fill(acc, acc + kGroup * kBlock, 0.0f);
+  const Storage* grid =
+      static_cast<const Storage*>(p.features) + image * height * width * channels + c0;
+  int cells = 0;
+  for (int64_t i = i_lo; i <= i_hi; ++i) {
+    for (int64_t j = j_lo; j <= j_hi; ++j) {
+      const int64_t cell = i * width + j;
+      // the features of a cell further on: each task walks the grid with a stride of C
+      // elements, which the hardware prefetchers follow too late
+      const Storage* ahead = grid + std::min(cell + kPrefetch, height * width - 1) * channels;
+      for (int b = 0; b < kBlock * static_cast<int>(sizeof(Storage)); b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(ahead) + b);
+      }
+      float* w = wpanel + cells * kGroup;
+      bool any = false;
+      for (int m = 0; m < count; ++m) {
+        w[m] = mask_weights[m][cell];
+        any |= w[m] != 0;
+      }
+      if (!any) continue;
+      for (int m = count; m < 4 * quads; ++m) w[m] = 0;
+      if constexpr (F == Scalar::kFloat32) {
+        load_block(grid + cell * channels, panel + cells * kBlock, block_width);
+      } else {
+        load_block(grid + cell * channels, panel + cells * kBlock, block_width, F);
+      }
+      if (++cells == kPanel) {
+        accumulate_panel(panel, wpanel, cells, quads, acc);
+        cells = 0;
+      }
+    }
+  }
+  accumulate_panel(panel, wpanel, cells, quads, acc);
+
+  Storage* out = static_cast<Storage*>(p.out);
+  for (int m = 0; m < count; ++m) {
+    Storage* o = out + members[m] * channels + c0;
+    const double total = totals[m];
+    for (int c = 0; c < block_width; ++c) {
+      const double mean = total > 0 ? static_cast<double>(acc[m * kBlock + c]) / total : 0.0;
+      o[c] = Element<F>::store(static_cast<float>(mean));
+    }
+  }
+}
+
+template <Scalar F, Scalar M>
+void run_typed(const Params& p, int threads) {
+  const Layout l = make_layout(p, threads);
+  const int64_t n = p.num_masks, height = p.height, width = p.width;
+
+  // axis tables
+  AxisSpan* rows = carve<AxisSpan>(p, l.row_axis);
+  AxisSpan* cols = carve<AxisSpan>(p, l.col_axis);
+  BilinearTap* row_taps = carve<BilinearTap>(p, l.row_axis);
+  BilinearTap* col_taps = carve<BilinearTap>(p, l.col_axis);
+  for (int64_t i = 0; i < height; ++i) {
+    if (p.mode == Mode::kArea) rows[i] = area_span(i, height, p.mask_height);
+    else row_taps[i] = bilinear_tap(i, height, p.mask_height);
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    if (p.mode == Mode::kArea) cols[j] = area_span(j, width, p.mask_width);
+    else col_taps[j] = bilinear_tap(j, width, p.mask_width);
+  }
+
+  // phase 1: tasks over (mask, band of cell rows); enough bands to keep every thread busy
+  const WeightsJob weights_job{p,        rows,
+                               cols,     row_taps,
+                               col_taps, carve<float>(p, l.weights),
+                               carve<RowRecord>(p, l.records)};
+  const int64_t bands = std::clamp<int64_t>((4 * threads + n - 1) / n, 1, height);
+  const int64_t band_rows = (height + bands - 1) / bands;
+  char* scratch = carve<char>(p, l.scratch);
+  parallel_for(n * bands, threads, [&](int64_t task, int thread) {
+    const int64_t mask = task / bands, band = task % bands;
+    char* mine = scratch + thread * l.scratch_per_thread;
+    const int64_t end = std::min(height, (band + 1) * band_rows);
+    for (int64_t i = band * band_rows; i < end; ++i) weights_row<M>(weights_job, mask, i, mine, l);
+  });
+
+  // masks sorted by image (counting sort, stable), cut into groups of at most kGroup
+  int64_t* order = carve<int64_t>(p, l.order);
+  int64_t* group_start = carve<int64_t>(p, l.group_start);
+  int64_t* counts = carve<int64_t>(p, l.counts);
+  std::fill(counts, counts + p.batch + 1, int64_t{0});
+  for (int64_t m = 0; m < n; ++m) ++counts[p.batch_index[m] + 1];
+  for (int64_t b = 0; b < p.batch; ++b) counts[b + 1] += counts[b];
+  for (int64_t m = 0; m < n; ++m) order[counts[p.batch_index[m]]++] = m;
+  int64_t groups = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const bool same_image =
+        k > 0 && p.batch_index[order[k]] == p.batch_index[order[k - 1]];
+    if (!same_image || k - group_start[groups - 1] == kGroup) group_start[groups++] = k;
+  }
+  group_start[groups] = n;
+
+  // phase 2: tasks over (group, channel block)
+  const PoolJob pool_job{p, weights_job.weights, weights_job.records, order, group_start};
+  const int64_t blocks = (p.channels + kBlock - 1) / kBlock;
+  parallel_for(groups * blocks, threads, [&](int64_t task, int thread) {
+    pool_group<F>(pool_job, task / blocks, task % blocks, scratch + thread * l.scratch_per_thread, l);
+  });
+}
+
+template <Scalar F>
+void run_features(const Params& p, int threads) {
+  switch (p.masks_dtype) {
+    case Scalar::kByte: return run_typed<F, Scalar::kByte>(p, threads);
+    case Scalar::kFloat32: return run_typed<F, Scalar::kFloat32>(p, threads);
+    case Scalar::kFloat16: return run_typed<F, Scalar::kFloat16>(p, threads);
+    case Scalar::kBFloat16: return run_typed<F, Scalar::kBFloat16>(p, threads);
+    case Scalar::kFloat64: return run_typed<F, Scalar::kFloat64>(p, threads);
+  }
+}
+
+}  // namespace
+
+int64_t cpu_workspace_bytes(const Params& p, int num_threads) {
+  return make_layout(p, num_threads).bytes;
+}
+
+void run_cpu(const Params& p, int num_threads) {
+  if (p.num_masks == 0 || p.channels == 0) return;
+  switch (p.features_dtype) {
+    case Scalar::kFloat32: return run_features<Scalar::kFloat32>(p, num_threads);
+    case Scalar::kFloat16: return run_features<Scalar::kFloat16>(p, num_threads);
+    case Scalar::kBFloat16: return run_features<Scalar::kBFloat16>(p, num_threads);
+    default: return;  // refused by the host (mask_pool_host.cpp)
+  }
+}
+
+}  // namespace rgpt::mask_pool
