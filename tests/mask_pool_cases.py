@@ -23,6 +23,19 @@ FEATURE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASK_DTYPES = [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64]
 MODES = ["area", "bilinear"]
 
+# (B, H, W, C, N, Hm, Wm): awkward shapes, each named for what it stresses
+SHAPES = {
+    "7x13-from-1000x333": (1, 7, 13, 5, 3, 1000, 333),
+    "mask-smaller-than-grid": (1, 7, 13, 67, 4, 5, 3),
+    "mask-same-size-as-grid": (1, 9, 11, 16, 3, 9, 11),
+    "one-cell-grid": (1, 1, 1, 3, 2, 17, 29),
+    "one-column-mask": (1, 6, 5, 8, 2, 40, 1),
+    "three-images": (3, 12, 10, 130, 7, 50, 77),
+    "more-masks-than-a-group": (2, 8, 8, 64, 21, 24, 40),
+    "mask-wider-than-4096": (1, 3, 5, 8, 2, 20, 9000),
+    "grid-wider-than-2048": (1, 2, 2100, 4, 2, 8, 3000),
+}
+
 
 def ulp(values: torch.Tensor) -> torch.Tensor:
     """The spacing of values.dtype at |values| (float64): one unit in the last place."""

@@ -11,6 +11,7 @@ from mask_pool_cases import (
     FEATURE_DTYPES,
     MASK_DTYPES,
     MODES,
+    SHAPES,
     as_mask_dtype,
     assert_close_ulps,
     check_against_reference,
@@ -25,18 +26,6 @@ from rgpt_rt.ops import mask_cell_weights, mask_pool, mask_pool_reference
 
 def pool(features, masks, batch_index=None, *, mode="area"):
     return mask_pool(features, masks, batch_index, mode=mode)
-
-
-# (B, H, W, C, N, Hm, Wm): awkward shapes, each named for what it stresses
-SHAPES = {
-    "7x13-from-1000x333": (1, 7, 13, 5, 3, 1000, 333),
-    "mask-smaller-than-grid": (1, 7, 13, 67, 4, 5, 3),
-    "mask-same-size-as-grid": (1, 9, 11, 16, 3, 9, 11),
-    "one-cell-grid": (1, 1, 1, 3, 2, 17, 29),
-    "one-column-mask": (1, 6, 5, 8, 2, 40, 1),
-    "three-images": (3, 12, 10, 130, 7, 50, 77),
-    "more-masks-than-a-group": (2, 8, 8, 64, 21, 24, 40),
-}
 
 
 @pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=str)
