@@ -1,16 +1,18 @@
 // Mask pooling on the CPU (how it works: README.md in this folder).
 //
-// Phase 1, tasks over (mask, band of cell rows): the cell weights w[n, i, j], separably.
-//   For cell row i, first down the mask rows it touches,   u[q] = sum_p ry(i, p) * m[p, q]
-//   (long contiguous loops over each mask row), then across, w[i, j] = sum_q cx(j, q) * u[q]
-//   (a span of u per cell). Binary masks count the rows wholly inside the cell row with byte
-//   counters, so their weights are exact integers (units of 1/(H*W) pixel); float masks
-//   accumulate u in fp32. A record per (mask, cell row) keeps the row's weight total and the
-//   columns holding weight, so that phase 2 visits only cells some mask of a group touches.
-// Phase 2, tasks over (up to kGroup masks of one image, block of kBlock channels): one pass over
-//   the features in the group's bounding box; each feature block is converted to fp32 once
-//   and added, weighted, into the accumulator of every mask that weights that cell.
-// Each task writes its own outputs, in a fixed order: the result does not depend on the
+// 0. Masks are sorted by image (counting sort) and cut into groups of at most kGroup masks of
+//    one image. Each group owns a weight table [cell][slot] (slots rounded up to 4).
+// 1. Weights, tasks over (mask, band of cell rows), separably. For cell row i, first down
+//    the mask rows it touches, u[q] = sum_p ry(i, p) * m[p, q] (long contiguous loops over
+//    each mask row), then across, w[i, j] = sum_q cx(j, q) * u[q] (a span of u per cell).
+//    Binary masks count the rows wholly inside the cell row with byte counters, so their
+//    weights are exact integers (units of 1/(H*W) pixel) until stored as fp32; float masks
+//    accumulate u in fp32. A record per (mask, cell row) keeps the row's weight total.
+// 2. Cell lists, tasks over groups: the cells any mask of the group weights.
+// 3. Sums, tasks over (group, block of kBlock channels): the listed cells, kPanel at a time,
+//    are gathered into fp32 panels (features converted once, weights copied) and accumulated
+//    by a register tile of 4 masks x 16 channels.
+// Each task writes its own outputs in a fixed order: the result does not depend on the
 // number of threads.
 #include <algorithm>
 #include <atomic>
@@ -20,6 +22,11 @@
 #include <vector>
 
 #include "mask_pool/mask_pool.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define RGPT_X86 1
+#endif
 
 namespace rgpt::mask_pool {
 namespace {
@@ -117,19 +124,21 @@ struct Element<Scalar::kFloat64> {
   static float load(Storage x) { return static_cast<float>(x); }
 };
 
-// What phase 1 leaves for phase 2, per (mask, cell row).
+// What phase 1 leaves per (mask, cell row): the total of its fp32 weights.
 struct RowRecord {
-  double total;         // sum of the row's fp32 weights
-  int32_t first, last;  // the columns holding weight (first > last: none)
+  double total;
 };
 
 // ---- workspace layout ---------------------------------------------------------------------
 constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Layout {
-  int64_t weights, records, row_axis, col_axis, order, group_start, counts, scratch;
+  int64_t groups_bound;  // at most ceil(N / kGroup) + min(B, N) groups
+  int64_t table, records, row_axis, col_axis, order, group_start, group_table, group_cells;
+  int64_t cell_lists, mask_table, mask_stride, counts, scratch;
   int64_t scratch_u, scratch_count, scratch_row;       // phase 1, per thread
-  int64_t scratch_acc, scratch_panel, scratch_wpanel;  // phase 2, per thread (same memory)
+  int64_t scratch_acc, scratch_panel, scratch_wpanel;  // phase 3, per thread (same memory)
   int64_t scratch_per_thread;
   int64_t bytes;
 };
@@ -142,14 +151,22 @@ Layout make_layout(const Params& p, int threads) {
     end = align_up(end + bytes, 64);
     return start;
   };
-  const int64_t n = p.num_masks;
+  const int64_t n = p.num_masks, cells = p.height * p.width;
+  l.groups_bound = ceil_div(n, kGroup) + std::min(p.batch, n);
+  // weight tables: sum over groups of 4 * ceil(size / 4) slots <= N + 3 * groups
+  const int64_t slots = n + 3 * l.groups_bound;
   const int64_t axis_entry = std::max<int64_t>(sizeof(AxisSpan), sizeof(BilinearTap));
-  l.weights = take(n * p.height * p.width * static_cast<int64_t>(sizeof(float)));
+  l.table = take(slots * cells * static_cast<int64_t>(sizeof(float)));
   l.records = take(n * p.height * static_cast<int64_t>(sizeof(RowRecord)));
   l.row_axis = take(p.height * axis_entry);
   l.col_axis = take(p.width * axis_entry);
   l.order = take(n * 8);
-  l.group_start = take((n + 1) * 8);
+  l.group_start = take((l.groups_bound + 1) * 8);
+  l.group_table = take((l.groups_bound + 1) * 8);
+  l.group_cells = take(l.groups_bound * 8);
+  l.cell_lists = take(l.groups_bound * cells * 8);
+  l.mask_table = take(n * 8);
+  l.mask_stride = take(n * 8);
   l.counts = take((p.batch + 1) * 8);
   // per thread: u (4 bytes per mask column), byte counters, one cell row of weights (double)
   l.scratch_u = 0;
@@ -159,8 +176,8 @@ Layout make_layout(const Params& p, int threads) {
   l.scratch_acc = 0;
   l.scratch_panel = l.scratch_acc + kGroup * kBlock * 4;
   l.scratch_wpanel = l.scratch_panel + kPanel * kBlock * 4;
-  const int64_t phase2 = l.scratch_wpanel + kPanel * kGroup * 4;
-  l.scratch_per_thread = std::max(phase1, phase2);
+  const int64_t phase3 = l.scratch_wpanel + kPanel * kGroup * 4;
+  l.scratch_per_thread = std::max(phase1, phase3);
   l.scratch = take(l.scratch_per_thread * threads);
   l.bytes = end;
   return l;
@@ -190,33 +207,30 @@ void parallel_for(int64_t tasks, int threads, const std::function<void(int64_t, 
   for (auto& t : pool) t.join();
 }
 
-// ---- phase 1: cell weights ----------------------------------------------------------------
+// ---- 1. cell weights ----------------------------------------------------------------------
 struct WeightsJob {
   const Params& p;
   const AxisSpan* rows;         // [H] (area)
   const AxisSpan* cols;         // [W] (area)
   const BilinearTap* row_taps;  // [H] (bilinear)
   const BilinearTap* col_taps;  // [W] (bilinear)
-  float* weights;               // [N, H, W]
+  float* table;                 // the groups' weight tables
+  const int64_t* mask_table;    // [N]: where mask n's column of its group's table starts
+  const int64_t* mask_stride;   // [N]: that table's slots per cell
   RowRecord* records;           // [N, H]
 };
 
-// Stores one cell row of weights (as fp32) and its record.
+// Stores one cell row of weights (as fp32) in the mask's group table, and its record.
 void store_row(const WeightsJob& job, int64_t n, int64_t i, const double* row) {
-  const int64_t width = job.p.width;
-  float* w = job.weights + (n * job.p.height + i) * width;
+  const int64_t width = job.p.width, stride = job.mask_stride[n];
+  float* w = job.table + job.mask_table[n] + i * width * stride;
   double total = 0;
-  int32_t first = static_cast<int32_t>(width), last = -1;
   for (int64_t j = 0; j < width; ++j) {
     const float v = static_cast<float>(row[j]);
-    w[j] = v;
+    w[j * stride] = v;
     total += v;
-    if (v != 0) {
-      first = std::min(first, static_cast<int32_t>(j));
-      last = static_cast<int32_t>(j);
-    }
   }
-  job.records[n * job.p.height + i] = RowRecord{total, first, last};
+  job.records[n * job.p.height + i] = RowRecord{total};
 }
 
 // row[j] = sum_q cx(j, q) * u[q] for every cell column j.
@@ -333,9 +347,9 @@ void weights_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, con
   }
 }
 
-// ---- phase 2: weighted sums ---------------------------------------------------------------
+// ---- 3. weighted sums ---------------------------------------------------------------------
 // x86-64: the hot loops are also compiled for x86-64-v3 (AVX2, FMA) and picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(RGPT_X86) && !defined(__clang__)
 #define RGPT_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RGPT_HOT
@@ -344,12 +358,35 @@ void weights_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, con
 typedef float f32x8 __attribute__((vector_size(32)));  // GCC/Clang vectors: AVX, SSE or NEON
 
 // Feature blocks to fp32, one cell at a time (n <= kBlock; the rest of dst is zeroed).
-void load_block(const float* src, float* dst, int n) {
+void load_block(const float* src, float* dst, int n, Scalar) {
   std::memcpy(dst, src, sizeof(float) * n);
   std::fill(dst + n, dst + kBlock, 0.0f);
 }
+
+#ifdef RGPT_X86
+__attribute__((target("avx2,f16c"))) void half_block_f16c(const uint16_t* src, float* dst, int n) {
+  int c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c));
+    _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(h));
+  }
+  for (; c < n; ++c) dst[c] = half_to_float(src[c]);
+}
+const bool kF16c = [] {
+  __builtin_cpu_init();  // this runs in a static initialiser
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}();
+#endif
+
 RGPT_HOT void load_block(const uint16_t* src, float* dst, int n, Scalar dtype) {
   if (dtype == Scalar::kFloat16) {
+#ifdef RGPT_X86
+    if (kF16c) {
+      half_block_f16c(src, dst, n);
+      std::fill(dst + n, dst + kBlock, 0.0f);
+      return;
+    }
+#endif
     for (int c = 0; c < n; ++c) dst[c] = half_to_float(src[c]);
   } else {
     for (int c = 0; c < n; ++c) dst[c] = bfloat16_to_float(src[c]);
@@ -385,50 +422,50 @@ RGPT_HOT void accumulate_panel(const float* panel, const float* weights, int cel
   }
 }
 
-struct PoolJob {
-  const Params& p;
-  const float* weights;        // [N, H, W]
-  const RowRecord* records;    // [N, H]
+struct Groups {
   const int64_t* order;        // mask indices sorted by image
-  const int64_t* group_start;  // [groups + 1] into order
+  const int64_t* start;        // [groups + 1] into order
+  const int64_t* table;        // [groups + 1]: offset of each group's weight table
+  const int64_t* cell_count;   // [groups]: listed cells
+  const int64_t* cell_lists;   // [groups][H * W]: the cells any mask of the group weights
+  int64_t count;
 };
 
-// One group of masks (one image) over one channel block. Cells that any of the group's masks
-// weights are gathered kPanel at a time into fp32 panels (features, weights), then
-// accumulated by the register-tiled loop.
+int group_size(const Groups& g, int64_t group) {
+  return static_cast<int>(g.start[group + 1] - g.start[group]);
+}
+int64_t group_stride(const Groups& g, int64_t group) { return 4 * ceil_div(group_size(g, group), 4); }
+
+// 2. The cells any of the group's masks weights; zeroes the padding slots of its table.
+void list_cells(const Params& p, const Groups& g, float* table, int64_t group, int64_t* list,
+                int64_t* listed) {
+  const int64_t cells = p.height * p.width, size = group_size(g, group);
+  const int64_t stride = group_stride(g, group);
+  float* w = table + g.table[group];
+  int64_t count = 0;
+  for (int64_t cell = 0; cell < cells; ++cell, w += stride) {
+    bool any = false;
+    for (int64_t s = 0; s < size; ++s) any |= w[s] != 0;
+    for (int64_t s = size; s < stride; ++s) w[s] = 0;
+    if (any) list[count++] = cell;
+  }
+  *listed = count;
+}
+
+// 3. One group of masks (one image) over one channel block.
 template <Scalar F>
-void pool_group(const PoolJob& job, int64_t group, int64_t block, char* scratch,
-                const Layout& l) {
+void pool_group(const Params& p, const Groups& g, const float* table, const RowRecord* records,
+                int64_t group, int64_t block, char* scratch, const Layout& l) {
   using Storage = typename Element<F>::Storage;
-  const Params& p = job.p;
   const int64_t height = p.height, width = p.width, channels = p.channels;
-  const int64_t* members = job.order + job.group_start[group];
-  const int count = static_cast<int>(job.group_start[group + 1] - job.group_start[group]);
-  const int quads = (count + 3) / 4;
+  const int64_t* members = g.order + g.start[group];
+  const int size = group_size(g, group);
+  const int stride = static_cast<int>(group_stride(g, group));
+  const int quads = stride / 4;
   const int64_t image = p.batch_index[members[0]];
   const int64_t c0 = block * kBlock;
   const int block_width = static_cast<int>(std::min<int64_t>(kBlock, channels - c0));
   const int strips = (block_width + 15) / 16;  // of 16 channels (the panel is zero-padded)
-
-  // each mask's total, and the bounding box of the group's weights
-  double totals[kGroup];
-  const float* mask_weights[kGroup];
-  int64_t i_lo = height, i_hi = -1, j_lo = width, j_hi = -1;
-  for (int m = 0; m < count; ++m) {
-    const int64_t n = members[m];
-    mask_weights[m] = job.weights + n * height * width;
-    totals[m] = 0;
-    for (int64_t i = 0; i < height; ++i) {
-      const RowRecord r = job.records[n * height + i];
-      totals[m] += r.total;
-      if (r.first <= r.last) {
-        i_lo = std::min(i_lo, i);
-        i_hi = std::max(i_hi, i);
-        j_lo = std::min<int64_t>(j_lo, r.first);
-        j_hi = std::max<int64_t>(j_hi, r.last);
-      }
-    }
-  }
 
   float* acc = reinterpret_cast<float*>(scratch + l.scratch_acc);        // [kGroup][kBlock]
   float* panel = reinterpret_cast<float*>(scratch + l.scratch_panel);    // [kPanel][kBlock]
@@ -436,41 +473,31 @@ void pool_group(const PoolJob& job, int64_t group, int64_t block, char* scratch,
   std::fill(acc, acc + kGroup * kBlock, 0.0f);
   const Storage* grid =
       static_cast<const Storage*>(p.features) + image * height * width * channels + c0;
-  int cells = 0;
-  for (int64_t i = i_lo; i <= i_hi; ++i) {
-    for (int64_t j = j_lo; j <= j_hi; ++j) {
-      const int64_t cell = i * width + j;
+  const float* weights = table + g.table[group];
+  const int64_t* list = g.cell_lists + group * height * width;
+  const int64_t listed = g.cell_count[group];
+  for (int64_t k0 = 0; k0 < listed; k0 += kPanel) {
+    const int cells = static_cast<int>(std::min<int64_t>(kPanel, listed - k0));
+    for (int k = 0; k < cells; ++k) {
       // the features of a cell further on: each task walks the grid with a stride of C
       // elements, which the hardware prefetchers follow too late
-      const Storage* ahead = grid + std::min(cell + kPrefetch, height * width - 1) * channels;
+      const int64_t ahead = list[std::min(k0 + k + kPrefetch, listed - 1)];
       for (int b = 0; b < kBlock * static_cast<int>(sizeof(Storage)); b += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(ahead) + b);
+        __builtin_prefetch(reinterpret_cast<const char*>(grid + ahead * channels) + b);
       }
-      float* w = wpanel + cells * kGroup;
-      bool any = false;
-      for (int m = 0; m < count; ++m) {
-        w[m] = mask_weights[m][cell];
-        any |= w[m] != 0;
-      }
-      if (!any) continue;
-      for (int m = count; m < 4 * quads; ++m) w[m] = 0;
-      if constexpr (F == Scalar::kFloat32) {
-        load_block(grid + cell * channels, panel + cells * kBlock, block_width);
-      } else {
-        load_block(grid + cell * channels, panel + cells * kBlock, block_width, F);
-      }
-      if (++cells == kPanel) {
-        accumulate_panel(panel, wpanel, cells, quads, strips, acc);
-        cells = 0;
-      }
+      const int64_t cell = list[k0 + k];
+      load_block(grid + cell * channels, panel + k * kBlock, block_width, F);
+      std::memcpy(wpanel + k * kGroup, weights + cell * stride, sizeof(float) * stride);
     }
+    accumulate_panel(panel, wpanel, cells, quads, strips, acc);
   }
-  accumulate_panel(panel, wpanel, cells, quads, strips, acc);
 
   Storage* out = static_cast<Storage*>(p.out);
-  for (int m = 0; m < count; ++m) {
-    Storage* o = out + members[m] * channels + c0;
-    const double total = totals[m];
+  for (int m = 0; m < size; ++m) {
+    const int64_t n = members[m];
+    double total = 0;
+    for (int64_t i = 0; i < height; ++i) total += records[n * height + i].total;
+    Storage* o = out + n * channels + c0;
     for (int c = 0; c < block_width; ++c) {
       const double mean = total > 0 ? static_cast<double>(acc[m * kBlock + c]) / total : 0.0;
       o[c] = Element<F>::store(static_cast<float>(mean));
@@ -481,7 +508,36 @@ void pool_group(const PoolJob& job, int64_t group, int64_t block, char* scratch,
 template <Scalar F, Scalar M>
 void run_typed(const Params& p, int threads) {
   const Layout l = make_layout(p, threads);
-  const int64_t n = p.num_masks, height = p.height, width = p.width;
+  const int64_t n = p.num_masks, height = p.height, width = p.width, cells = height * width;
+
+  // 0. masks sorted by image (counting sort, stable), cut into groups of at most kGroup
+  int64_t* order = carve<int64_t>(p, l.order);
+  int64_t* start = carve<int64_t>(p, l.group_start);
+  int64_t* counts = carve<int64_t>(p, l.counts);
+  std::fill(counts, counts + p.batch + 1, int64_t{0});
+  for (int64_t m = 0; m < n; ++m) ++counts[p.batch_index[m] + 1];
+  for (int64_t b = 0; b < p.batch; ++b) counts[b + 1] += counts[b];
+  for (int64_t m = 0; m < n; ++m) order[counts[p.batch_index[m]]++] = m;
+  int64_t groups = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const bool same_image = k > 0 && p.batch_index[order[k]] == p.batch_index[order[k - 1]];
+    if (!same_image || k - start[groups - 1] == kGroup) start[groups++] = k;
+  }
+  start[groups] = n;
+  int64_t* group_table = carve<int64_t>(p, l.group_table);
+  int64_t* mask_table = carve<int64_t>(p, l.mask_table);
+  int64_t* mask_stride = carve<int64_t>(p, l.mask_stride);
+  Groups g{order, start, group_table, carve<int64_t>(p, l.group_cells),
+           carve<int64_t>(p, l.cell_lists), groups};
+  group_table[0] = 0;
+  for (int64_t group = 0; group < groups; ++group) {
+    const int64_t stride = group_stride(g, group);
+    group_table[group + 1] = group_table[group] + cells * stride;
+    for (int64_t k = start[group]; k < start[group + 1]; ++k) {
+      mask_table[order[k]] = group_table[group] + (k - start[group]);
+      mask_stride[order[k]] = stride;
+    }
+  }
 
   // axis tables
   AxisSpan* rows = carve<AxisSpan>(p, l.row_axis);
@@ -497,42 +553,32 @@ void run_typed(const Params& p, int threads) {
     else col_taps[j] = bilinear_tap(j, width, p.mask_width);
   }
 
-  // phase 1: tasks over (mask, band of cell rows); enough bands to keep every thread busy
-  const WeightsJob weights_job{p,        rows,
-                               cols,     row_taps,
-                               col_taps, carve<float>(p, l.weights),
-                               carve<RowRecord>(p, l.records)};
-  const int64_t bands = std::clamp<int64_t>((4 * threads + n - 1) / n, 1, height);
-  const int64_t band_rows = (height + bands - 1) / bands;
+  // 1. weights: tasks over (mask, band of cell rows); enough bands to keep every thread busy
+  float* table = carve<float>(p, l.table);
+  RowRecord* records = carve<RowRecord>(p, l.records);
+  const WeightsJob job{p, rows, cols, row_taps, col_taps, table, mask_table, mask_stride, records};
+  const int64_t bands = std::clamp<int64_t>(ceil_div(4 * threads, n), 1, height);
+  const int64_t band_rows = ceil_div(height, bands);
   char* scratch = carve<char>(p, l.scratch);
   parallel_for(n * bands, threads, [&](int64_t task, int thread) {
     const int64_t mask = task / bands, band = task % bands;
     char* mine = scratch + thread * l.scratch_per_thread;
     const int64_t end = std::min(height, (band + 1) * band_rows);
-    for (int64_t i = band * band_rows; i < end; ++i) weights_row<M>(weights_job, mask, i, mine, l);
+    for (int64_t i = band * band_rows; i < end; ++i) weights_row<M>(job, mask, i, mine, l);
   });
 
-  // masks sorted by image (counting sort, stable), cut into groups of at most kGroup
-  int64_t* order = carve<int64_t>(p, l.order);
-  int64_t* group_start = carve<int64_t>(p, l.group_start);
-  int64_t* counts = carve<int64_t>(p, l.counts);
-  std::fill(counts, counts + p.batch + 1, int64_t{0});
-  for (int64_t m = 0; m < n; ++m) ++counts[p.batch_index[m] + 1];
-  for (int64_t b = 0; b < p.batch; ++b) counts[b + 1] += counts[b];
-  for (int64_t m = 0; m < n; ++m) order[counts[p.batch_index[m]]++] = m;
-  int64_t groups = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const bool same_image =
-        k > 0 && p.batch_index[order[k]] == p.batch_index[order[k - 1]];
-    if (!same_image || k - group_start[groups - 1] == kGroup) group_start[groups++] = k;
-  }
-  group_start[groups] = n;
+  // 2. cell lists, per group
+  int64_t* cell_count = carve<int64_t>(p, l.group_cells);
+  int64_t* cell_lists = carve<int64_t>(p, l.cell_lists);
+  parallel_for(groups, threads, [&](int64_t group, int) {
+    list_cells(p, g, table, group, cell_lists + group * cells, cell_count + group);
+  });
 
-  // phase 2: tasks over (group, channel block)
-  const PoolJob pool_job{p, weights_job.weights, weights_job.records, order, group_start};
-  const int64_t blocks = (p.channels + kBlock - 1) / kBlock;
+  // 3. sums: tasks over (group, channel block)
+  const int64_t blocks = ceil_div(p.channels, kBlock);
   parallel_for(groups * blocks, threads, [&](int64_t task, int thread) {
-    pool_group<F>(pool_job, task / blocks, task % blocks, scratch + thread * l.scratch_per_thread, l);
+    pool_group<F>(p, g, table, records, task / blocks, task % blocks,
+                  scratch + thread * l.scratch_per_thread, l);
   });
 }
 
