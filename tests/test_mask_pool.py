@@ -116,8 +116,10 @@ def test_every_fp16_and_bf16_value_survives_a_one_pixel_mean():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    features = random_features(2, 24, 24, 200, torch.float32)
-    masks = region_masks(20, 100, 100, seed=7)
+    # big enough that every phase uses several threads (one per MiB it touches): 5 MB of
+    # masks, ~18 MB of features
+    features = random_features(2, 96, 96, 256, torch.float32)
+    masks = region_masks(20, 512, 512, seed=7)
     batch_index = torch.arange(20) % 2
     threads = torch.get_num_threads()
     try:

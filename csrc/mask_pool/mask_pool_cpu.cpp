@@ -35,6 +35,9 @@ constexpr int kGroup = 16;  // masks pooled together in one pass over the featur
 constexpr int kBlock = 128;  // channels per phase-2 task
 constexpr int kPanel = 32;  // cells gathered per fp32 panel (16 KB: stays in L1)
 constexpr int kPrefetch = 24;  // cells ahead whose features are prefetched
+// A phase runs on one more thread per this many bytes it touches: starting and joining a
+// thread costs tens of microseconds (milliseconds on a busy machine), small inputs less.
+constexpr int64_t kBytesPerThread = int64_t{1} << 20;
 
 // ---- scalar conversions: bit exact, independent of the FPU's denormal mode -------------------
 inline float float_from_bits(uint32_t u) {
@@ -505,10 +508,22 @@ void pool_group(const Params& p, const Groups& g, const float* table, const RowR
   }
 }
 
+int64_t element_bytes(Scalar s) {
+  switch (s) {
+    case Scalar::kFloat32: return 4;
+    case Scalar::kFloat64: return 8;
+    case Scalar::kByte: return 1;
+    default: return 2;
+  }
+}
+
 template <Scalar F, Scalar M>
 void run_typed(const Params& p, int threads) {
   const Layout l = make_layout(p, threads);
   const int64_t n = p.num_masks, height = p.height, width = p.width, cells = height * width;
+  auto threads_for = [threads](int64_t bytes) {
+    return static_cast<int>(std::clamp<int64_t>(bytes / kBytesPerThread, 1, threads));
+  };
 
   // 0. masks sorted by image (counting sort, stable), cut into groups of at most kGroup
   int64_t* order = carve<int64_t>(p, l.order);
@@ -560,7 +575,8 @@ void run_typed(const Params& p, int threads) {
   const int64_t bands = std::clamp<int64_t>(ceil_div(4 * threads, n), 1, height);
   const int64_t band_rows = ceil_div(height, bands);
   char* scratch = carve<char>(p, l.scratch);
-  parallel_for(n * bands, threads, [&](int64_t task, int thread) {
+  const int64_t read = p.mode == Mode::kArea ? p.mask_height * p.mask_width : 4 * cells;
+  parallel_for(n * bands, threads_for(n * read * element_bytes(M)), [&](int64_t task, int thread) {
     const int64_t mask = task / bands, band = task % bands;
     char* mine = scratch + thread * l.scratch_per_thread;
     const int64_t end = std::min(height, (band + 1) * band_rows);
@@ -570,13 +586,16 @@ void run_typed(const Params& p, int threads) {
   // 2. cell lists, per group
   int64_t* cell_count = carve<int64_t>(p, l.group_cells);
   int64_t* cell_lists = carve<int64_t>(p, l.cell_lists);
-  parallel_for(groups, threads, [&](int64_t group, int) {
+  parallel_for(groups, threads_for((n + 3 * groups) * cells * 4), [&](int64_t group, int) {
     list_cells(p, g, table, group, cell_lists + group * cells, cell_count + group);
   });
 
   // 3. sums: tasks over (group, channel block)
   const int64_t blocks = ceil_div(p.channels, kBlock);
-  parallel_for(groups * blocks, threads, [&](int64_t task, int thread) {
+  int64_t listed = 0;
+  for (int64_t group = 0; group < groups; ++group) listed += cell_count[group];
+  const int64_t features = listed * p.channels * element_bytes(F);
+  parallel_for(groups * blocks, threads_for(features), [&](int64_t task, int thread) {
     pool_group<F>(p, g, table, records, task / blocks, task % blocks,
                   scratch + thread * l.scratch_per_thread, l);
   });
