@@ -2,9 +2,11 @@
 // raw pointers, sizes and dtype tags (see its header); this file only names them for Python.
 // Validation, allocation and the torch.library registration live in rgpt_rt/ops.py.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "build_info.h"
 #include "int4/int4.h"
+#include "mask_pool/mask_pool_host.h"
 #ifdef RGPT_WITH_CUDA
 #include "device/device.h"
 #endif
@@ -22,6 +24,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"),
         py::arg("num_threads"), py::arg("use_simd") = true);
   m.def("int4_cpu_has_simd", &rgpt::int4_cpu_has_simd, "Whether the AVX2+FMA+F16C CPU path runs here");
+
+  // mask pooling (csrc/mask_pool/, rgpt_rt/ops/mask_pool.py)
+  m.def("mask_pool_workspace_bytes", &rgpt::mask_pool::workspace_bytes, py::kw_only(),
+        py::arg("features_dtype"), py::arg("features_shape"), py::arg("masks_shape"),
+        py::arg("mode"), py::arg("device"), py::arg("device_index"), py::arg("num_threads"),
+        "Bytes of scratch memory mask_pool needs for these shapes on this device");
+  m.def("mask_pool", &rgpt::mask_pool::run, py::kw_only(), py::arg("features"),
+        py::arg("features_dtype"), py::arg("features_shape"), py::arg("masks"),
+        py::arg("masks_dtype"), py::arg("masks_shape"), py::arg("batch_index"), py::arg("mode"),
+        py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
+        py::arg("device_index"), py::arg("stream"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out[N, C] = mask-weighted means of features[B, H, W, C] (pointers as integers)");
 #ifdef RGPT_WITH_CUDA
   m.def("int4_gemv_cuda", &rgpt::int4_gemv_cuda_entry,
         "GEMV for 1..8 rows of x on `stream`; split-K when splits > 1 (fp32 workspace [splits, M, N])",

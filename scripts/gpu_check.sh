@@ -27,6 +27,27 @@ step "tests/gpu"
 $PY -m pytest -q -m gpu tests/gpu --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# compute-sanitizer over the small mask pooling cases (about 2 minutes together): memcheck
+# with torch's caching allocator off, so each tensor is its own allocation and a read past
+# one is caught (graph capture needs the cache: those tests are left out), then racecheck
+# of the shared-memory reductions.
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$SANITIZER" ]; then
+  step "compute-sanitizer memcheck: mask pool (small cases)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 100 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
+    -k "small and not graph and (float16 or bool or uint8 or pixel or empty or bad_input)" \
+    2>&1 | tee "$OUT/sanitizer_memcheck.log" | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "compute-sanitizer racecheck: mask pool (small cases)"
+  timeout 60 "$SANITIZER" --tool racecheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
+    -k "small_awkward and float16 and area" 2>&1 | tee "$OUT/sanitizer_racecheck.log" | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "compute-sanitizer not found: mask pool sanitizer runs skipped"; status=1
+fi
+
 # GPU benchmarks: each writes its JSON into $OUT (added by the kernel and runtime issues).
 for bench in benchmarks/mask_pool.py benchmarks/int4.py; do
   [ -f "$bench" ] || continue
@@ -56,6 +77,10 @@ for path in sorted(out.glob("bench_*.json")):
     summary[path.stem] = json.loads(path.read_text())
 log = out / "gpu_tests.log"
 summary["gpu_tests"] = log.read_text().strip().splitlines()[-1] if log.exists() else "not run"
+for tool in ("memcheck", "racecheck"):
+    log = out / f"sanitizer_{tool}.log"
+    lines = log.read_text().strip().splitlines() if log.exists() else []
+    summary[f"sanitizer_{tool}"] = lines[-1] if lines else "not run"
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bench_")}, indent=2))
 PY

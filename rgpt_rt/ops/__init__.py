@@ -1,5 +1,6 @@
 """rgpt_rt's operators, one module per kernel family, each with its plain-torch reference:
 
+    mask_pool(features, masks, batch_index=None, *, mode="area") -> [N, C]             (mask_pool.py)
     mask_pool_reference(features, masks, batch_index=None, *, mode="area") -> [N, C]   (mask_pool.py)
     int4_linear(x[..., K], w: Int4Weight, bias=None) -> [..., N]                          (int4.py)
     int4_linear_reference(x[..., K], w, bias=None) -> [..., N]
@@ -9,7 +10,12 @@ against them.
 """
 
 from rgpt_rt.ops.int4 import int4_linear, int4_linear_packed, int4_linear_reference
-from rgpt_rt.ops.mask_pool import check_mask_pool_args, mask_cell_weights, mask_pool_reference
+from rgpt_rt.ops.mask_pool import (
+    check_mask_pool_args,
+    mask_cell_weights,
+    mask_pool,
+    mask_pool_reference,
+)
 
 __all__ = [
     "check_mask_pool_args",
@@ -17,5 +23,6 @@ __all__ = [
     "int4_linear_packed",
     "int4_linear_reference",
     "mask_cell_weights",
+    "mask_pool",
     "mask_pool_reference",
 ]

@@ -1,0 +1,134 @@
+"""Inputs and tolerances shared by the CPU (tests/test_mask_pool.py) and CUDA
+(tests/gpu/test_mask_pool_cuda.py) tests of rgpt_rt.ops.mask_pool.
+
+Tolerances (STYLE.md principle 4), against the float64 reference:
+- float16 / bfloat16 features: the kernels accumulate in fp32 and round once; the reference
+  computes in fp64 and rounds once. fp32 error is far below half an ulp of the output, so
+  the two differ only where the exact value lies that close to a rounding boundary:
+  at most 1 ulp of the output dtype (`assert_close_ulps`).
+- float32 features: at most 2x the error of torch's own fp32 computation of the same
+  function (fp32 weights, one fp32 matmul) against the fp64 reference, plus one fp32 ulp of
+  the largest output for cases where torch happens to be exact (`assert_close_fp32`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rgpt_rt.ops import mask_cell_weights, mask_pool_reference
+
+FEATURE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MASK_DTYPES = [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64]
+MODES = ["area", "bilinear"]
+
+# (B, H, W, C, N, Hm, Wm): awkward shapes, each named for what it stresses
+SHAPES = {
+    "7x13-from-1000x333": (1, 7, 13, 5, 3, 1000, 333),
+    "mask-smaller-than-grid": (1, 7, 13, 67, 4, 5, 3),
+    "mask-same-size-as-grid": (1, 9, 11, 16, 3, 9, 11),
+    "one-cell-grid": (1, 1, 1, 3, 2, 17, 29),
+    "one-column-mask": (1, 6, 5, 8, 2, 40, 1),
+    "three-images": (3, 12, 10, 130, 7, 50, 77),
+    "more-masks-than-a-group": (2, 8, 8, 64, 21, 24, 40),
+    "mask-wider-than-4096": (1, 3, 5, 8, 2, 20, 9000),
+    "grid-wider-than-2048": (1, 2, 2100, 4, 2, 8, 3000),
+}
+
+
+def ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of values.dtype at |values| (float64): one unit in the last place."""
+    magnitude = values.abs()
+    above = torch.nextafter(magnitude, torch.full_like(magnitude, math.inf))
+    return (above.double() - magnitude.double()).abs()
+
+
+def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    error = (actual.double() - expected.double()).abs()
+    allowed = ulps * ulp(expected)
+    worst = (error - allowed).max().item() if error.numel() else 0.0
+    assert worst <= 0, f"off by more than {ulps} ulp: max error {error.max().item():.3g}"
+
+
+def torch_fp32_error(features, masks, batch_index, mode, expected64) -> float:
+    """Max error against the fp64 reference of torch computing the same function in fp32."""
+    _, height, width, _ = features.shape
+    binary = masks if masks.dtype not in (torch.bool, torch.uint8) else masks != 0
+    weights = mask_cell_weights(binary, height, width, mode).float().flatten(1)  # [N, H*W]
+    grids = features.float().flatten(1, 2)  # [B, H*W, C]
+    index = torch.zeros(masks.shape[0], dtype=torch.long) if batch_index is None else batch_index
+    summed = torch.einsum("nk,nkc->nc", weights, grids[index.cpu()])
+    total = weights.sum(1, keepdim=True)
+    pooled = torch.where(total > 0, summed / total.clamp(min=1e-30), torch.zeros_like(summed))
+    return (pooled.double() - expected64).abs().max().item() if pooled.numel() else 0.0
+
+
+def assert_close_fp32(actual, expected64, torch_error: float) -> None:
+    scale = expected64.abs().max().item() if expected64.numel() else 0.0
+    allowed = 2 * torch_error + torch.finfo(torch.float32).eps * scale
+    error = (actual.double() - expected64).abs().max().item() if actual.numel() else 0.0
+    assert error <= allowed, f"fp32 error {error:.3g} > allowed {allowed:.3g}"
+
+
+def check_against_reference(pool, features, masks, batch_index=None, mode="area"):
+    """Run `pool` (the op) and compare it with mask_pool_reference at the tolerance of the
+    features' dtype. Inputs may live on any device; the reference runs on the CPU."""
+    actual = pool(features, masks, batch_index, mode=mode)
+    cpu_index = None if batch_index is None else batch_index.cpu()
+    expected64 = mask_pool_reference(features.cpu().double(), masks.cpu(), cpu_index, mode=mode)
+    assert actual.dtype == features.dtype and actual.shape == expected64.shape
+    actual = actual.cpu()
+    if features.dtype == torch.float32:
+        error = torch_fp32_error(features.cpu(), masks.cpu(), cpu_index, mode, expected64)
+        assert_close_fp32(actual, expected64, error)
+    else:
+        assert_close_ulps(actual, expected64.to(features.dtype))
+    return actual
+
+
+def weighted_mean(weights: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """[N, K] weights, [K, C] features -> [N, C]: sum(w * f) / sum(w) in fp64, zeros where a
+    mask has no weight (as mask_pool_reference; bilinear mode can miss a one-pixel mask)."""
+    total = weights.sum(1, keepdim=True)
+    return torch.where(total > 0, (weights @ grid) / total, 0.0)
+
+
+def as_mask_dtype(binary: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
+    """Binary masks in `dtype`: uint8 uses 255 for inside (nonzero counts, not == 1); float
+    masks get coverages in [0, 1] inside and 0 outside."""
+    if dtype == torch.bool:
+        return binary
+    if dtype == torch.uint8:
+        return binary.to(torch.uint8) * 255
+    coverage = torch.rand(binary.shape, generator=generator, dtype=torch.float64)
+    return (coverage * binary).to(dtype)
+
+
+def region_masks(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """[count, height, width] bool: ellipses and boxes of many sizes (as regions of an image
+    are), plus one full mask and one single pixel."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(count, height, width, dtype=torch.bool)
+    ys = torch.arange(height, dtype=torch.float64)[:, None]
+    xs = torch.arange(width, dtype=torch.float64)[None, :]
+    for n in range(count):
+        cy, cx = (
+            torch.rand(2, generator=generator, dtype=torch.float64) * torch.tensor([height, width])
+        ).tolist()
+        ry, rx = (0.03 + 0.4 * torch.rand(2, generator=generator, dtype=torch.float64)).tolist()
+        if n % 3 == 1:  # a box
+            masks[n] = ((ys - cy).abs() <= ry * height) & ((xs - cx).abs() <= rx * width)
+        else:
+            masks[n] = ((ys - cy) / (ry * height)) ** 2 + ((xs - cx) / (rx * width)) ** 2 <= 1
+    if count >= 2:
+        masks[-1] = True
+        masks[-2] = False
+        masks[-2, height // 3, width // 5] = True
+    return masks
+
+
+def random_features(batch, height, width, channels, dtype, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, height, width, channels, generator=generator).to(dtype)
