@@ -1,6 +1,11 @@
 """`rgpt-rt`: the command line.
 
-rgpt-rt info        what this install holds (kernels built, CUDA, versions)
+    rgpt-rt describe IMAGE --mask MASK.png [--stream]       describe a region (or --box x0,y0,x1,y1)
+    rgpt-rt classify IMAGE --box 10,20,60,80                name its category
+    rgpt-rt refer IMAGE "the red star" --mask a.png --mask b.png
+    rgpt-rt ask IMAGE "Is <region1> above <region2>?" --box ... --box ...
+    rgpt-rt info                                            what this install holds
+Regions (--mask / --box) are numbered in the order given: <region1>, <region2>, ...
 """
 
 from __future__ import annotations
@@ -10,7 +15,113 @@ import json
 import sys
 
 
-def cmd_info(_args: argparse.Namespace) -> int:
+class RegionAction(argparse.Action):
+    """--mask and --box append to one ordered list of regions."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        regions = list(getattr(namespace, "regions", None) or [])
+        if option_string == "--box":
+            try:
+                box = tuple(float(v) for v in value.split(","))
+            except ValueError:
+                parser.error(f"--box {value!r}: give four numbers x0,y0,x1,y1")
+            if len(box) != 4:
+                parser.error(f"--box {value!r}: give four numbers x0,y0,x1,y1")
+            regions.append(box)
+        else:
+            regions.append(value)
+        namespace.regions = regions
+
+
+def add_regions(parser: argparse.ArgumentParser, many: bool) -> None:
+    what = (
+        "a region"
+        if not many
+        else "a region (repeat for more; order gives <region1>, <region2>, ...)"
+    )
+    parser.add_argument(
+        "--mask",
+        action=RegionAction,
+        dest="regions",
+        metavar="MASK.png",
+        help=f"{what} as a mask image",
+    )
+    parser.add_argument(
+        "--box",
+        action=RegionAction,
+        dest="regions",
+        metavar="x0,y0,x1,y1",
+        help=f"{what} as a box in pixels",
+    )
+
+
+def add_session_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", help="a bundle folder (default: the embedded default model)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--stats", action="store_true", help="print per-stage timings afterwards")
+
+
+def open_session(args: argparse.Namespace):
+    from rgpt_rt.runtime.session import Session
+
+    return Session(args.bundle, device=args.device)
+
+
+def regions_of(args: argparse.Namespace, one: bool) -> list:
+    regions = getattr(args, "regions", None) or []
+    if not regions:
+        raise ValueError("give a region with --mask MASK.png or --box x0,y0,x1,y1")
+    if one and len(regions) != 1:
+        raise ValueError(f"this command takes one region; got {len(regions)}")
+    return regions
+
+
+def print_answer(answer) -> None:
+    if isinstance(answer, str):
+        print(answer)
+        return
+    for delta in answer:
+        print(delta, end="", flush=True)
+    print()
+
+
+def finish(session, args: argparse.Namespace) -> int:
+    if args.stats:
+        print(json.dumps(session.stats, indent=2), file=sys.stderr)
+    return 0
+
+
+def cmd_describe(args):
+    session = open_session(args)
+    answer = session.describe(
+        args.image, regions_of(args, True)[0], detailed=not args.brief, stream=args.stream
+    )
+    print_answer(answer)
+    return finish(session, args)
+
+
+def cmd_classify(args):
+    session = open_session(args)
+    print(session.classify(args.image, regions_of(args, True)[0], vocabulary=args.vocabulary))
+    return finish(session, args)
+
+
+def cmd_refer(args):
+    session = open_session(args)
+    choice = session.refer(args.image, args.expression, regions_of(args, False))
+    print("No corresponding options found." if choice is None else f"region {choice + 1}")
+    return finish(session, args)
+
+
+def cmd_ask(args):
+    session = open_session(args)
+    print_answer(
+        session.ask(args.image, args.question, regions_of(args, False), stream=args.stream)
+    )
+    return finish(session, args)
+
+
+def cmd_info(args) -> int:
     import torch
 
     import rgpt_rt
@@ -33,6 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rgpt-rt", description="Region understanding at the edge (RegionGPT)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    describe = commands.add_parser("describe", help="describe a region of an image")
+    describe.add_argument("image")
+    add_regions(describe, many=False)
+    describe.add_argument(
+        "--brief", action="store_true", help="a short description instead of a detailed one"
+    )
+    describe.add_argument(
+        "--stream", action="store_true", help="print the answer as it is generated"
+    )
+    add_session_options(describe)
+    describe.set_defaults(run=cmd_describe)
+
+    classify = commands.add_parser("classify", help="name the category of a region")
+    classify.add_argument("image")
+    add_regions(classify, many=False)
+    classify.add_argument(
+        "--vocabulary", help="the category names to answer in (default: the model's own)"
+    )
+    add_session_options(classify)
+    classify.set_defaults(run=cmd_classify)
+
+    refer = commands.add_parser("refer", help="which region fits an expression")
+    refer.add_argument("image")
+    refer.add_argument("expression")
+    add_regions(refer, many=True)
+    add_session_options(refer)
+    refer.set_defaults(run=cmd_refer)
+
+    ask = commands.add_parser(
+        "ask", help="a free question about regions: <region1>, <region2>, ..."
+    )
+    ask.add_argument("image")
+    ask.add_argument("question")
+    add_regions(ask, many=True)
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    add_session_options(ask)
+    ask.set_defaults(run=cmd_ask)
+
     info = commands.add_parser("info", help="what this install holds: kernels, CUDA, versions")
     info.set_defaults(run=cmd_info)
     return parser
@@ -40,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def _tiny() -> RGPTConfig:
         llm=LLMConfig(
             vocab_size=1024,
             hidden_size=256,
-            intermediate_size=688,
+            intermediate_size=768,
             num_layers=4,
             num_heads=4,
             num_kv_heads=2,

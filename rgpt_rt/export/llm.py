@@ -2,7 +2,7 @@
 
     info = write_llm(model, path, quant="rtn" | "awq" | "none", group_size=128)
 
-"none": every tensor in fp16. "rtn" / "awq": the seven linears of each decoder layer as INT4
+"none": every tensor as the checkpoint holds it (unquantized). "rtn" / "awq": the seven linears of each decoder layer as INT4
 (the project's layout, rgpt_rt/quant/format.py), embeddings, norms and lm_head in fp16. AWQ
 calibrates on the model's own inputs: images through the vision stages, a region, and the
 task prompts (or the questions of --calib), so the activations are the ones it will see.
@@ -24,13 +24,14 @@ INT4_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 CALIBRATION_SAMPLES = 16
 
 
-def llm_tensors(llm) -> dict[str, torch.Tensor]:
-    """The LLM's weights with HF names, fp16, contiguous; a tied lm_head is stored once."""
+def llm_tensors(llm, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+    """The LLM's weights with HF names, contiguous, in `dtype` (None: as they are); a tied
+    lm_head is stored once."""
     tensors = {}
     for name, value in llm.state_dict().items():
         if name == "lm_head.weight" and getattr(llm.config, "tie_word_embeddings", False):
             continue
-        tensors[name] = value.detach().to(torch.float16).contiguous().cpu()
+        tensors[name] = value.detach().to(dtype or value.dtype).contiguous().cpu()
     return tensors
 
 
@@ -72,10 +73,14 @@ def write_llm(
     if quant not in QUANT_METHODS:
         raise ValueError(f"quant {quant!r} is unknown; use one of {QUANT_METHODS}")
     llm = model.llm
-    tensors = llm_tensors(llm)
-    if quant == "none":
+    if quant == "none":  # unquantized: the weights exactly as the checkpoint holds them
+        tensors = llm_tensors(llm, dtype=None)
         save_int4(path, {}, tensors)
-        return {"method": "none", "dtype": "float16"}
+        return {
+            "method": "none",
+            "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+        }
+    tensors = llm_tensors(llm)
     group = group_size
     if quant == "rtn":
         weights = {}

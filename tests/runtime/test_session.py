@@ -44,7 +44,15 @@ def test_describe_answers_and_reports_its_stages(session):
     text = session.describe(image, masks[0], max_new_tokens=12)
     assert isinstance(text, str)
     stats = session.stats
-    for key in ("preprocess_ms", "vision_ms", "regions_ms", "prefill_ms", "ttft_ms", "decode_ms", "total_ms"):
+    for key in (
+        "preprocess_ms",
+        "vision_ms",
+        "regions_ms",
+        "prefill_ms",
+        "ttft_ms",
+        "decode_ms",
+        "total_ms",
+    ):
         assert stats[key] >= 0, key
     assert stats["vision_backend"] == "onnxruntime-cpu"
     info = session.info()
@@ -111,7 +119,9 @@ def test_session_prefill_matches_the_reference_model(tiny_checkpoint, tiny_bundl
     region_embeds = session._regions(hires, masks[:1], frame, stats)
     ids, order = session._tokenize(reference_conversation(question), 1)
     assert ids == prepared.input_ids[0].tolist()
-    cache, logits = session._prefill(frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats)
+    cache, logits = session._prefill(
+        frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats
+    )
     session._release(cache)
     # fp32 on both sides; the paths differ in kernel order (ONNX Runtime, mask-pool kernel, our decoder)
     torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
@@ -159,7 +169,9 @@ def test_gray_rgba_and_huge_images_are_converted(session, tmp_path):
     huge = np.zeros((6000, 4500, 3), dtype=np.uint8)
     assert isinstance(session.describe(huge, (100, 200, 1500, 2500), max_new_tokens=4), str)
     assert session.stats["original_size"] == [6000, 4500]
-    assert max(session.stats["image_size"]) == 2048, "a huge image is downscaled before the model sees it"
+    assert max(session.stats["image_size"]) == 2048, (
+        "a huge image is downscaled before the model sees it"
+    )
     path = tmp_path / "photo.png"
     Image.fromarray(image).save(path)
     mask_path = tmp_path / "mask.png"
