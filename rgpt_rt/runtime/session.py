@@ -90,33 +90,76 @@ class Session:
         """bundle: a folder from export/build_engine.py (None: the embedded default model);
         device: "auto" (cuda when available), "cpu" or "cuda"; vision_backend: force
         "tensorrt", "onnxruntime" or "torch"; verify: check every file's sha256 at load."""
-        self.device = resolve_device(device)
-        self.folder = Path(bundle) if bundle is not None else default_bundle()
-        self.manifest = verify_bundle(self.folder, hashes=verify)
-        self.config = self.manifest.config
-        self.tokenizer = load_tokenizer(self.folder)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.vision = select_vision_backend(
-            self.folder, self.manifest, self.device, prefer=vision_backend
+        device = resolve_device(device)
+        folder = Path(bundle) if bundle is not None else default_bundle()
+        manifest = verify_bundle(folder, hashes=verify)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        connector = load_file(str(folder / "connector.safetensors"))
+        self._setup(
+            config=manifest.config,
+            tokenizer=load_tokenizer(folder),
+            vision=select_vision_backend(folder, manifest, device, prefer=vision_backend),
+            connector=connector,
+            decoder=load_bundle_decoder(folder, manifest.config.llm, dtype, device),
+            device=device,
+            source={
+                "bundle": str(folder),
+                "quantization": manifest.quantization,
+                "tensorrt": manifest.data.get("tensorrt"),
+            },
+            max_image_side=max_image_side,
+            vision_cache_bytes=vision_cache_bytes,
+            prefix_cache_bytes=prefix_cache_bytes,
+            max_batch=max_batch,
         )
-        connector = load_file(str(self.folder / "connector.safetensors"))
-        self.connector = {
-            f"connector.{k}": v.to(self.device, self.dtype) for k, v in connector.items()
-        }
-        self.decoder: LlamaDecoder = load_bundle_decoder(
-            self.folder, self.config.llm, self.dtype, self.device
-        )
-        names = self.config.tokens
-        self.eos_id = self.tokenizer.token_to_id(names.eos)
-        self.image_id = self.tokenizer.token_to_id(names.image)
-        self.region_id = self.tokenizer.token_to_id(names.region)
+
+    @classmethod
+    def from_parts(
+        cls, *, config, tokenizer, vision, connector, decoder, device, source=None, **options
+    ) -> Session:
+        """A Session over components already in memory (benchmarks of random-weight models that
+        are never written as a bundle). connector: {"fc1.weight", ...} tensors."""
+        session = cls.__new__(cls)
+        session._setup(
+            config=config, tokenizer=tokenizer, vision=vision, connector=connector, decoder=decoder,
+            device=torch.device(device), source=source or {"bundle": None}, **options,
+        )  # fmt: skip
+        return session
+
+    def _setup(
+        self,
+        *,
+        config,
+        tokenizer,
+        vision,
+        connector: dict[str, torch.Tensor],
+        decoder: LlamaDecoder,
+        device: torch.device,
+        source: dict[str, Any],
+        max_image_side: int = 2048,
+        vision_cache_bytes: int = 256 << 20,
+        prefix_cache_bytes: int = 512 << 20,
+        max_batch: int = 16,
+    ) -> None:
+        self.device = device
+        self.dtype = decoder.dtype
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.connector = {f"connector.{k}": v.to(device, self.dtype) for k, v in connector.items()}
+        self.decoder = decoder
+        self.source = source
+        names = config.tokens
+        self.eos_id = tokenizer.token_to_id(names.eos)
+        self.image_id = tokenizer.token_to_id(names.image)
+        self.region_id = tokenizer.token_to_id(names.region)
         self.max_image_side = max_image_side
         self.max_batch = max_batch
-        self.max_context = self.config.llm.max_position_embeddings
+        self.max_context = config.llm.max_position_embeddings
         self._lock = threading.RLock()
         self._vision_cache = ByteLRU(vision_cache_bytes)
         self._prefix_cache = ByteLRU(prefix_cache_bytes)
-        self._free_caches: dict[int, list[KVCache]] = {}
+        self._free_caches: dict[tuple[int, int], list[KVCache]] = {}
         self.stats: dict[str, Any] = {}
 
     # --- the public API ---------------------------------------------------------------------
@@ -206,9 +249,9 @@ class Session:
         return Chat(self, image, _as_list(masks))
 
     def info(self) -> dict[str, Any]:
-        quant = self.manifest.quantization
+        quant = self.source.get("quantization") or {}
         return {
-            "bundle": str(self.folder),
+            "bundle": self.source.get("bundle"),
             "model": self.config.name,
             "device": str(self.device)
             + (
@@ -222,7 +265,7 @@ class Session:
                 "group_size": quant.get("group_size"),
                 "dtype": str(self.dtype).replace("torch.", ""),
             },
-            "tensorrt": self.manifest.data.get("tensorrt"),
+            "tensorrt": self.source.get("tensorrt"),
             "image_tokens": self.config.num_image_tokens,
             "caches": {
                 "vision": {
@@ -320,7 +363,7 @@ class Session:
                 f"the prompt and answer need {needed} positions but the model holds {self.max_context}; "
                 "ask a shorter question or lower max_new_tokens"
             )
-        cache = self._acquire(len(region_rows))
+        cache = self._acquire(len(region_rows), needed)
         cache.copy_prefix(prefix, 0, list(range(len(region_rows))), length)
         embeds = self._splice(suffix, None, torch.cat(region_rows))  # [B, Ts, D]
         logits = self.decoder.prefill(cache, inputs_embeds=embeds)
@@ -360,17 +403,20 @@ class Session:
         return answer if streaming else answer.text()
 
     # --- KV caches in flight ------------------------------------------------------------------------
-    def _acquire(self, batch: int) -> KVCache:
-        free = self._free_caches.get(batch)
+    def _acquire(self, batch: int, positions: int) -> KVCache:
+        """A KV cache of `batch` rows holding at least `positions`, reused across answers (its
+        CUDA graphs with it). Lengths are rounded up to 256 so a few sizes serve every prompt."""
+        max_len = min(self.max_context, -(-positions // 256) * 256)
+        free = self._free_caches.get((batch, max_len))
         if free:
             cache = free.pop()
             cache.reset()
             return cache
-        return self.decoder.new_cache(batch, self.max_context)
+        return self.decoder.new_cache(batch, max_len)
 
     def _release(self, cache: KVCache) -> None:
         with self._lock:
-            self._free_caches.setdefault(cache.batch_size, []).append(cache)
+            self._free_caches.setdefault((cache.batch_size, cache.max_len), []).append(cache)
 
     def _finish_stats(self, stats: dict[str, Any], started: float) -> None:
         stats["total_ms"] = _ms(started)
