@@ -248,6 +248,12 @@ class Session:
         """A multi-turn conversation about regions of one image: chat.send(text, stream=False)."""
         return Chat(self, image, _as_list(masks))
 
+    def clear_caches(self) -> None:
+        """Forget every cached vision result and prefix KV (the next question is cold)."""
+        with self._lock:
+            self._vision_cache.clear()
+            self._prefix_cache.clear()
+
     def info(self) -> dict[str, Any]:
         quant = self.source.get("quantization") or {}
         return {

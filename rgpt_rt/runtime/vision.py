@@ -111,22 +111,24 @@ class TorchVision(VisionBackend):
     name = "torch"
 
     def __init__(
-        self,
-        config: RGPTConfig,
-        device: torch.device,
-        vision_path: Path,
-        connector_path: Path,
-        dtype=None,
+        self, config: RGPTConfig, device: torch.device, weights: dict[str, torch.Tensor], dtype=None
     ):
+        """weights: clip.*, refinement.* (vision.safetensors) and connector.* tensors."""
         super().__init__(config, device)
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        weights = load_file(str(vision_path))
-        weights.update({f"connector.{k}": v for k, v in load_file(str(connector_path)).items()})
         self.weights = {k: v.to(device=device, dtype=self.dtype) for k, v in weights.items()}
         self._graphs: dict[
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
         ] = {}
         self.name = "torch-cuda-graph" if device.type == "cuda" else "torch"
+
+    @classmethod
+    def from_files(
+        cls, config: RGPTConfig, device: torch.device, vision_path: Path, connector_path: Path
+    ) -> TorchVision:
+        weights = load_file(str(vision_path))
+        weights.update({f"connector.{k}": v for k, v in load_file(str(connector_path)).items()})
+        return cls(config, device, weights)
 
     def __call__(self, pixel_values):
         pixels = pixel_values.to(self.device, self.dtype)
@@ -252,7 +254,7 @@ def select_vision_backend(
                 return TensorRTVision(config, device, engine)
             if name == "onnxruntime":
                 return OnnxRuntimeVision(config, device, folder / "vision.onnx")
-            return TorchVision(
+            return TorchVision.from_files(
                 config, device, folder / "vision.safetensors", folder / "connector.safetensors"
             )
         except (ImportError, RuntimeError) as error:
