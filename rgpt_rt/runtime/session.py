@@ -161,6 +161,20 @@ class Session:
         self._prefix_cache = ByteLRU(prefix_cache_bytes)
         self._free_caches: dict[tuple[int, int], list[KVCache]] = {}
         self.stats: dict[str, Any] = {}
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay one-time costs at load, not in the first answer: the first call of each custom
+        op in a process imports torch._dynamo (seconds), and kernels pick their paths."""
+        channels = self.config.vision.hidden_size
+        hires = torch.zeros(1, 4, 4, channels, dtype=self.dtype, device=self.device)
+        mask_pool(
+            hires,
+            torch.ones(1, 4, 4, dtype=torch.bool, device=self.device),
+            mode=self.config.pool_mode,
+        )
+        cache = self.decoder.new_cache(1, 8)
+        self.decoder.prefill(cache, input_ids=torch.tensor([[self.eos_id]], device=self.device))
 
     # --- the public API ---------------------------------------------------------------------
     def describe(
