@@ -1,6 +1,8 @@
 """`rgpt-rt`: the command line.
 
 rgpt-rt info        what this install holds (kernels built, CUDA, versions)
+rgpt-rt train       train or fine-tune a model (same options as `python -m rgpt_rt.train`)
+rgpt-rt eval        per-task held-out accuracy (same options as `python -m rgpt_rt.eval`)
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="what this install holds: kernels, CUDA, versions")
     info.set_defaults(run=cmd_info)
+    train = commands.add_parser(
+        "train", help="train tiny on the shapes world, or fine-tune on COCO-format region data"
+    )
+    from rgpt_rt import train as train_module
+
+    train_module.add_arguments(train)
+    train.set_defaults(run=train_module.run)
+    evaluate = commands.add_parser("eval", help="per-task held-out accuracy of a checkpoint")
+    from rgpt_rt import eval as eval_module
+
+    eval_module.add_arguments(evaluate)
+    evaluate.set_defaults(run=eval_module.run)
     return parser
 
 

@@ -220,12 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", help="a save_pretrained folder (default: the embedded default model)"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"{QUICK_PER_TASK} samples per task"
-    )
-    parser.add_argument(
-        "--per-task", type=int, help=f"samples per task (default {FULL_PER_TASK})"
-    )
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_PER_TASK} samples per task")
+    parser.add_argument("--per-task", type=int, help=f"samples per task (default {FULL_PER_TASK})")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out world's seed")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch CPU threads")

@@ -56,7 +56,9 @@ def rle_counts_from_string(text: str) -> list[int]:
                 raise ValueError("compressed RLE string ends in the middle of a run")
             group = ord(text[position]) - 48
             if not 0 <= group < 64:
-                raise ValueError(f"compressed RLE string holds an invalid character {text[position]!r}")
+                raise ValueError(
+                    f"compressed RLE string holds an invalid character {text[position]!r}"
+                )
             value |= (group & 0x1F) << shift
             more = bool(group & 0x20)
             position += 1
@@ -167,7 +169,7 @@ def _problem(annotation: dict, image: dict | None, categories: dict[int, str]) -
         x, y, w, h = bbox
         if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
             return "outside the image"
-    segmentation = annotation.get("segmentation", None)
+    segmentation = annotation.get("segmentation")
     if segmentation is None:
         return None if bbox is not None else "no segmentation and no bbox"
     if isinstance(segmentation, dict):

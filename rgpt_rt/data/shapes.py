@@ -132,8 +132,10 @@ def _polygon(shape: str) -> np.ndarray:
         w = CROSS_ARM
         a = math.sqrt(1.0 - w * w)  # the arm ends' corners lie on the unit circle
         return np.array(
-            [[w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a]]
-            + [[-w, a], [-w, w], [-a, w], [-a, -w], [-w, -w], [-w, -a]],
+            [
+                *([w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a]),
+                *([-w, a], [-w, w], [-a, w], [-a, -w], [-w, -w], [-w, -a]),
+            ],
             dtype=np.float64,
         )
     raise ValueError(f"{shape!r} is not a polygon shape")
@@ -174,10 +176,10 @@ def object_coverage(obj: ShapeObject, size: int, antialias: bool) -> np.ndarray:
     """[S, S] float32 in [0, 1]: the fraction of each pixel that `obj` covers (0 or 1 without
     anti-aliasing: the pixel centre decides)."""
     coverage = np.zeros((size, size), dtype=np.float32)
-    x0 = max(int(math.floor(obj.cx - obj.radius)) - 1, 0)
-    x1 = min(int(math.ceil(obj.cx + obj.radius)) + 1, size)
-    y0 = max(int(math.floor(obj.cy - obj.radius)) - 1, 0)
-    y1 = min(int(math.ceil(obj.cy + obj.radius)) + 1, size)
+    x0 = max(math.floor(obj.cx - obj.radius) - 1, 0)
+    x1 = min(math.ceil(obj.cx + obj.radius) + 1, size)
+    y0 = max(math.floor(obj.cy - obj.radius) - 1, 0)
+    y1 = min(math.ceil(obj.cy + obj.radius) + 1, size)
     if x1 <= x0 or y1 <= y0:
         return coverage
     steps = SUPERSAMPLE if antialias else 1

@@ -1,7 +1,7 @@
 """Tasks on the shapes world: questions about regions, with answers that follow from the scene.
 
     world = ShapesWorld(image_size=96, seed=0)
-    sample = world.sample(index)             # training: 1-4 turns about one scene
+    sample = world.sample(index)             # training: 1-3 turns about one scene
     sample = world.task_sample(index, "refer")   # evaluation: one turn of one task
 
 Tasks (TASKS), each asked with the paper's prompt or a paraphrase:
@@ -31,8 +31,8 @@ from rgpt_rt.data.shapes import (
     SIZES,
     Scene,
     ShapeObject,
-    sample_object,
     make_scene,
+    sample_object,
 )
 from rgpt_rt.inputs import box_to_mask
 from rgpt_rt.prompts import (
@@ -59,8 +59,8 @@ VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape catego
 BOX_RATE = 0.2
 NEGATIVE_RATE = 0.2  # referring expressions that fit none of the regions
 ABOVE_MARGIN = 0.12  # `above` is asked only when the centres differ by this much of the image
-TURN_COUNTS = (1, 2, 3, 4)
-TURN_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
+TURN_COUNTS = (1, 2, 3)
+TURN_WEIGHTS = (0.6, 0.3, 0.1)
 PAPER_PROMPT_RATE = 0.5  # how often a task is asked with the paper's own wording
 SIZE_RANK = {name: rank for rank, name in enumerate(SIZES)}
 
@@ -374,14 +374,18 @@ class ShapesWorld:
     def scene(self, rng: np.random.Generator) -> Scene:
         return make_scene(rng, self.image_size)
 
-    def sample(self, index: int) -> RegionSample:
-        """A training sample: 1 to 4 turns about one scene, the first of any task."""
+    def sample(
+        self, index: int, tasks: tuple[str, ...] | None = None, turns: int | None = None
+    ) -> RegionSample:
+        """A training sample: 1 to 3 turns about one scene, of any task; or, for a curriculum,
+        `turns` turns of the given `tasks` only."""
         rng = np.random.default_rng([self.seed, index])
         scene = self.scene(rng)
-        turns_wanted = int(rng.choice(TURN_COUNTS, p=TURN_WEIGHTS))
+        turns_wanted = int(rng.choice(TURN_COUNTS, p=TURN_WEIGHTS)) if turns is None else turns
         regions = _Regions()
+        names = list(tasks or TASK_WEIGHTS)
+        weights = np.array([TASK_WEIGHTS[name] for name in names])
         turns: list[Turn] = []
-        names, weights = list(TASK_WEIGHTS), np.array(list(TASK_WEIGHTS.values()))
         while len(turns) < turns_wanted:
             task = names[rng.choice(len(names), p=weights / weights.sum())]
             turn = _turn(task, scene, regions, rng, first=not turns)
