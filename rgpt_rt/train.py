@@ -14,6 +14,10 @@ at all (a run killed mid-write resumes from the previous one), with the model, t
 and the step. The data of step N depends only on the seed and N, so a resumed run continues the
 same curve. A NaN or infinite loss stops the run with an error naming the step.
 
+A model from scratch needs two things a pretrained LLM brings (both measured on the shapes
+world, see CURRICULUM and centre_connector): a connector whose outputs are not one shared
+vector, and a first phase of questions that only the region token can answer.
+
 out/ holds: log.jsonl (loss, lr, samples/s; evaluations), checkpoints/, final/ (the model).
 """
 
@@ -71,7 +75,6 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     vision_lr_scale: float = 1.0
-    llm_first_steps: int = 0  # the vision side waits this many updates (see part_lr)
     curriculum: tuple[int, ...] = ()  # where each CURRICULUM phase ends (shapes world only)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -195,11 +198,8 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def part_lr(part: str, step: int, cfg: TrainConfig) -> float:
-    """The learning rate of one part at update `step`: the schedule, scaled for the vision
-    tower, and zero for the vision side (tower, refinement, connector) during the first
-    `llm_first_steps` updates of a model trained from scratch."""
-    if part != "llm" and step < cfg.llm_first_steps:
-        return 0.0
+    """The learning rate of one part at update `step`: the schedule, scaled by
+    vision_lr_scale for the vision tower."""
     scale = cfg.vision_lr_scale if part == "vision" else 1.0
     return lr_at(step, cfg) * scale
 
@@ -470,7 +470,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "grad_accum",
         "lr",
         "vision_lr_scale",
-        "llm_first_steps",
         "min_lr_ratio",
         "warmup_steps",
         "weight_decay",
