@@ -138,7 +138,7 @@ def test_every_training_answer_follows_from_the_ground_truth():
     for index in range(150):
         seen += check(world.sample(index))
     assert set(seen) == set(TASKS)
-    turns = [len(world.sample(i).turns) for i in range(40)]
+    turns = [len(world.sample(i).turns) for i in range(80)]
     assert set(turns) == {1, 2, 3}
 
 
