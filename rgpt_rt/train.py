@@ -43,11 +43,12 @@ from rgpt_rt.tokenizer import train_tokenizer
 
 CHECKPOINT_PREFIX = "step-"
 # The curriculum of a model trained from scratch on the shapes world: phase k (up to the k-th
-# step of TrainConfig.curriculum) asks one question about one region, from CURRICULUM[k]; then
-# all tasks. A new LLM first has to learn where the region token is; on the full task mix it
-# stayed at its text prior (always "white", "ring") for 800 steps, while on colour questions
-# alone (the region token right before the answer) it starts to read the region within ~100.
-CURRICULUM = (("colour",), ("colour", "classify", "brief", "detailed"))
+# step of TrainConfig.curriculum; a phase may be empty) asks one question about one region,
+# from CURRICULUM[k]; then all tasks. The third phase (shape names only) is for continuing a
+# model that reads colours but not shapes. A new LLM first has to learn where the region
+# token is: on the full task mix it stayed at its text prior (always "white", "ring") for 800
+# steps, while on colour questions alone it read the region token within ~250.
+CURRICULUM = (("colour",), ("colour", "classify", "brief", "detailed"), ("classify",))
 
 
 class TrainingDiverged(RuntimeError):
