@@ -4,6 +4,8 @@
     rgpt-rt classify IMAGE --box 10,20,60,80                name its category
     rgpt-rt refer IMAGE "the red star" --mask a.png --mask b.png
     rgpt-rt ask IMAGE "Is <region1> above <region2>?" --box ... --box ...
+    rgpt-rt train ...                                       python -m rgpt_rt.train ...
+    rgpt-rt eval ...                                        python -m rgpt_rt.eval ...
     rgpt-rt info                                            what this install holds
 Regions (--mask / --box) are numbered in the order given: <region1>, <region2>, ...
 """
@@ -185,7 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="what this install holds: kernels, CUDA, versions")
     info.set_defaults(run=cmd_info)
+    # train and eval take their own options (and import the trainer, transformers included,
+    # only when they run)
+    train = commands.add_parser(
+        "train",
+        add_help=False,
+        help="train tiny on the shapes world, or fine-tune on COCO-format region data (--help for options)",
+    )
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(run=lambda a: _delegate("rgpt_rt.train", a.args))
+    evaluate = commands.add_parser(
+        "eval", add_help=False, help="per-task held-out accuracy of a checkpoint (--help for options)"
+    )
+    evaluate.add_argument("args", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(run=lambda a: _delegate("rgpt_rt.eval", a.args))
     return parser
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

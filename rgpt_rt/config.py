@@ -223,12 +223,14 @@ def _build(kind: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _tiny() -> RGPTConfig:
-    # Small enough to train from scratch on 2 CPU cores: an 8x8 patch grid (64 image tokens),
-    # a 32x32 refined map for the regions, and a 4-layer decoder over a ~1k-token vocabulary.
+    # Trains from scratch on 2 CPU cores (the embedded default model, rgpt_rt/assets/): 96 px
+    # images in 16 px patches, a 6x6 patch grid (36 image tokens) and a 24x24 refined map for
+    # the regions (4 px cells), and a 4-layer decoder over the shapes world's ~640-token
+    # vocabulary. Decoder widths are multiples of 128, the INT4 group size.
     return RGPTConfig(
         vision=VisionConfig(
-            image_size=64,
-            patch_size=8,
+            image_size=96,
+            patch_size=16,
             hidden_size=128,
             intermediate_size=512,
             num_layers=4,
@@ -237,7 +239,7 @@ def _tiny() -> RGPTConfig:
             select_layer=-1,
         ),
         llm=LLMConfig(
-            vocab_size=1024,
+            vocab_size=768,
             hidden_size=256,
             intermediate_size=768,
             num_layers=4,

@@ -1,0 +1,436 @@
+"""Tasks on the shapes world: questions about regions, with answers that follow from the scene.
+
+    world = ShapesWorld(image_size=96, seed=0)
+    sample = world.sample(index)             # training: 1-3 turns about one scene
+    sample = world.task_sample(index, "refer")   # evaluation: one turn of one task
+
+Tasks (TASKS), each asked with the paper's prompt or a paraphrase:
+    classify   the shape name                                    "circle"
+    brief      size, colour and shape                            "a large red circle"
+    detailed   + position and the nearest neighbour              "A large red circle at the top left, to the left of a small blue star."
+    refer      which of 2-5 regions fits a phrase                "Region [2]" / "No corresponding options found."
+    colour     What color is <region1>?                          "red"
+    above      Is <region1> above <region2>?                     "yes" / "no"
+    larger     Which is larger, <region1> or <region2>?          "Region [1]"
+Regions are given as masks, and sometimes (BOX_RATE) as boxes: rectangle masks around the
+object's visible pixels, used only where the object fills most of the objects in its box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from rgpt_rt.data.samples import RegionSample, Turn
+from rgpt_rt.data.shapes import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    make_scene,
+    sample_object,
+)
+from rgpt_rt.inputs import box_to_mask
+from rgpt_rt.prompts import (
+    NO_MATCH_ANSWER,
+    SYSTEM_PROMPT,
+    classify_prompt,
+    describe_prompt,
+    refer_answer,
+    refer_prompt,
+    region_list,
+)
+
+TASKS = ("classify", "brief", "detailed", "refer", "colour", "above", "larger")
+TASK_WEIGHTS = {
+    "classify": 0.14,
+    "brief": 0.1,
+    "detailed": 0.2,
+    "refer": 0.26,
+    "colour": 0.1,
+    "above": 0.1,
+    "larger": 0.1,
+}
+VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape category names."
+BOX_RATE = 0.2
+NEGATIVE_RATE = 0.2  # referring expressions that fit none of the regions
+ABOVE_MARGIN = 0.12  # `above` is asked only when the centres differ by this much of the image
+TURN_COUNTS = (1, 2, 3)
+TURN_WEIGHTS = (0.6, 0.3, 0.1)
+PAPER_PROMPT_RATE = 0.5  # how often a task is asked with the paper's own wording
+SIZE_RANK = {name: rank for rank, name in enumerate(SIZES)}
+
+POSITION_PHRASE = {
+    "top left": "at the top left",
+    "top": "at the top",
+    "top right": "at the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "at the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "at the bottom right",
+}
+
+CLASSIFY_PARAPHRASES = (
+    "What shape is {r}?",
+    "Which shape does {r} show?",
+    "Name the shape in {r}.",
+    "What kind of shape is {r}? Answer with one word.",
+)
+BRIEF_PARAPHRASES = (
+    "Briefly describe {r}.",
+    "What is {r}? Answer in a few words.",
+    "Describe {r} in a few words.",
+)
+DETAILED_PARAPHRASES = (
+    "Describe {r} in detail.",
+    "Give a detailed description of {r}.",
+    "Tell me about the object at {r}: what it is, what it looks like and where it is.",
+)
+COLOUR_QUESTIONS = (
+    "What color is {r}?",
+    "What is the colour of {r}?",
+    "Which color does {r} have?",
+    "Tell me the color of {r}.",
+)
+# (template, True when a "yes" means the first region is higher)
+ABOVE_QUESTIONS = (
+    ("Is {a} above {b}?", True),
+    ("Is {a} below {b}?", False),
+    ("Is {a} higher in the image than {b}?", True),
+    ("Is {a} lower in the image than {b}?", False),
+)
+# (template, True when the answer is the larger region)
+LARGER_QUESTIONS = (
+    ("Which is larger, {a} or {b}?", True),
+    ("Which is bigger, {a} or {b}?", True),
+    ("Which is smaller, {a} or {b}?", False),
+    ("Which of {a} and {b} is larger?", True),
+)
+REFER_PARAPHRASES = (
+    'Which of {regions} is "{expression}"? Answer with Region [x].',
+    'Among {regions}, find "{expression}". Answer the question using the template Region [x].',
+)
+NOUNS = ("shape", "object", "one")
+
+
+def article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+# --- answers: functions of the objects alone ---------------------------------------------------
+
+
+def brief_answer(obj: ShapeObject) -> str:
+    return article(obj.phrase())
+
+
+def relation(obj: ShapeObject, other: ShapeObject) -> str:
+    """Where `obj` is relative to `other`, along the axis where they are further apart."""
+    dx, dy = other.cx - obj.cx, other.cy - obj.cy
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def nearest(objects: list[ShapeObject], index: int) -> ShapeObject:
+    obj = objects[index]
+    others = [o for k, o in enumerate(objects) if k != index]
+    return min(others, key=lambda o: (o.cx - obj.cx) ** 2 + (o.cy - obj.cy) ** 2)
+
+
+def detailed_answer(objects: list[ShapeObject], index: int) -> str:
+    """'A large red circle at the top left, to the left of a small blue star.'"""
+    obj = objects[index]
+    text = article(obj.phrase())
+    text = text[0].upper() + text[1:] + " " + POSITION_PHRASE[obj.position]
+    if len(objects) > 1:
+        other = nearest(objects, index)
+        text += f", {relation(obj, other)} {article(other.phrase())}"
+    return text + "."
+
+
+def _attributes(obj: ShapeObject) -> dict[str, str]:
+    return {"size": obj.size, "colour": obj.colour, "shape": obj.shape, "position": obj.position}
+
+
+def expression_text(values: dict[str, str], rng: np.random.Generator) -> str:
+    """A referring phrase for attribute values: 'the large red circle at the top left',
+    'the blue one', 'the star that is green', ..."""
+    noun = values.get("shape") or NOUNS[rng.integers(len(NOUNS))]
+    colour = values.get("colour")
+    words = [values["size"]] if "size" in values else []
+    relative = colour is not None and "shape" in values and rng.random() < 0.2
+    if colour is not None and not relative:
+        words.append(colour)
+    words.append(noun)
+    text = "the " + " ".join(words)
+    if relative:
+        text += f" that is {colour}"
+    if "position" in values:
+        text += " " + POSITION_PHRASE[values["position"]]
+    return text
+
+
+# Attribute sets tried for a referring expression, most natural first.
+EXPRESSION_KEYS = (
+    ("colour", "shape"),
+    ("shape",),
+    ("colour",),
+    ("size", "shape"),
+    ("size", "colour", "shape"),
+    ("shape", "position"),
+    ("colour", "position"),
+    ("size", "colour", "shape", "position"),
+)
+
+
+def matches(obj: ShapeObject, values: dict[str, str]) -> bool:
+    attributes = _attributes(obj)
+    return all(attributes[key] == value for key, value in values.items())
+
+
+def unique_description(
+    candidates: list[ShapeObject], target: int, rng: np.random.Generator
+) -> dict[str, str] | None:
+    """Attribute values of candidates[target] that no other candidate shares, or None."""
+    order = rng.permutation(len(EXPRESSION_KEYS))
+    for k in order:
+        values = {key: _attributes(candidates[target])[key] for key in EXPRESSION_KEYS[k]}
+        if sum(matches(c, values) for c in candidates) == 1:
+            return values
+    return None
+
+
+def absent_description(
+    candidates: list[ShapeObject], rng: np.random.Generator
+) -> dict[str, str] | None:
+    """Attribute values that fit no candidate: one candidate's description with one value
+    changed (a near miss), or None when no attempt succeeds."""
+    choices = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS}
+    for _attempt in range(20):
+        base = candidates[rng.integers(len(candidates))]
+        keys = EXPRESSION_KEYS[rng.integers(len(EXPRESSION_KEYS))]
+        values = {key: _attributes(base)[key] for key in keys}
+        changed = keys[rng.integers(len(keys))]
+        options = [v for v in choices[changed] if v != values[changed]]
+        values[changed] = options[rng.integers(len(options))]
+        if not any(matches(c, values) for c in candidates):
+            return values
+    return None
+
+
+# --- questions ---------------------------------------------------------------------------------
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[rng.integers(len(options))]
+
+
+def _paper_or(rng: np.random.Generator, paper: str, paraphrases, name: str) -> str:
+    if rng.random() < PAPER_PROMPT_RATE:
+        return paper
+    return _pick(rng, paraphrases).format(r=name)
+
+
+class _Regions:
+    """The masks of one sample: objects get mask numbers in order of first mention."""
+
+    def __init__(self) -> None:
+        self.objects: list[int] = []
+
+    def name(self, index: int) -> str:
+        if index not in self.objects:
+            self.objects.append(index)
+        return f"<region{self.objects.index(index) + 1}>"
+
+    def number(self, index: int) -> int:
+        return self.objects.index(index) + 1
+
+
+def _turn(
+    task: str, scene: Scene, regions: _Regions, rng: np.random.Generator, first: bool
+) -> Turn | None:
+    """One question and answer of `task` about `scene`, or None when the scene cannot pose it
+    (e.g. no two objects far enough apart vertically)."""
+    objects = scene.objects
+    count = len(objects)
+    if task == "refer":
+        if not first:
+            return None
+        return _refer_turn(scene, regions, rng)
+    if task in ("classify", "brief", "detailed", "colour"):
+        index = int(rng.integers(count))
+        obj = objects[index]
+        name = regions.name(index)
+        number = regions.number(index)
+        truth = {"object": index, **_attributes(obj)}
+        if task == "classify":
+            question = _paper_or(
+                rng, classify_prompt(VOCABULARY, number), CLASSIFY_PARAPHRASES, name
+            )
+            return Turn(question, obj.shape, task, truth)
+        if task == "brief":
+            question = _paper_or(
+                rng, describe_prompt(detailed=False, region=number), BRIEF_PARAPHRASES, name
+            )
+            return Turn(question, brief_answer(obj), task, truth)
+        if task == "detailed":
+            question = _paper_or(
+                rng, describe_prompt(detailed=True, region=number), DETAILED_PARAPHRASES, name
+            )
+            other = nearest(objects, index)
+            truth.update(neighbour=objects.index(other), relation=relation(obj, other))
+            return Turn(question, detailed_answer(objects, index), task, truth)
+        return Turn(_pick(rng, COLOUR_QUESTIONS).format(r=name), obj.colour, task, truth)
+
+    pairs = [(a, b) for a in range(count) for b in range(count) if a != b]
+    if task == "above":
+        limit = ABOVE_MARGIN * scene.size
+        pairs = [(a, b) for a, b in pairs if abs(objects[a].cy - objects[b].cy) >= limit]
+    elif task == "larger":
+        pairs = [(a, b) for a, b in pairs if objects[a].size != objects[b].size]
+    else:
+        raise ValueError(f"task {task!r} is unknown; use one of {TASKS}")
+    if not pairs:
+        return None
+    a, b = pairs[rng.integers(len(pairs))]
+    first_name, second_name = regions.name(a), regions.name(b)
+    truth = {"objects": [a, b], "numbers": [regions.number(a), regions.number(b)]}
+    if task == "above":
+        template, yes_if_higher = _pick(rng, ABOVE_QUESTIONS)
+        higher = objects[a].cy < objects[b].cy
+        answer = "yes" if higher == yes_if_higher else "no"
+        return Turn(template.format(a=first_name, b=second_name), answer, task, truth)
+    template, wants_larger = _pick(rng, LARGER_QUESTIONS)
+    a_larger = SIZE_RANK[objects[a].size] > SIZE_RANK[objects[b].size]
+    chosen = a if a_larger == wants_larger else b
+    answer = refer_answer(regions.number(chosen) - 1)
+    return Turn(template.format(a=first_name, b=second_name), answer, task, truth)
+
+
+def _refer_turn(scene: Scene, regions: _Regions, rng: np.random.Generator) -> Turn | None:
+    count = len(scene.objects)
+    picked = [int(i) for i in rng.permutation(count)[: int(rng.integers(2, min(count, 5) + 1))]]
+    candidates = [scene.objects[i] for i in picked]
+    negative = rng.random() < NEGATIVE_RATE
+    target = None if negative else int(rng.integers(len(picked)))
+    if target is None:
+        values = absent_description(candidates, rng)
+    else:
+        values = unique_description(candidates, target, rng)
+    if values is None:
+        return None
+    for index in picked:
+        regions.name(index)
+    expression = expression_text(values, rng)
+    if rng.random() < PAPER_PROMPT_RATE:
+        question = refer_prompt(expression, len(picked))
+    else:
+        question = _pick(rng, REFER_PARAPHRASES).format(
+            regions=region_list(len(picked)), expression=expression
+        )
+    truth = {"objects": picked, "target": target, "values": values}
+    return Turn(question, refer_answer(target), "refer", truth)
+
+
+# --- samples -----------------------------------------------------------------------------------
+
+
+def _region_masks(
+    scene: Scene, objects: list[int], rng: np.random.Generator, box_rate: float
+) -> tuple[list[np.ndarray], list[bool]]:
+    masks, boxes = [], []
+    for index in objects:
+        mask = scene.mask(index)
+        as_box = False
+        if rng.random() < box_rate:
+            ys, xs = np.nonzero(mask)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            inside = scene.labels[box[1] : box[3], box[0] : box[2]]
+            others = int(((inside >= 0) & (inside != index)).sum())
+            if int((inside == index).sum()) >= 2 * others:
+                mask = box_to_mask(box, mask.shape)
+                as_box = True
+        masks.append(mask)
+        boxes.append(as_box)
+    return masks, boxes
+
+
+@dataclass
+class ShapesWorld:
+    """Samples of the shapes world. Sample `index` depends only on (seed, index), so a
+    training run can resume at any step and a held-out split is another seed."""
+
+    image_size: int
+    seed: int = 0
+    box_rate: float = BOX_RATE
+
+    def scene(self, rng: np.random.Generator) -> Scene:
+        return make_scene(rng, self.image_size)
+
+    def sample(
+        self, index: int, tasks: tuple[str, ...] | None = None, turns: int | None = None
+    ) -> RegionSample:
+        """A training sample: 1 to 3 turns about one scene, of any task; or, for a curriculum,
+        `turns` turns of the given `tasks` only."""
+        rng = np.random.default_rng([self.seed, index])
+        scene = self.scene(rng)
+        turns_wanted = int(rng.choice(TURN_COUNTS, p=TURN_WEIGHTS)) if turns is None else turns
+        regions = _Regions()
+        names = list(tasks or TASK_WEIGHTS)
+        weights = np.array([TASK_WEIGHTS[name] for name in names])
+        turns: list[Turn] = []
+        while len(turns) < turns_wanted:
+            task = names[rng.choice(len(names), p=weights / weights.sum())]
+            turn = _turn(task, scene, regions, rng, first=not turns)
+            if turn is not None:
+                turns.append(turn)
+        return self._finish(scene, regions, turns, rng)
+
+    def task_sample(self, index: int, task: str) -> RegionSample:
+        """One turn of `task` (evaluation)."""
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} is unknown; use one of {TASKS}")
+        rng = np.random.default_rng([self.seed, TASKS.index(task) + 1, index])
+        while True:
+            scene = self.scene(rng)
+            regions = _Regions()
+            turn = _turn(task, scene, regions, rng, first=True)
+            if turn is not None:
+                return self._finish(scene, regions, [turn], rng)
+
+    def _finish(
+        self, scene: Scene, regions: _Regions, turns: list[Turn], rng: np.random.Generator
+    ) -> RegionSample:
+        masks, boxes = _region_masks(scene, regions.objects, rng, self.box_rate)
+        for turn in turns:
+            turn.truth["scene"] = scene  # the ground truth the answers were made from
+            turn.truth["region_objects"] = list(regions.objects)  # object of each mask
+        return RegionSample(image=scene.image, masks=masks, turns=turns, boxes=boxes)
+
+
+def tokenizer_corpus(count: int = 4000, seed: int = 0) -> Iterator[str]:
+    """Text of the world for training its tokenizer: the system prompt and every question
+    template (repeated, so that BPE merges their words as it merges the answers'), and the
+    answers and phrases of `count` random objects (no drawing needed)."""
+    rng = np.random.default_rng([seed, 7])
+    fixed = [SYSTEM_PROMPT, NO_MATCH_ANSWER, classify_prompt(VOCABULARY)]
+    fixed += [describe_prompt(detailed=True), describe_prompt(detailed=False)]
+    fixed += [refer_prompt("the red star", n) + " " + refer_answer(n - 1) for n in range(1, 6)]
+    fixed += CLASSIFY_PARAPHRASES + BRIEF_PARAPHRASES + DETAILED_PARAPHRASES + COLOUR_QUESTIONS
+    fixed += [t for t, _ in ABOVE_QUESTIONS + LARGER_QUESTIONS] + list(REFER_PARAPHRASES)
+    fixed.append(" ".join(SHAPES + COLOURS + SIZES + POSITIONS + ("yes", "no")))
+    for _ in range(20):
+        yield from fixed
+    for _ in range(count):
+        objects = [sample_object(rng, 96) for _ in range(3)]
+        yield detailed_answer(objects, 0)
+        yield brief_answer(objects[1])
+        values = {k: v for k, v in _attributes(objects[2]).items() if rng.random() < 0.5}
+        yield expression_text(values or {"shape": objects[2].shape}, rng)

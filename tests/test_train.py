@@ -1,0 +1,155 @@
+"""The trainer on `tiny`: the loss falls, a resumed run continues the same curve, a run killed
+while writing a checkpoint resumes from the previous complete one, and a NaN stops the run."""
+
+import itertools
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rgpt_rt.config import RGPTConfig
+from rgpt_rt.model.rgpt import RGPT
+from rgpt_rt.train import (
+    CURRICULUM,
+    DataSource,
+    TrainConfig,
+    TrainingDiverged,
+    complete_checkpoints,
+    lr_at,
+    main,
+    train,
+)
+
+SMALL = dict(batch_size=2, lr=2e-3, warmup_steps=5, eval_per_task=0, progress=False, threads=1)
+
+
+def test_the_loss_falls_and_a_resumed_run_continues_the_same_curve(tmp_path):
+    straight = train(TrainConfig(out=str(tmp_path / "a"), steps=30, checkpoint_every=15, **SMALL))
+    losses = [straight.losses[s] for s in range(1, 31)]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    assert [p.name for p in complete_checkpoints(tmp_path / "a")] == [
+        "step-00000015",
+        "step-00000030",
+    ]
+    assert (tmp_path / "a" / "final" / "rgpt.safetensors").is_file()
+
+    # a second run that stopped after step 15 picks up there
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "a" / "checkpoints" / "step-00000015",
+        tmp_path / "b" / "checkpoints" / "step-00000015",
+    )
+    resumed = train(
+        TrainConfig(out=str(tmp_path / "b"), steps=30, checkpoint_every=15, resume=True, **SMALL)
+    )
+    for step in range(16, 31):
+        # same data, same weights, same optimizer state: the same numbers, up to the order
+        # in which a CPU matmul may sum (a few float32 ulps)
+        assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=1e-5), step
+    a = RGPT.from_pretrained(tmp_path / "a" / "final").state_dict()
+    b = RGPT.from_pretrained(tmp_path / "b" / "final").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    # the child runs the command line and is killed (SIGKILL, no clean-up) half-way through
+    # writing the step-6 checkpoint: the model is written, the trainer state is not
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        import rgpt_rt.train as t
+        real = t._write_trainer_state
+        def dying(path, optimizer, state):
+            if state["step"] == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path, optimizer, state)
+        t._write_trainer_state = dying
+        t.main(["--out", {str(out)!r}, "--steps", "8", "--checkpoint-every", "3",
+                "--batch-size", "2", "--warmup-steps", "2", "--eval-per-task", "0",
+                "--threads", "1", "--no-progress"])
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000003"]
+    partial = list((out / "checkpoints").glob(".step-00000006.tmp-*"))
+    assert len(partial) == 1 and (partial[0] / "model").is_dir()
+    assert not (partial[0] / "trainer.pt").exists()
+
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        main(["--out", str(out), "--steps", "8", "--no-progress", "--eval-per-task", "0"])
+
+    main(
+        [
+            *("--out", str(out), "--steps", "8", "--checkpoint-every", "3", "--batch-size", "2"),
+            *("--warmup-steps", "2", "--eval-per-task", "0", "--threads", "1", "--no-progress"),
+            "--resume",
+        ]
+    )
+    state = torch.load(out / "checkpoints" / "step-00000008" / "trainer.pt", weights_only=False)
+    assert sorted(state["losses"]) == list(range(1, 9))
+    assert not list((out / "checkpoints").glob(".step-*")), "the unfinished write is cleaned up"
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    real = RGPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(RGPT, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
+        train(TrainConfig(out=str(tmp_path / "nan"), steps=5, checkpoint_every=100, **SMALL))
+
+
+def test_warm_up_then_cosine_down_to_the_floor():
+    cfg = TrainConfig(out="x", steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(0.55e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    rates = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(rates))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(stage=3), "stage must be 1 or 2"),
+        (dict(clip="c"), "give --clip and --llm together"),
+        (dict(coco="x.json"), "give --coco and --coco-images together"),
+        (dict(init="ckpt", clip="c", llm="l"), "either --init"),
+        (dict(steps=0), "steps must be positive"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out="x", **kwargs)
+
+
+def test_the_curriculum_asks_about_one_region_first():
+    cfg = TrainConfig(out="x", curriculum=(2, 4), batch_size=12)
+    model = SimpleNamespace(config=RGPTConfig.from_preset("tiny"))  # DataSource reads its config
+    data = DataSource(cfg, model)
+    for step, allowed in ((0, CURRICULUM[0]), (1, CURRICULUM[0]), (3, CURRICULUM[1])):
+        batch = data.micro_batch(step, 0)
+        assert all(len(s.turns) == 1 and s.task in allowed for s in batch), step
+    later = [t.task for s in data.micro_batch(4, 0) + data.micro_batch(5, 0) for t in s.turns]
+    assert not set(later) <= set(CURRICULUM[1]), "after the curriculum, every task"
+    with pytest.raises(ValueError, match="curriculum takes up to 3 increasing steps"):
+        TrainConfig(out="x", curriculum=(5, 3))
