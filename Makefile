@@ -19,7 +19,7 @@ install:
 	$(PY) -c "import rgpt_rt._C as C; info = C.build_info(); print('rgpt_rt._C built:', 'C++ + CUDA ' + ','.join(info['cuda_architectures']) if info['cuda'] else 'C++ only')"
 
 demo: install
-	$(VENV)/bin/rgpt-rt info
+	$(VENV)/bin/rgpt-rt describe examples/shapes.png --mask examples/shapes_mask.png --stream
 
 test: install
 	$(PY) -m pytest -q

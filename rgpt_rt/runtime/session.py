@@ -49,9 +49,9 @@ from rgpt_rt.runtime.vision import connect, select_vision_backend
 from rgpt_rt.tokenizer import load_tokenizer
 
 BUNDLE_ENV = "RGPT_RT_BUNDLE"
-DEFAULT_VOCABULARY = (
-    "the shape"  # what the embedded tiny model was taught; pass vocabulary= for others
-)
+# The classify vocabulary the embedded tiny model was taught (rgpt_rt/data/tasks.py VOCABULARY);
+# pass vocabulary= for models taught others (COCO-80 for RegionGPT).
+DEFAULT_VOCABULARY = "shape"
 
 
 def default_bundle() -> Path:
