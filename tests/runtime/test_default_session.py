@@ -1,0 +1,83 @@
+"""The Session on the embedded default model: ground-truth answers on fresh scenes of the
+shapes world (a seed the model never saw), and the same answers as the reference pipeline."""
+
+import pytest
+
+import rgpt_rt
+from rgpt_rt.data.tasks import ShapesWorld
+from rgpt_rt.eval import THRESHOLDS, score
+from rgpt_rt.export.build import BuildOptions, build_bundle
+from rgpt_rt.model import RGPT
+from rgpt_rt.runtime.session import Session, default_bundle
+
+FRESH_SEED = 20261127  # neither training (0) nor the eval split (1)
+PER_TASK = 16
+# What the shipped model reaches (MODEL_CARD.md); tasks it has not learned yet are expected
+# to fail their threshold, strictly, so that a model that passes makes these tests pass.
+LEARNED = {"colour"}
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld(
+        image_size=rgpt_rt.RGPTConfig.from_preset("tiny").vision.image_size, seed=FRESH_SEED
+    )
+
+
+def test_the_default_session_loads_the_shipped_bundle(session):
+    assert session.source["bundle"] == str(default_bundle())
+    info = session.info()
+    assert info["llm"]["quantization"] == "rtn" and info["vision_backend"] == "onnxruntime-cpu"
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        pytest.param(
+            t,
+            marks=()
+            if t in LEARNED
+            else pytest.mark.xfail(strict=True, reason="not learned yet (MODEL_CARD.md)"),
+        )
+        for t in THRESHOLDS
+    ],
+)
+def test_ground_truth_answers_at_the_model_cards_accuracy(session, world, task):
+    correct = 0
+    for index in range(PER_TASK):
+        sample = world.task_sample(index, task)
+        turn = sample.turns[0]
+        text = session.ask(sample.image, turn.question, sample.masks, max_new_tokens=40)
+        correct += score(turn, text)["correct"]
+    assert correct / PER_TASK >= THRESHOLDS[task], f"{task}: {correct}/{PER_TASK}"
+
+
+def test_the_task_methods_ask_the_papers_prompts(session, world):
+    sample = world.task_sample(0, "refer")
+    choice = session.refer(sample.image, "the thing", sample.masks)
+    assert choice is None or 0 <= choice < len(sample.masks)
+    sample = world.task_sample(0, "classify")
+    assert isinstance(session.classify(sample.image, sample.masks[0]), str)
+    text = session.describe(sample.image, sample.masks[0])
+    assert text == "".join(session.describe(sample.image, sample.masks[0], stream=True)).strip()
+
+
+def test_session_and_reference_pipeline_give_the_same_answers(tmp_path, world):
+    """The unquantized bundle of the default model through the Session, against RGPT.answer."""
+    bundle = tmp_path / "fp32"
+    build_bundle(BuildOptions(out=bundle, quant="none", log=lambda _: None))
+    session = Session(bundle, device="cpu")
+    reference = RGPT.from_pretrained(rgpt_rt.default_checkpoint()).eval()
+    for task in ("colour", "classify", "detailed", "refer"):
+        for index in range(2):
+            sample = world.task_sample(index, task)
+            question = sample.turns[0].question
+            expected = reference.answer(sample.image, sample.masks, question, max_new_tokens=40)
+            assert (
+                session.ask(sample.image, question, sample.masks, max_new_tokens=40) == expected
+            ), (task, index)
