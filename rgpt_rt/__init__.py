@@ -1,12 +1,12 @@
 """rgpt_rt: an edge runtime for RegionGPT-style region-level vision-language models.
 
-    import rgpt_rt
-    sess = rgpt_rt.Session()                                # the embedded default model
-    sess.describe("photo.png", (10, 20, 60, 80))            # a region as a box or a mask
+import rgpt_rt
+sess = rgpt_rt.Session()                                # the embedded default model
+sess.describe("photo.png", (10, 20, 60, 80))            # a region as a box or a mask
 
-    from rgpt_rt import RGPTConfig, default_checkpoint
-    from rgpt_rt.model import RGPT                          # the PyTorch reference model (needs transformers)
-    model = RGPT.from_pretrained(default_checkpoint())      # the embedded `tiny` model
+from rgpt_rt import RGPTConfig, default_checkpoint
+from rgpt_rt.model import RGPT                          # the PyTorch reference model (needs transformers)
+model = RGPT.from_pretrained(default_checkpoint())      # the embedded `tiny` model
 """
 
 from pathlib import Path

@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=lambda a: _delegate("rgpt_rt.train", a.args))
     evaluate = commands.add_parser(
-        "eval", add_help=False, help="per-task held-out accuracy of a checkpoint (--help for options)"
+        "eval",
+        add_help=False,
+        help="per-task held-out accuracy of a checkpoint (--help for options)",
     )
     evaluate.add_argument("args", nargs=argparse.REMAINDER)
     evaluate.set_defaults(run=lambda a: _delegate("rgpt_rt.eval", a.args))

@@ -456,6 +456,7 @@ class AnswerStream:
     def __init__(self, session: Session, cache: KVCache, logits, params, stats, started):
         self._session, self._cache, self._stats, self._started = session, cache, stats, started
         self._parts: list[str] = []
+        self._held = ""  # whitespace not shown yet
         self._first: float | None = None
         self._steps = stream(session.decoder, cache, logits, session.tokenizer, params)
         self._decode_start = time.perf_counter()
@@ -464,27 +465,37 @@ class AnswerStream:
         return self
 
     def __next__(self) -> str:
-        if self._cache is None:
-            raise StopIteration
-        try:
-            with self._session._lock:
-                delta = next(self._steps)
-        except StopIteration:
-            self._end()
-            raise
-        except BaseException:
-            self.close()
-            raise
+        # Deltas carry no leading or trailing whitespace of the answer (whitespace is held back
+        # until text follows it), so they concatenate to exactly what text() returns.
+        while True:
+            if self._cache is None:
+                raise StopIteration
+            try:
+                with self._session._lock:
+                    delta = next(self._steps)
+            except StopIteration:
+                self._end()
+                raise
+            except BaseException:
+                self.close()
+                raise
+            text = self._held + delta
+            if not self._parts:
+                text = text.lstrip()
+            shown = text.rstrip()
+            self._held = text[len(shown) :]
+            if shown:
+                break
         if self._first is None:
             self._first = time.perf_counter()
             self._stats["ttft_ms"] = (self._first - self._started) * 1000
-        self._parts.append(delta)
-        return delta
+        self._parts.append(shown)
+        return shown
 
     def text(self) -> str:
         for _ in self:
             pass
-        return "".join(self._parts).strip()
+        return "".join(self._parts)
 
     def close(self) -> None:
         if self._cache is not None:
@@ -498,7 +509,7 @@ class AnswerStream:
     def _end(self) -> None:
         stats = self._stats
         stats["decode_ms"] = _ms(self._decode_start)
-        stats.setdefault("ttft_ms", stats["decode_ms"])
+        stats.setdefault("ttft_ms", _ms(self._started))  # an empty answer: the end is the first
         text = "".join(self._parts)
         stats["new_tokens"] = (
             len(self._session.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
