@@ -88,7 +88,9 @@ def test_leading_dims_threads_and_empty_batch():
     x = torch.randn(2, 3, 256)
     out = int4_linear(x, w)
     assert out.shape == (2, 3, 40)
-    assert torch.equal(out, int4_linear(x, w, num_threads=1))  # rows are split, not sums
+    two = int4_linear(x, w, num_threads=2)
+    assert torch.equal(two, int4_linear(x, w, num_threads=1))  # rows are split, not sums
+    assert torch.equal(out, two)
     check_against_reference(out.reshape(6, 40), x.reshape(6, 256), w)
     assert int4_linear(torch.randn(0, 256), w).shape == (0, 40)
 

@@ -91,17 +91,31 @@ def gemv_splits(n: int, k: int, multiprocessors: int) -> int:
     return max(1, min(-(-target // blocks), (k // 32) // 32, MAX_SPLITS))
 
 
+# Below this many weight bytes per thread one thread is faster: starting threads costs more
+# than the work, and they fight torch's own OpenMP threads for the cores.
+MIN_BYTES_PER_THREAD = 1 << 20
+
+
+def cpu_threads(n: int, k: int, requested: int) -> int:
+    """Threads for an [N, K] INT4 weight: `requested` when given (> 0); else torch's count,
+    capped so that each thread reads at least MIN_BYTES_PER_THREAD of packed weight."""
+    if requested > 0:
+        return requested
+    return max(1, min(torch.get_num_threads(), (n * k // 2) // MIN_BYTES_PER_THREAD))
+
+
 def _cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):
     from rgpt_rt import _C
 
     m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
+    num_threads = cpu_threads(n, k, num_threads)
     x32 = x.to(torch.float32).contiguous()
     out = torch.empty(m, n, dtype=torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     _C.int4_linear_cpu(
         x32.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
         0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-        m, n, k, group_size, num_threads or torch.get_num_threads(), use_simd,
+        m, n, k, group_size, num_threads, use_simd,
     )  # fmt: skip
     return out.to(x.dtype)
 
