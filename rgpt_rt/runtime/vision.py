@@ -46,6 +46,13 @@ class OnnxRuntimeVision(VisionBackend):
             raise RuntimeError(f"ONNX Runtime has no {provider} here")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if device.type == "cpu":
+            # Share the cores with torch, which runs every other stage: the same thread count,
+            # and threads that sleep between runs instead of spinning (spinning ONNX Runtime
+            # threads slowed the decoder that runs right after the vision stage several-fold).
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider_options = [{"device_id": device.index or 0}] if device.type == "cuda" else [{}]
         self.session = ort.InferenceSession(
             str(onnx_path),
