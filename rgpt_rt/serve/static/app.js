@@ -19,7 +19,7 @@ const STATS = [ // [key of Session.stats, label, unit]
   ["ttft_ms", "time to first token", "ms"],
   ["decode_ms", "decode", "ms"],
   ["total_ms", "total (server)", "ms"],
-  ["decode_tok_s", "decode", "tokens/s"],
+  ["decode_tok_s", "decode speed", "tokens/s"],
   ["new_tokens", "answer", "tokens"],
   ["prefill_tokens", "prefilled", "tokens"],
   ["prefix_tokens", "prefix (cached per image)", "tokens"],
@@ -285,6 +285,7 @@ async function* serverEvents(response) {
 }
 
 async function run() {
+  if (state.controller) return; // an answer is already coming
   if (!state.image) return showError("pick an image first");
   if (!state.regions.length) return showError("draw a region first: drag a box, or paint with the brush");
   const task = $("task").value;
