@@ -1,6 +1,6 @@
 // The one binding table of rgpt_rt._C. Each kernel family exposes plain functions over
 // raw pointers, sizes and dtype tags (see its header); this file only names them for Python.
-// Validation, allocation and the torch.library registration live in rgpt_rt/ops.py.
+// Validation, allocation and the torch.library registration live in rgpt_rt/ops/.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

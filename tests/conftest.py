@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,19 +26,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-def run_build_script(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """export/build_engine.py as a user runs it."""
-    script = ROOT / "export" / "build_engine.py"
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random-weight tiny RGPT saved with save_pretrained."""
@@ -57,6 +42,8 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_bundle(tiny_checkpoint, tmp_path_factory):
     """The bundle of tiny_checkpoint, built once per test run through the command line."""
     out = tmp_path_factory.mktemp("bundles") / "tiny"
+    from build_script import run_build_script
+
     result = run_build_script(
         "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quant", "none", "--trt", "auto"
     )

@@ -161,6 +161,20 @@ class Session:
         self._prefix_cache = ByteLRU(prefix_cache_bytes)
         self._free_caches: dict[tuple[int, int], list[KVCache]] = {}
         self.stats: dict[str, Any] = {}
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay one-time costs at load, not in the first answer: the first call of each custom
+        op in a process imports torch._dynamo (seconds), and kernels pick their paths."""
+        channels = self.config.vision.hidden_size
+        hires = torch.zeros(1, 4, 4, channels, dtype=self.dtype, device=self.device)
+        mask_pool(
+            hires,
+            torch.ones(1, 4, 4, dtype=torch.bool, device=self.device),
+            mode=self.config.pool_mode,
+        )
+        cache = self.decoder.new_cache(1, 8)
+        self.decoder.prefill(cache, input_ids=torch.tensor([[self.eos_id]], device=self.device))
 
     # --- the public API ---------------------------------------------------------------------
     def describe(
@@ -192,22 +206,25 @@ class Session:
         stats: dict[str, Any] = {}
         frame, image_embeds, hires = self._see(image, stats)
         region_embeds = self._regions(hires, masks, frame, stats)  # [N, D]
-        question = describe_prompt(detailed)
+        ids, order = self._tokenize(Conversation.single(describe_prompt(detailed)), 1)
         answers: list[str] = []
+        stats["decode_ms"], stats["new_tokens"] = 0.0, 0
         for first in range(0, region_embeds.shape[0], self.max_batch):
             chunk = region_embeds[first : first + self.max_batch]
-            ids, order = self._tokenize(Conversation.single(question), 1)
             rows = [chunk[i : i + 1][order] for i in range(chunk.shape[0])]  # one region per row
             with self._lock:
                 cache, logits = self._prefill(frame, image_embeds, ids, rows, params, stats)
+                stats.setdefault("ttft_ms", _ms(started))
+                start = time.perf_counter()
                 try:
                     generations = decode(
                         self.decoder, cache, logits, params, tokenizer=self.tokenizer
                     )
                 finally:
                     self._release(cache)
+                stats["decode_ms"] += _ms(start)
             answers.extend(g.text.strip() for g in generations)
-            stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(g.ids) for g in generations)
+            stats["new_tokens"] += sum(len(g.ids) for g in generations)
         self._finish_stats(stats, started)
         return answers
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from build_script import run_build_script as run_script
 from onnx import TensorProto, helper
 
 from rgpt_rt.bundle import BundleError, verify_bundle
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.export.onnx_vision import TENSORRT_ONNX_OPS, check_onnx_graph, unsupported_ops
-from tests.conftest import run_build_script as run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "build_engine.py"
