@@ -211,7 +211,7 @@ def read_messages(messages: list[Message], special: tuple[str, ...]) -> Dialogue
 def router(service: Service) -> APIRouter:
     session = service.session
     api = APIRouter(tags=["openai"])
-    model_name = getattr(session.config, "name", "rgpt")
+    model_name = session.config.name
     tokens = session.config.tokens
     special = (tokens.image, tokens.region, tokens.bos, tokens.eos)
 

@@ -8,11 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from rgpt_rt.serve.example import example_path
-from rgpt_rt.serve.rle import decode_counts, encode_rle
-from tests.serve.payloads import (
+from payloads import (
     CIRCLE,
     EXAMPLE_DATA_URL,
     EXAMPLE_PNG,
@@ -23,6 +19,10 @@ from tests.serve.payloads import (
     parse_sse,
     png_base64,
 )
+from PIL import Image
+
+from rgpt_rt.serve.example import example_path
+from rgpt_rt.serve.rle import decode_counts, encode_rle
 
 EXAMPLE = np.asarray(Image.open(example_path()).convert("RGB"))
 TOKENS = 12

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.serve.payloads import EXAMPLE_PNG, SQUARE
+from payloads import EXAMPLE_PNG, SQUARE
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

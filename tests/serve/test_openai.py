@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from payloads import CIRCLE, EXAMPLE_DATA_URL, SQUARE, chat_body
 from PIL import Image
 
 from rgpt_rt.prompts import Conversation
 from rgpt_rt.serve.example import example_path
-from tests.serve.payloads import CIRCLE, EXAMPLE_DATA_URL, SQUARE, chat_body
 
 EXAMPLE = np.asarray(Image.open(example_path()).convert("RGB"))
 QUESTION = "Is <region1> left of <region2>?"

@@ -9,11 +9,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+from payloads import CIRCLE, EXAMPLE_PNG, SQUARE, STAR, parse_sse, png_base64
 from PIL import Image
 
 from rgpt_rt.serve import ServeLimits, create_app, worker
 from rgpt_rt.serve.example import example_path
-from tests.serve.payloads import CIRCLE, EXAMPLE_PNG, SQUARE, STAR, parse_sse, png_base64
 
 
 class GatedSession:
