@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # torch is installed first and explicitly, so nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 install:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ install:
 demo: install
 	$(VENV)/bin/rgpt-rt describe examples/shapes.png --mask examples/shapes_mask.png --stream
 
-test: install
+# Debian's chromium for the page's browser test (Playwright drives it; it downloads no browser).
+# Installed only where it is missing; where it cannot be, that test skips and says why.
+browser:
+	@test -x /usr/bin/chromium || { echo "installing chromium (apt-get) for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "chromium could not be installed: the browser test will skip"; }
+
+test: install browser
 	$(PY) -m pytest -q
 
 lint:

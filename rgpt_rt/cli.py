@@ -6,6 +6,7 @@
     rgpt-rt ask IMAGE "Is <region1> above <region2>?" --box ... --box ...
     rgpt-rt train ...                                       python -m rgpt_rt.train ...
     rgpt-rt eval ...                                        python -m rgpt_rt.eval ...
+    rgpt-rt serve [--host 127.0.0.1] [--port 8080]          HTTP API, OpenAI endpoint, page at /
     rgpt-rt info                                            what this install holds
 Regions (--mask / --box) are numbered in the order given: <region1>, <region2>, ...
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 
 
 class RegionAction(argparse.Action):
@@ -123,6 +125,61 @@ def cmd_ask(args):
     return finish(session, args)
 
 
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from rgpt_rt.serve import ServeLimits, create_app
+    except ImportError as error:
+        raise ValueError(
+            f"rgpt-rt serve needs the serve extra ({error.name} is missing): "
+            "pip install 'rgpt_rt[serve]'"
+        ) from None
+    limits = ServeLimits(**{item.name: getattr(args, item.name) for item in fields(ServeLimits)})
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    session = open_session(args)
+    app = create_app(session, limits)
+    info = session.info()
+    print(
+        f"rgpt-rt serve: {info['model']} on {info['device']} ({info['vision_backend']}), "
+        f"http://{args.host}:{args.port}/  (API /v1/..., schema /openapi.json)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    from rgpt_rt.serve.limits import ServeLimits
+
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument("--bundle", help="a bundle folder (default: the embedded default model)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for the model (default: torch's, one per core); on a machine shared "
+        "with other work, 1 is often faster for small models",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    limits = parser.add_argument_group("limits")
+    for item in fields(ServeLimits):
+        limits.add_argument(
+            item.metadata["flag"],
+            dest=item.name,
+            type=type(item.default),
+            default=item.default,
+            metavar="S" if isinstance(item.default, float) else "N",
+            help=f"{item.metadata['help']} (default: {item.default:,})",
+        )
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -184,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     add_session_options(ask)
     ask.set_defaults(run=cmd_ask)
+
+    serve = commands.add_parser(
+        "serve", help="an HTTP API (and OpenAI-compatible endpoint) with a page to point at regions"
+    )
+    add_serve_options(serve)
+    serve.set_defaults(run=cmd_serve)
 
     info = commands.add_parser("info", help="what this install holds: kernels, CUDA, versions")
     info.set_defaults(run=cmd_info)

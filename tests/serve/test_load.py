@@ -1,0 +1,30 @@
+"""A bounded load on `rgpt-rt serve` over loopback: 200 requests of every kind, 8 at a time,
+by benchmarks/serve_load.py as a user runs it. All answered; p50/p95 shown in the summary."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_200_requests_8_at_a_time_are_all_answered(live_server, tmp_path, record_property):
+    out = tmp_path / "serve_load.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--url", live_server,
+        "--requests", "200", "--concurrency", "8", "--max-new-tokens", "8", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    load = json.loads(out.read_text())
+    assert load["errors"] == 0 and load["answered"] == 200, load["error_samples"]
+    assert sum(kind["n"] for kind in load["per_kind"].values()) == 200
+    assert len(load["per_kind"]) == 7, "every kind of request was sent"
+    latency = load["latency_ms"]
+    record_property(
+        "serve_load",
+        f"200 requests, 8 at a time, 0 errors: p50 {latency['p50']:.0f} ms, "
+        f"p95 {latency['p95']:.0f} ms, {load['requests_per_s']:.1f} requests/s "
+        f"(load average after: {load['machine']['load_average_after'][0]:.1f})",
+    )
