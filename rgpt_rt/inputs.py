@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rgpt_rt.config import VisionConfig
 
@@ -27,7 +27,8 @@ MaskLike = str | Path | Image.Image | np.ndarray | Sequence[float]
 
 def load_image(image: ImageLike) -> np.ndarray:
     """A path, PIL image or [H, W, 3] uint8 array -> [H, W, 3] uint8 RGB array.
-    Grayscale and RGBA are converted to RGB."""
+    Grayscale and RGBA are converted to RGB; a file's EXIF orientation is applied (masks are
+    given on the upright image, as viewers and browsers show it)."""
     if isinstance(image, str | Path):
         path = Path(image)
         if not path.is_file():
@@ -35,7 +36,9 @@ def load_image(image: ImageLike) -> np.ndarray:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                image = opened.convert("RGB")
+                image = ImageOps.exif_transpose(opened).convert(
+                    "RGB"
+                )  # upright, as viewers show it
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ValueError(
                 f"image file {path} could not be read as an image ({error}); give a PNG or JPEG"

@@ -191,6 +191,10 @@ def tokenize_conversation(
     Returns BOS + the prompt, where <image> is repeated num_image_tokens times and each
     region placeholder is one region token; labels keep only answer tokens. require_all: every
     mask must be named (a chat may name some masks only in later turns: False)."""
+    if tokens.image in conversation.system or _REGION_PLACEHOLDER.search(conversation.system):
+        raise ValueError(
+            f"the system prompt may not hold {tokens.image} or region placeholders; put regions in the turns"
+        )
     namer = RegionNamer(num_regions, tokens.region)
     turns = []
     for question, answer in conversation.turns:

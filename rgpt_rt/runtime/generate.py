@@ -211,7 +211,7 @@ def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
 # --- the decode loop on a prefilled cache ------------------------------------------------------
 
 
-def _decode_steps(
+def decode_steps(
     decoder: LlamaDecoder,
     cache: KVCache,
     logits: Tensor,
@@ -294,7 +294,7 @@ def decode(
     the last one sampled (the eos, or the final token): a chat continues by prefilling that token
     and the next turn. context_ids: each row's prompt ids, for the repetition penalty
     (transformers counts the prompt too; with embeddings only there are none)."""
-    steps = _decode_steps(decoder, cache, logits, params, tokenizer, generator, context_ids)
+    steps = decode_steps(decoder, cache, logits, params, tokenizer, generator, context_ids)
     rows: list[Generation] = []
     for rows_so_far, _ in steps:
         rows = rows_so_far
@@ -316,7 +316,7 @@ def stream(
     if cache.batch_size != 1:
         raise ValueError(f"stream decodes one row; the cache has {cache.batch_size}")
     context = [context_ids] if context_ids is not None else None
-    for _, deltas in _decode_steps(decoder, cache, logits, params, tokenizer, generator, context):
+    for _, deltas in decode_steps(decoder, cache, logits, params, tokenizer, generator, context):
         if deltas[0]:
             yield deltas[0]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rgpt_rt.config import VisionConfig
 from rgpt_rt.inputs import (
@@ -56,14 +56,16 @@ def open_image(image: ImageLike, max_side: int) -> tuple[np.ndarray, tuple[int, 
         try:
             with Image.open(path) as opened:
                 width, height = opened.size
+                if _rotated(opened):
+                    width, height = height, width
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ValueError(
                         f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit; downscale it first"
                     )
-                opened.draft(
-                    "RGB", (max_side, max_side)
-                )  # JPEG decodes at a reduced size when it can
-                image = opened.convert("RGB")
+                opened.draft("RGB", (max_side, max_side))  # JPEG decodes smaller when it can
+                image = ImageOps.exif_transpose(opened).convert(
+                    "RGB"
+                )  # upright, as viewers show it
                 image.load()
         except (
             UnidentifiedImageError,
@@ -84,6 +86,11 @@ def open_image(image: ImageLike, max_side: int) -> tuple[np.ndarray, tuple[int, 
         size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
         image = image.resize(size, Image.Resampling.BOX)
     return np.asarray(image, dtype=np.uint8), original
+
+
+def _rotated(image: Image.Image) -> bool:
+    """Whether the file's EXIF orientation turns it by 90 or 270 degrees (width and height swap)."""
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
 def prepare_image(image: ImageLike, vision: VisionConfig, max_side: int = 2048) -> Frame:

@@ -42,7 +42,7 @@ from rgpt_rt.prompts import (
 )
 from rgpt_rt.runtime.cache import ByteLRU, image_key, tensor_bytes
 from rgpt_rt.runtime.decoder import KVCache, LlamaDecoder
-from rgpt_rt.runtime.generate import SamplingParams, decode, stream
+from rgpt_rt.runtime.generate import SamplingParams, decode, decode_steps
 from rgpt_rt.runtime.llm_bundle import load_bundle_decoder
 from rgpt_rt.runtime.preprocess import Frame, prepare_image, prepare_masks
 from rgpt_rt.runtime.vision import connect, select_vision_backend
@@ -458,7 +458,11 @@ class AnswerStream:
         self._parts: list[str] = []
         self._held = ""  # whitespace not shown yet
         self._first: float | None = None
-        self._steps = stream(session.decoder, cache, logits, session.tokenizer, params)
+        # one row: each step yields ([Generation], [text delta])
+        self._steps = decode_steps(
+            session.decoder, cache, logits, params, session.tokenizer, None, None
+        )
+        self.generation = None  # the row's Generation: ids, text, finish_reason (set as it goes)
         self._decode_start = time.perf_counter()
 
     def __iter__(self) -> AnswerStream:
@@ -472,7 +476,8 @@ class AnswerStream:
                 raise StopIteration
             try:
                 with self._session._lock:
-                    delta = next(self._steps)
+                    rows, deltas = next(self._steps)
+                self.generation, delta = rows[0], deltas[0]
             except StopIteration:
                 self._end()
                 raise
@@ -510,10 +515,8 @@ class AnswerStream:
         stats = self._stats
         stats["decode_ms"] = _ms(self._decode_start)
         stats.setdefault("ttft_ms", _ms(self._started))  # an empty answer: the end is the first
-        text = "".join(self._parts)
-        stats["new_tokens"] = (
-            len(self._session.tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
-        )
+        stats["new_tokens"] = len(self.generation.ids) if self.generation else 0
+        stats["finish_reason"] = self.generation.finish_reason if self.generation else "length"
         self.close()
         self._session._finish_stats(stats, self._started)
 
@@ -561,8 +564,6 @@ class Chat:
     ) -> torch.Tensor:
         session = self.session
         start = time.perf_counter()
-        if self._cache is None:
-            self._cache = session.decoder.new_cache(1, session.max_context)
         common = 0
         for a, b in zip(self._cached_ids, ids):
             if a != b:
@@ -573,6 +574,7 @@ class Chat:
             raise ValueError(
                 f"the conversation needs {len(ids) + params.max_new_tokens} positions but the model holds {session.max_context}; start a new chat"
             )
+        self._reserve(len(ids) + params.max_new_tokens, common)
         self._cache.lengths[0] = common
         full = torch.tensor([ids], device=session.device)
         regions = self.region_embeds[order]
@@ -582,6 +584,17 @@ class Chat:
         stats["prefill_ms"] = _ms(start)
         stats["prefill_tokens"] = len(ids) - common
         return logits
+
+    def _reserve(self, positions: int, keep: int) -> None:
+        """A cache holding at least `positions`, grown in steps of 256 as the conversation grows
+        (the first `keep` positions carried over), never the model's whole context up front."""
+        if self._cache is not None and self._cache.max_len >= positions:
+            return
+        max_len = min(self.session.max_context, -(-positions // 256) * 256)
+        grown = self.session.decoder.new_cache(1, max_len)
+        if self._cache is not None and keep > 0:
+            grown.copy_prefix(self._cache, 0, [0], keep)
+        self._cache = grown
 
 
 class _ChatReply(AnswerStream):

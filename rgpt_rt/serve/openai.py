@@ -271,7 +271,7 @@ def router(service: Service) -> APIRouter:
                 choices=[
                     Choice(
                         message=AssistantMessage(content=result["text"]),
-                        finish_reason=finish_reason(result["stats"], max_tokens),
+                        finish_reason=finish_reason(result["stats"]),
                     )
                 ],
                 usage=usage(result["stats"]),
@@ -289,8 +289,9 @@ def router(service: Service) -> APIRouter:
     return api
 
 
-def finish_reason(stats: dict[str, Any], max_tokens: int) -> Literal["stop", "length"]:
-    return "length" if stats.get("new_tokens", 0) >= max_tokens else "stop"
+def finish_reason(stats: dict[str, Any]) -> Literal["stop", "length"]:
+    # the Session says why the answer ended: "eos" or "stop" (a stop string) is OpenAI's "stop"
+    return "length" if stats.get("finish_reason", "length") == "length" else "stop"
 
 
 def usage(stats: dict[str, Any]) -> Usage:
@@ -341,7 +342,7 @@ async def chunk_events(
             yield chunks.delta({"content": value})
             kind, value = await anext(events)
         stats = value["stats"]
-        yield chunks.delta({}, finish_reason(stats, max_tokens))
+        yield chunks.delta({}, finish_reason(stats))
         if chunks.include_usage:
             yield chunks.line([], usage(stats))
         yield "data: [DONE]\n\n"

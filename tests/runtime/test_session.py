@@ -218,3 +218,41 @@ def test_a_bundle_that_fails_verification_is_refused(int4_bundle, tmp_path):
         Session(copy, device="cpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Session(tmp_path / "nowhere", device="cpu")
+
+
+def test_exif_orientation_is_applied_before_masks_are_checked(session, tmp_path):
+    image, _ = scene(10)  # 90 x 120 as stored
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    Image.fromarray(image).save(path, exif=exif)
+    upright_mask = np.zeros((120, 90), dtype=bool)  # drawn on the upright (portrait) image
+    upright_mask[10:50, 20:70] = True
+    assert isinstance(session.describe(str(path), upright_mask, max_new_tokens=3), str)
+    assert session.stats["original_size"] == [120, 90]
+
+
+def test_stats_count_the_decoded_tokens_and_why_the_answer_ended(session):
+    image, masks = scene(11)
+    session.describe(image, masks[0], max_new_tokens=5)
+    stats = session.stats
+    assert 0 <= stats["new_tokens"] <= 5
+    assert stats["finish_reason"] in ("eos", "length")
+    assert (stats["finish_reason"] == "length") == (stats["new_tokens"] == 5)
+
+
+def test_a_chat_cache_grows_with_the_conversation(session):
+    image, masks = scene(12)
+    chat = session.chat(image, masks[:1])
+    chat.send("What is <region1>?", max_new_tokens=4)
+    assert chat._cache.max_len <= 256 < session.max_context or session.max_context <= 256
+    with pytest.raises(ValueError, match="system prompt may not hold"):
+        from rgpt_rt.prompts import Conversation, tokenize_conversation
+
+        tokenize_conversation(
+            session.tokenizer,
+            Conversation([("hi <region1>", None)], system="look: <image>"),
+            num_regions=1,
+            num_image_tokens=4,
+            tokens=session.config.tokens,
+        )

@@ -29,11 +29,30 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def serve_bundle(tiny_checkpoint, tmp_path_factory):
-    """The INT4 (RTN) bundle of the random-weight tiny checkpoint. Its answers are noise, but
-    not empty ones (the unquantized bundle's greedy answers are empty), so streams have pieces."""
+def serve_checkpoint(tmp_path_factory):
+    """A random-weight tiny RGPT that never ends an answer early: its end-of-sequence logit
+    is 0 (a zero output row) while the largest of the other 767 random logits is above 0 in
+    all but 2^-767 of cases, so every greedy answer runs to max_new_tokens and streams in
+    many pieces. (An unaltered random model may stop after one word, for any seed.)"""
+    from rgpt_rt.config import RGPTConfig
+    from rgpt_rt.model import RGPT
+
+    torch.manual_seed(5)
+    model = RGPT(RGPTConfig.from_preset("tiny"))
+    with torch.no_grad():
+        model.llm.get_output_embeddings().weight[model.eos_token_id].zero_()
+    folder = tmp_path_factory.mktemp("serve-src") / "ckpt"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def serve_bundle(serve_checkpoint, tmp_path_factory):
+    """The INT4 (RTN) bundle of serve_checkpoint."""
     out = tmp_path_factory.mktemp("serve") / "tiny-rtn"
-    build_bundle(BuildOptions(out=out, checkpoint=tiny_checkpoint, quant="rtn", log=lambda _: None))
+    build_bundle(
+        BuildOptions(out=out, checkpoint=serve_checkpoint, quant="rtn", log=lambda _: None)
+    )
     return out
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from rgpt_rt.prompts import Conversation
 from rgpt_rt.serve.example import example_path
+from rgpt_rt.serve.openai import finish_reason
 
 EXAMPLE = np.asarray(Image.open(example_path()).convert("RGB"))
 QUESTION = "Is <region1> left of <region2>?"
@@ -32,12 +33,13 @@ def test_a_completion_is_openais_shape_with_the_sessions_answer(client, serve_se
     assert body["model"] == "tiny" and isinstance(body["created"], int)
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
-    assert choice["finish_reason"] in ("stop", "length")
+    assert choice["finish_reason"] == "length"  # the serve model never ends early (conftest)
     expected = serve_session.ask(
         EXAMPLE, QUESTION, [tuple(CIRCLE), tuple(SQUARE)], max_new_tokens=10
     )
     assert choice["message"]["content"] == expected
     usage = body["usage"]
+    assert usage["completion_tokens"] == 10
     assert usage["prompt_tokens"] > serve_session.config.num_image_tokens
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert body["rgpt_stats"]["regions"] == 2
@@ -61,10 +63,17 @@ def test_a_streamed_completion_is_openais_chunks_and_the_same_answer(client):
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in deltas)
     assert all(c["choices"][0]["finish_reason"] is None for c in deltas)
     assert all(c["usage"] is None for c in deltas)
-    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    assert last["choices"][0]["finish_reason"] == "length"
     assert last["choices"][0]["delta"] == {}
     assert usage["choices"] == [] and usage["usage"] == plain.json()["usage"]
     assert content.strip() == plain.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("session_reason", "openai_reason"), [("eos", "stop"), ("stop", "stop"), ("length", "length")]
+)
+def test_the_sessions_finish_reason_maps_to_openais(session_reason, openai_reason):
+    assert finish_reason({"finish_reason": session_reason, "new_tokens": 3}) == openai_reason
 
 
 def test_history_and_a_system_message_make_a_conversation(client, serve_session):
