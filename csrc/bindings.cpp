@@ -23,6 +23,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
         py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"),
         py::arg("num_threads"), py::arg("use_simd") = true);
+  m.def("int4_dequant_cpu", &rgpt::int4_dequant_cpu_entry, py::call_guard<py::gil_scoped_release>(),
+        "Dequantize W [N, K] into `out` (float32), for the CPU prefill GEMM",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),
+        py::arg("k"), py::arg("group_size"), py::arg("num_threads"), py::arg("use_simd") = true);
   m.def("int4_cpu_has_simd", &rgpt::int4_cpu_has_simd, "Whether the AVX2+FMA+F16C CPU path runs here");
 
   // mask pooling (csrc/mask_pool/, rgpt_rt/ops/mask_pool.py)

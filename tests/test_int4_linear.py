@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rgpt_rt import _C
+from rgpt_rt.ops import int4 as int4_ops
 from rgpt_rt.ops import int4_linear, int4_linear_reference
 from rgpt_rt.ops.int4 import _cpu
 from rgpt_rt.quant import Int4Linear, Int4Weight, dequantize, load_int4_linears, quantize_linears
@@ -81,6 +82,41 @@ def test_one_hot_rows_read_the_dequantized_weight_back_exactly(simd):
     w.scales[0] = torch.tensor([2**-24, 3 * 2**-20, 1000.0, 0.1], dtype=torch.float16)
     out = _cpu(torch.eye(k), w.qweight, w.scales, w.zeros, None, 64, 2, use_simd=simd)
     assert torch.equal(out.T, dequantize(w).float())
+
+
+@pytest.mark.parametrize("simd", PATHS, ids=lambda s: "avx2" if s else "portable")
+def test_prefill_rows_take_the_tiled_gemm_path(simd, monkeypatch):
+    # from CPU_GEMM_MIN_ROWS rows on, W is dequantized a tile at a time for torch's GEMM; a small
+    # tile makes 113 rows span several tiles, the last one partial
+    monkeypatch.setattr(int4_ops, "CPU_GEMM_TILE_BYTES", 40 * 4 * 512)
+    w = random_weight(113, 512, 128, max_zero=16)
+    for dtype in DTYPES:
+        x = torch.randn(int4_ops.CPU_GEMM_MIN_ROWS + 5, 512).to(dtype)
+        bias = torch.randn(113).to(dtype)
+        out = _cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 1, use_simd=simd)
+        assert out.dtype == dtype and out.shape == (x.shape[0], 113)
+        check_against_reference(out, x, w, bias)
+
+
+def test_the_dequantized_weight_is_exact_for_any_row_range():
+    w = random_weight(37, 256, 64, max_zero=16)
+    expected = dequantize(w).float()
+    assert torch.equal(int4_ops.dequantize_cpu(w.qweight, w.scales, w.zeros, 64), expected)
+    part = int4_ops.dequantize_cpu(w.qweight, w.scales, w.zeros, 64, rows=(5, 30))
+    assert torch.equal(part, expected[5:30])
+
+
+def test_the_modules_direct_cpu_path_is_the_ops_result():
+    # Int4Linear calls the CPU kernel directly for float32 inputs of fewer than
+    # CPU_GEMM_MIN_ROWS rows (decode); the op path gives the same bits
+    for bias in (False, True):
+        layer = Int4Linear.from_linear(torch.nn.Linear(256, 72, bias=bias), group_size=64)
+        for shape in ((1, 256), (2, 3, 256), (int4_ops.CPU_GEMM_MIN_ROWS, 256)):
+            x = torch.randn(shape)
+            via_op = int4_linear(x, layer.weight_int4, layer.bias)
+            assert torch.equal(layer(x), via_op)
+    with pytest.raises(ValueError, match="takes K = 256"):
+        layer(torch.randn(2, 255))
 
 
 def test_leading_dims_threads_and_empty_batch():

@@ -34,7 +34,21 @@ void check_int4_params(const Int4LinearParams& p);
 void int4_linear_cpu(const Int4LinearParams& p, int num_threads, bool use_simd);
 bool int4_cpu_has_simd();
 
-// Python entry: pointers as integers.
+// W [N, K] dequantized into out (float32, the exact fp16 values the kernels use), threads
+// splitting the rows: the CPU prefill multiplies it with a BLAS GEMM, as the CUDA prefill does.
+struct Int4DequantParams {
+  const uint32_t* qweight = nullptr;  // [N, K/8] layout nk8i
+  const uint16_t* scales = nullptr;   // [N, K/G] fp16 bits
+  const uint8_t* zeros = nullptr;     // [N, K/G]
+  float* out = nullptr;               // [N, K]
+  int64_t n = 0, k = 0, group_size = 0;
+};
+void int4_dequant_cpu(const Int4DequantParams& p, int num_threads, bool use_simd);
+
+// Python entries: pointers as integers.
+void int4_dequant_cpu_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out,
+                            int64_t n, int64_t k, int64_t group_size, int num_threads,
+                            bool use_simd);
 void int4_linear_cpu_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                            uintptr_t bias, uintptr_t out, int64_t m, int64_t n, int64_t k,
                            int64_t group_size, int num_threads, bool use_simd);

@@ -133,6 +133,26 @@ void rows_portable(const Int4LinearParams& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Dequantize output rows [n_begin, n_end) of W into out [N, K] float32 (the exact fp16 values).
+void dequant_rows_portable(const Int4DequantParams& p, int64_t n_begin, int64_t n_end) {
+  const int64_t words = p.k / 8, groups = p.k / p.group_size, words_per_group = p.group_size / 8;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint32_t* row = p.qweight + n * words;
+    float* dst = p.out + n * p.k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = half_bits_to_float(p.scales[n * groups + g]);
+      const int zero = p.zeros[n * groups + g];
+      float table[16];
+      for (int q = 0; q < 16; ++q) {
+        table[q] = half_bits_to_float(float_to_half_bits(static_cast<float>(q - zero) * scale));
+      }
+      for (int64_t j = g * words_per_group; j < (g + 1) * words_per_group; ++j) {
+        for (int i = 0; i < 8; ++i) dst[j * 8 + i] = table[(row[j] >> kShift[i]) & 0xFu];
+      }
+    }
+  }
+}
+
 #ifdef RGPT_INT4_X86
 // --- AVX2 + FMA + F16C path ---------------------------------------------------------------------
 // Per (row, group): the 16 exact values fp16((q - z) * s), q = 0..15, computed in fp32 (exact)
@@ -184,6 +204,21 @@ RGPT_AVX2 inline float sum8(__m256 v) {
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
+}
+
+RGPT_AVX2 void dequant_rows_avx2(const Int4DequantParams& p, int64_t n_begin, int64_t n_end) {
+  const int64_t words = p.k / 8, groups = p.k / p.group_size, chunks_per_group = p.group_size / 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    float* dst = p.out + n * p.k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const GroupTable table = group_table(p.scales[n * groups + g], p.zeros[n * groups + g]);
+      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+        __m256 w[4];
+        dequant32(p.qweight + n * words + c * 4, table, w);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + c * 32 + 8 * i, w[i]);
+      }
+    }
+  }
 }
 
 template <int MB, int NB>
@@ -296,6 +331,48 @@ void int4_linear_cpu(const Int4LinearParams& p, int num_threads, bool use_simd) 
   const auto [begin, end] = range(0);
   rows(begin, end);
   for (auto& thread : pool) thread.join();
+}
+
+void int4_dequant_cpu(const Int4DequantParams& p, int num_threads, bool use_simd) {
+  Int4LinearParams check;
+  check.qweight = p.qweight;
+  check.scales = p.scales;
+  check.zeros = p.zeros;
+  check.n = p.n;
+  check.k = p.k;
+  check.group_size = p.group_size;
+  check_int4_params(check);
+  if (p.out == nullptr) throw std::invalid_argument("int4_dequant_cpu: out is null");
+  const bool simd = use_simd && int4_cpu_has_simd();
+  auto rows = [&p, simd](int64_t n_begin, int64_t n_end) {
+#ifdef RGPT_INT4_X86
+    if (simd) {
+      dequant_rows_avx2(p, n_begin, n_end);
+      return;
+    }
+#endif
+    dequant_rows_portable(p, n_begin, n_end);
+  };
+  const int64_t threads = p.n * p.k < (int64_t{1} << 20) ? 1 : std::clamp<int64_t>(num_threads, 1, p.n);
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads - 1));
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(rows, p.n * t / threads, p.n * (t + 1) / threads);
+  rows(0, p.n / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+void int4_dequant_cpu_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out,
+                            int64_t n, int64_t k, int64_t group_size, int num_threads,
+                            bool use_simd) {
+  Int4DequantParams p;
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
+  p.scales = reinterpret_cast<const uint16_t*>(scales);
+  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
+  p.out = reinterpret_cast<float*>(out);
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  int4_dequant_cpu(p, num_threads, use_simd);
 }
 
 void int4_linear_cpu_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,

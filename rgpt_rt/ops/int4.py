@@ -76,7 +76,7 @@ def check_int4_args(
     return m, n, k
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
+def aligned(t: torch.Tensor) -> torch.Tensor:
     """t contiguous with a 16-byte aligned start (the CUDA kernels load 16 bytes at a time)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -104,12 +104,55 @@ def cpu_threads(n: int, k: int, requested: int) -> int:
     return max(1, min(torch.get_num_threads(), (n * k // 2) // MIN_BYTES_PER_THREAD))
 
 
+# From this many rows of x on (a prefill), the CPU multiplies with torch's GEMM: W is dequantized
+# to float32 a tile of rows at a time into a buffer that stays in cache, instead of the GEMV
+# kernel dequantizing all of W again for every 4 rows of x.
+CPU_GEMM_MIN_ROWS = 32
+CPU_GEMM_TILE_BYTES = 1 << 19
+
+
+def dequantize_cpu(qweight, scales, zeros, group_size, rows=None, out=None, use_simd=True):
+    """Rows [r0, r1) of W as float32 [r1 - r0, K] (all of W by default), the exact fp16 values
+    the kernels use, from the packed CPU tensors; into `out` when given."""
+    from rgpt_rt import _C
+
+    r0, r1 = rows or (0, qweight.shape[0])
+    k, groups = qweight.shape[1] * 8, scales.shape[1]
+    weight = torch.empty(r1 - r0, k, dtype=torch.float32) if out is None else out
+    _C.int4_dequant_cpu(
+        qweight.data_ptr() + r0 * qweight.stride(0) * 4,
+        scales.data_ptr() + r0 * groups * 2,
+        zeros.data_ptr() + r0 * groups,
+        weight.data_ptr(), r1 - r0, k, group_size, 1, use_simd,
+    )  # fmt: skip
+    return weight
+
+
+def _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd):
+    # out^T [N, M] = W x^T, one tile of W's rows at a time, each tile's rows a contiguous slice
+    n, k = qweight.shape[0], x32.shape[1]
+    rows = min(n, max(16, CPU_GEMM_TILE_BYTES // (4 * k)))
+    tile = torch.empty(rows, k, dtype=torch.float32)
+    out_t = torch.empty(n, x32.shape[0], dtype=torch.float32)
+    x_t = x32.t()
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        weight = dequantize_cpu(
+            qweight, scales, zeros, group_size, (r0, r1), tile[: r1 - r0], use_simd
+        )
+        torch.mm(weight, x_t, out=out_t[r0:r1])
+    out = out_t.t()
+    return (out + bias.to(torch.float32) if bias is not None else out).contiguous()
+
+
 def _cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):
     from rgpt_rt import _C
 
     m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
-    num_threads = cpu_threads(n, k, num_threads)
     x32 = x.to(torch.float32).contiguous()
+    if m >= CPU_GEMM_MIN_ROWS:
+        return _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd).to(x.dtype)
+    num_threads = cpu_threads(n, k, num_threads)
     out = torch.empty(m, n, dtype=torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     _C.int4_linear_cpu(
@@ -140,7 +183,7 @@ def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
                 n, k, group_size, tag, stream,
             )  # fmt: skip
             return torch.nn.functional.linear(x, weight, bias)
-        x = _aligned(x)
+        x = aligned(x)
         if splits is None:
             splits = gemv_splits(
                 n, k, torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -160,6 +203,28 @@ def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
         return out
 
 
+def int4_linear_eager(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    num_threads: int,
+) -> torch.Tensor:
+    """The body of the rgpt_rt::int4_linear op, callable without the dispatcher (eager calls
+    skip its ~40 µs of custom-op overhead, which on small layers is more than the kernel)."""
+    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
+    if m == 0:
+        return x.new_empty(0, n)
+    qweight, scales, zeros = aligned(qweight), scales.contiguous(), zeros.contiguous()
+    if x.is_cuda:
+        return _cuda(x, qweight, scales, zeros, bias, group_size)
+    if x.device.type != "cpu":
+        raise ValueError(f"int4_linear runs on CPU and CUDA; got a tensor on {x.device}")
+    return _cpu(x, qweight, scales, zeros, bias, group_size, num_threads)
+
+
 @torch.library.custom_op("rgpt_rt::int4_linear", mutates_args=())
 def int4_linear_op(
     x: torch.Tensor,
@@ -172,15 +237,7 @@ def int4_linear_op(
 ) -> torch.Tensor:
     """x [M, K] @ W.T + bias -> [M, N] (x's dtype); W = (qweight int32 [N, K/8] nk8i,
     scales fp16 [N, K/G], zeros uint8 [N, K/G]). num_threads: CPU threads, 0 = torch's."""
-    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
-    if m == 0:
-        return x.new_empty(0, n)
-    qweight, scales, zeros = _aligned(qweight), scales.contiguous(), zeros.contiguous()
-    if x.is_cuda:
-        return _cuda(x, qweight, scales, zeros, bias, group_size)
-    if x.device.type != "cpu":
-        raise ValueError(f"int4_linear runs on CPU and CUDA; got a tensor on {x.device}")
-    return _cpu(x, qweight, scales, zeros, bias, group_size, num_threads)
+    return int4_linear_eager(x, qweight, scales, zeros, bias, group_size, num_threads)
 
 
 @int4_linear_op.register_fake
@@ -208,9 +265,11 @@ def int4_linear_packed(
     if perm is not None:
         x = x.index_select(-1, perm)
     lead = x.shape[:-1]
-    out = torch.ops.rgpt_rt.int4_linear(
-        x.reshape(-1, k), qweight, scales, zeros, bias, group_size, num_threads or 0
-    )
+    # Traced (torch.compile) calls, and calls autograd would record, go through the registered
+    # op (which has no backward and says so); plain inference calls go straight to its body.
+    traced = torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+    linear = torch.ops.rgpt_rt.int4_linear if traced else int4_linear_eager
+    out = linear(x.reshape(-1, k), qweight, scales, zeros, bias, group_size, num_threads or 0)
     return out.reshape(*lead, qweight.shape[0])
 
 

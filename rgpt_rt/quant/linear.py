@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from rgpt_rt.ops.int4 import int4_linear_packed
+from rgpt_rt.ops.int4 import CPU_GEMM_MIN_ROWS, aligned, cpu_threads, int4_linear_packed
 from rgpt_rt.quant.format import Int4Weight
 from rgpt_rt.quant.rtn import quantize_rtn
 
@@ -35,9 +35,11 @@ class Int4Linear(nn.Module):
         self.group_size = weight.group_size
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must be [{self.out_features}]; got {list(bias.shape)}")
-        self.register_buffer("qweight_nk8i", weight.qweight)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("zeros", weight.zeros)
+        # aligned and contiguous once here, not copied again on every call (the kernels load
+        # 16 bytes at a time; tensors read from a file may start anywhere)
+        self.register_buffer("qweight_nk8i", aligned(weight.qweight))
+        self.register_buffer("scales", weight.scales.contiguous())
+        self.register_buffer("zeros", weight.zeros.contiguous())
         self.register_buffer("perm", weight.perm)
         self.register_buffer("bias", None if bias is None else bias.detach())
 
@@ -60,11 +62,80 @@ class Int4Linear(nn.Module):
             self.perm,
         )
 
+    @classmethod
+    def concat(cls, layers: list[Int4Linear]) -> Int4Linear:
+        """One Int4Linear whose outputs are those of `layers` side by side (they share the input:
+        q/k/v, gate/up), so one kernel call does the work of several. Rows of the nk8i layout are
+        independent, so this is a concatenation of the packed rows; nothing is requantized."""
+        first = layers[0]
+        for layer in layers:
+            if (layer.in_features, layer.group_size) != (first.in_features, first.group_size):
+                raise ValueError(
+                    "only INT4 linears with the same in_features and group_size concatenate; got "
+                    f"{[(m.in_features, m.group_size) for m in layers]}"
+                )
+            if layer.perm is not None:
+                raise ValueError(
+                    "INT4 linears with an input permutation (act-order) do not concatenate"
+                )
+        biases = [m.bias for m in layers]
+        if any(b is not None for b in biases):
+            given = next(b for b in biases if b is not None)
+            bias = torch.cat([
+                torch.zeros(m.out_features, dtype=given.dtype, device=given.device)
+                if b is None else b.to(given.dtype)
+                for m, b in zip(layers, biases)
+            ])  # fmt: skip
+        else:
+            bias = None
+        weight = Int4Weight(
+            torch.cat([m.qweight_nk8i for m in layers]),
+            torch.cat([m.scales for m in layers]),
+            torch.cat([m.zeros for m in layers]),
+            first.group_size,
+            (sum(m.out_features for m in layers), first.in_features),
+            None,
+        )
+        return cls(weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
+        if (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.perm is None
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()
+            and x.shape[-1] == self.in_features
+            and self.qweight_nk8i.device.type == "cpu"
+        ):
+            return self._cpu_gemv(x)
         return int4_linear_packed(
             x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias, self.perm
         )
+
+    def _cpu_gemv(self, x: torch.Tensor) -> torch.Tensor:
+        # The decode step's path on CPU: this module's buffers were checked when it was built
+        # and x just now, so the kernel is called without int4_linear's per-call checks.
+        lead, k, n = x.shape[:-1], self.in_features, self.out_features
+        x2 = x.reshape(-1, k).contiguous()
+        m = x2.shape[0]
+        if m == 0 or m >= CPU_GEMM_MIN_ROWS:
+            return int4_linear_packed(
+                x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias
+            )
+        from rgpt_rt import _C
+
+        out = torch.empty(m, n, dtype=torch.float32)
+        bias = self.bias
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.float().contiguous()
+        _C.int4_linear_cpu(
+            x2.data_ptr(), self.qweight_nk8i.data_ptr(), self.scales.data_ptr(),
+            self.zeros.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+            m, n, k, self.group_size, cpu_threads(n, k, 0), True,
+        )  # fmt: skip
+        return out.view(*lead, n)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"

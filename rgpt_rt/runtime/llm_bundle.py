@@ -19,5 +19,10 @@ from rgpt_rt.runtime.decoder import LlamaDecoder
 def load_bundle_decoder(
     folder: Path, config: LLMConfig, dtype: torch.dtype, device: torch.device
 ) -> LlamaDecoder:
+    """The decoder of a bundle, its q/k/v and gate/up linears fused for inference."""
     int4, tensors = load_int4(folder / "llm.safetensors")
-    return LlamaDecoder.from_state(config, tensors, int4_weights=int4, dtype=dtype, device=device)
+    decoder = LlamaDecoder.from_state(
+        config, tensors, int4_weights=int4, dtype=dtype, device=device
+    )
+    decoder.fuse_projections()
+    return decoder
