@@ -7,8 +7,11 @@
     python benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda   # full size on a GPU
 
 Each side runs in its own process (so its peak memory is its own), warms up, then times the
-median of --runs runs of a cold describe (no cached vision or prefix). rgpt_rt also reports one
-region against 16 (describe_many) and a warm second question about the same image.
+median of --runs runs of a cold describe: for rgpt_rt, each on an image the Session has not
+seen, so its vision result and image prefix are computed (the system prompt's KV, the same for
+every image, is reused as in any long-running Session; the run with every cache cleared is
+reported beside it). rgpt_rt also reports one region against 16 (describe_many) and a warm
+second question about the same image.
 """
 
 from __future__ import annotations
@@ -145,23 +148,37 @@ def run_rgpt_rt(args) -> dict:
     image, masks = scene(args.image_size, args.regions)
     sync = _sync_fn(args.device)
 
-    def cold(call):
-        session.clear_caches()
+    fresh = iter(range(1, 1 << 30))
+
+    def new_image() -> np.ndarray:
+        # the scene with one byte changed: an image this Session has not seen (its vision
+        # result and image prefix are computed; the system prompt's KV, the same for every
+        # image, is reused as in any long-running Session)
+        changed = image.copy()
+        changed.reshape(-1)[next(fresh) % changed.size] ^= 1
+        return changed
+
+    def cold(call, clear: bool = False):
+        if clear:
+            session.clear_caches()
         start, cpu = time.perf_counter(), time.process_time()
         result = call()
         sync()
         stats = dict(session.stats, cpu_ms=(time.process_time() - cpu) * 1000)
         return _ms(start), result, stats
 
-    describe = lambda: session.describe(image, masks[0], max_new_tokens=args.max_new_tokens)  # noqa: E731
+    describe = lambda: session.describe(new_image(), masks[0], max_new_tokens=args.max_new_tokens)  # noqa: E731
     for _ in range(args.warmup):
         cold(describe)
     runs = [cold(describe) for _ in range(args.runs)]
+    # and with every cache cleared first (the first question a new Session answers)
+    out_cleared = median([cold(describe, clear=True)[0] for _ in range(args.runs)])
     out = {
         key: median([s[key] for _, _, s in runs])
         for key in ("preprocess_ms", "vision_ms", "regions_ms", "prefill_ms", "ttft_ms")
     }
     out["e2e_ms"] = median([t for t, _, _ in runs])
+    out["e2e_cleared_ms"] = out_cleared
     out["e2e_cpu_ms"] = median([s["cpu_ms"] for _, _, s in runs])
     decode_rates = [s.get("decode_tok_s", 0.0) for _, _, s in runs]
     out["decode_tok_s"] = median(decode_rates)
@@ -183,7 +200,7 @@ def run_rgpt_rt(args) -> dict:
 
     # one region against all of them in one batched decode
     many = [
-        cold(lambda: session.describe_many(image, masks, max_new_tokens=args.max_new_tokens))
+        cold(lambda: session.describe_many(new_image(), masks, max_new_tokens=args.max_new_tokens))
         for _ in range(max(3, args.runs // 3))
     ]
     out["regions_many"] = len(masks)
@@ -415,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         f"## describe(): rgpt_rt vs reference — {args.preset}{' (random weights)' if args.random_weights else ''}, {machine}\n"
     )
     print(
-        f"median of {args.runs} cold runs after {args.warmup} warm-up; {args.max_new_tokens} new tokens at most\n"
+        f"median of {args.runs} cold runs after {args.warmup} warm-up (rgpt_rt: each on an image the "
+        f"Session has not seen); {args.max_new_tokens} new tokens at most\n"
     )
     print(table(ours, ref))
     print()
@@ -423,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     same = ours["answer"] == ref["answer"]
     print(
         f"- greedy outputs equal: {'yes' if same else 'NO'} (reference: {ref['answer']!r}; rgpt_rt: {ours['answer']!r})"
+    )
+    print(
+        f"- rgpt_rt with every cache cleared first (a new Session's first question, the system "
+        f"prompt's KV computed too): {ours['e2e_cleared_ms']:.0f} ms"
     )
     print(
         f"- 1 region {ours['e2e_ms']:.0f} ms; {ours['regions_many']} regions in one batch {ours['describe_many_ms']:.0f} ms ({ours['describe_many_ms'] / ours['e2e_ms']:.2f}×)"

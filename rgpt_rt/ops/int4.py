@@ -132,6 +132,10 @@ def _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd):
     # out^T [N, M] = W x^T, one tile of W's rows at a time, each tile's rows a contiguous slice
     n, k = qweight.shape[0], x32.shape[1]
     rows = min(n, max(16, CPU_GEMM_TILE_BYTES // (4 * k)))
+    bias32 = None if bias is None else bias.to(torch.float32)
+    if rows == n:  # one tile: the GEMM writes out [M, N] directly
+        weight = dequantize_cpu(qweight, scales, zeros, group_size, use_simd=use_simd)
+        return torch.nn.functional.linear(x32, weight, bias32)
     tile = torch.empty(rows, k, dtype=torch.float32)
     out_t = torch.empty(n, x32.shape[0], dtype=torch.float32)
     x_t = x32.t()
@@ -142,7 +146,7 @@ def _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd):
         )
         torch.mm(weight, x_t, out=out_t[r0:r1])
     out = out_t.t()
-    return (out + bias.to(torch.float32) if bias is not None else out).contiguous()
+    return (out + bias32 if bias32 is not None else out).contiguous()
 
 
 def _cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):

@@ -370,9 +370,23 @@ class Session:
         prefix_ids = torch.tensor([ids[:length]], device=self.device)
         embeds = self._splice(prefix_ids, image_embeds, None)  # [1, P, D]
         cache = self.decoder.new_cache(1, length)
-        self.decoder.prefill(cache, inputs_embeds=embeds)
+        # The text before the first image token (BOS, system prompt, user role) is the same for
+        # every image: its KV is computed once and copied, and only the image tokens are prefilled.
+        text = ids.index(self.image_id)
+        if text > 0:
+            cache.copy_prefix(self._text_prefix(ids[:text], embeds[:, :text]), 0, [0], text)
+        self.decoder.prefill(cache, inputs_embeds=embeds[:, text:])
         self._prefix_cache.put(key, cache, cache.nbytes)
         return cache, length
+
+    def _text_prefix(self, ids: list[int], embeds: torch.Tensor) -> KVCache:
+        key = f"text:{hash(tuple(ids))}"
+        cached = self._prefix_cache.get(key)
+        if cached is None:
+            cached = self.decoder.new_cache(1, len(ids))
+            self.decoder.prefill(cached, inputs_embeds=embeds)
+            self._prefix_cache.put(key, cached, cached.nbytes)
+        return cached
 
     def _prefill(self, frame, image_embeds, ids, region_rows, params, stats):
         """Prefix from the cache (or computed once), then each row's own suffix: the question with

@@ -82,6 +82,29 @@ def test_a_warm_question_prefills_only_its_own_tokens(int4_bundle):
     assert isinstance(first, str)
 
 
+def test_the_system_prompts_kv_is_computed_once_per_session(int4_bundle):
+    # the text before the image tokens is the same for every image: a new image prefills only
+    # its image tokens and then the question
+    fresh = Session(int4_bundle, device="cpu")
+    prefilled = []
+    prefill = fresh.decoder.prefill
+
+    def counting(cache, **inputs):
+        prefilled.append(inputs["inputs_embeds"].shape[1])
+        return prefill(cache, **inputs)
+
+    fresh.decoder.prefill = counting
+    image, masks = scene(3)
+    other, _ = scene(4)
+    fresh.describe(image, masks[0], max_new_tokens=6)
+    text_tokens, image_tokens, _question = prefilled
+    assert image_tokens == fresh.config.num_image_tokens and text_tokens > 10
+    prefilled.clear()
+    answer = fresh.describe(other, masks[0], max_new_tokens=6)
+    assert prefilled[0] == image_tokens and len(prefilled) == 2
+    assert answer == Session(int4_bundle, device="cpu").describe(other, masks[0], max_new_tokens=6)
+
+
 def test_describe_many_equals_describe_per_region(session):
     image, masks = scene(3)
     many = session.describe_many(image, masks, max_new_tokens=10)
