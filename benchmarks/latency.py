@@ -257,6 +257,7 @@ def load_session(args):
         group_size=group,
         device=args.device,
     )
+    decoder.fuse_projections()  # as a bundle's decoder is
     tokenizer = model.tokenizer
     del model
     torch.cuda.empty_cache() if args.device == "cuda" else None
