@@ -161,3 +161,20 @@ def test_int4_decoder_graphs_equal_eager(llama_folder):
     eager, _ = _greedy_logits(decoder, ids, 16, 64, graphs=False)
     assert cache.graphs and torch.equal(graphed.argmax(-1), eager.argmax(-1))
     assert _rel(graphed, eager) <= 5e-3
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_fused_projections_on_cuda_equal_unfused(llama_folder, quant):
+    # what the Session runs: q/k/v and gate/up stacked, under CUDA graphs
+    def load():
+        return LlamaDecoder.from_pretrained(
+            llama_folder[1], dtype=torch.float16, quant=quant, group_size=64, device="cuda"
+        )
+
+    plain, fused = load(), load()
+    assert fused.fuse_projections()
+    ids = _ids(20, 2, seed=6)
+    a, _ = _greedy_logits(plain, ids, 16, 64, graphs=True)
+    b, cache = _greedy_logits(fused, ids, 16, 64, graphs=True)
+    assert cache.graphs and torch.equal(a.argmax(-1), b.argmax(-1))
+    assert _rel(b, a) <= 5e-3
