@@ -14,6 +14,11 @@ at all (a run killed mid-write resumes from the previous one), with the model, t
 and the step. The data of step N depends only on the seed and N, so a resumed run continues the
 same curve. A NaN or infinite loss stops the run with an error naming the step.
 
+A model from scratch can first learn to see: --vision-pretrain-steps N runs the vision
+pretraining stage of vision_pretrain.py (dense per-cell attribute heads on the hi-res map, the
+stand-in for CLIP's pretraining) before the language stages, and --vision-pos-init-std 1.0
+gives its new vision tower a position embedding that the patch content does not swamp.
+
 A model from scratch needs two things a pretrained LLM brings (both measured on the shapes
 world, see CURRICULUM and centre_connector): a connector whose outputs are not one shared
 vector, and a first phase of questions that only the region token can answer.
@@ -42,6 +47,7 @@ from rgpt_rt.data.tasks import ShapesWorld, tokenizer_corpus
 from rgpt_rt.tokenizer import train_tokenizer
 
 CHECKPOINT_PREFIX = "step-"
+VISION_CHECKPOINT_PREFIX = "vision-step-"  # the vision pretraining stage's (vision_pretrain.py)
 # The curriculum of a model trained from scratch on the shapes world: phase k (up to the k-th
 # step of TrainConfig.curriculum; a phase may be empty) asks one question about one region,
 # from CURRICULUM[k]; then all tasks. The third phase (shape names only) is for continuing a
@@ -91,6 +97,14 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     progress: bool = True
+    # vision pretraining before the language stages (shapes world only; vision_pretrain.py):
+    # steps of batch_size scenes at peak vision_pretrain_lr, same warm-up and floor as above
+    vision_pretrain_steps: int = 0
+    vision_pretrain_lr: float = 1e-3
+    vision_eval_scenes: int = 64  # held-out scenes of the stage's evaluations
+    # re-initialise the position embedding of a new vision tower with this std (CLIP's own
+    # init, 0.02, is swamped by the patch content: position stays at chance; 1.0 learns it)
+    vision_pos_init_std: float | None = None
 
     def __post_init__(self) -> None:
         def need(condition: bool, message: str) -> None:
@@ -122,6 +136,19 @@ class TrainConfig:
             (self.coco is None) == (self.coco_images is None),
             "give --coco and --coco-images together (the annotation file and its image folder)",
         )
+        need(self.vision_pretrain_steps >= 0, "vision_pretrain_steps must be >= 0")
+        need(self.vision_pretrain_lr > 0, "vision_pretrain_lr must be > 0")
+        need(
+            not self.vision_pretrain_steps or (self.coco is None and self.clip is None),
+            "vision pretraining learns from the shapes world's label maps and stands in for "
+            "CLIP's pretraining; drop --vision-pretrain-steps with --coco or --clip",
+        )
+        need(
+            self.vision_pos_init_std is None
+            or (self.from_scratch and self.vision_pos_init_std > 0),
+            "--vision-pos-init-std re-initialises a new vision tower; a loaded one (--clip or "
+            "--init) keeps its position embedding, so drop the option (or give a std > 0)",
+        )
 
     @property
     def from_scratch(self) -> bool:
@@ -135,6 +162,9 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> mean loss
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    # the vision pretraining stage, when it ran in this call: loss per step, evaluations
+    vision_losses: dict[int, float] = field(default_factory=dict)
+    vision_evals: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -153,7 +183,20 @@ def build_model(cfg: TrainConfig):
     if cfg.clip:
         return RGPT.from_components(cfg.clip, cfg.llm)
     config = RGPTConfig.from_preset(cfg.preset)
-    return RGPT(config, tokenizer=world_tokenizer(config))
+    model = RGPT(config, tokenizer=world_tokenizer(config))
+    if cfg.vision_pos_init_std is not None:
+        init_position_embedding(model, cfg.vision_pos_init_std)
+    return model
+
+
+@torch.no_grad()
+def init_position_embedding(model, std: float) -> None:
+    """Draw the vision tower's position embedding (CLS position included) from N(0, std^2).
+    Only for a tower trained from scratch (TrainConfig refuses it for a loaded one)."""
+    from rgpt_rt.model.vision import transformer_root
+
+    table = transformer_root(model.vision.clip).embeddings.position_embedding.weight
+    torch.nn.init.normal_(table, mean=0.0, std=std)
 
 
 @torch.no_grad()
@@ -208,12 +251,18 @@ def part_lr(part: str, step: int, cfg: TrainConfig) -> float:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of update `step` (0-based): linear warm-up, then cosine decay to
     min_lr_ratio * lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+def warmup_cosine(step: int, steps: int, peak: float, warmup: int, floor_ratio: float) -> float:
+    """Update `step` (0-based) of `steps`: linear warm-up to `peak` over `warmup` updates, then
+    cosine decay to floor_ratio * peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(steps - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    floor = peak * floor_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class DataSource:
@@ -262,26 +311,28 @@ class DataSource:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def checkpoint_dir(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+def checkpoint_dir(out: Path, step: int, prefix: str = CHECKPOINT_PREFIX) -> Path:
+    return out / "checkpoints" / f"{prefix}{step:08d}"
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A write that was killed leaves only a hidden
-    temporary folder (atomic_directory), which is never listed here."""
+def complete_checkpoints(out: Path, prefix: str = CHECKPOINT_PREFIX) -> list[Path]:
+    """Complete checkpoints named `prefix` + step, oldest first. A write that was killed
+    leaves only a hidden temporary folder (atomic_directory), which is never listed here."""
     folder = out / "checkpoints"
     if not folder.is_dir():
         return []
     found = [
         p
         for p in folder.iterdir()
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer.pt").is_file()
+        if p.is_dir() and p.name.startswith(prefix) and (p / "trainer.pt").is_file()
     ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    return sorted(found, key=lambda p: int(p.name[len(prefix) :]))
 
 
-def write_checkpoint(out: Path, step: int, model, optimizer, state: dict) -> Path:
-    target = checkpoint_dir(out, step)
+def write_checkpoint(
+    out: Path, step: int, model, optimizer, state: dict, prefix: str = CHECKPOINT_PREFIX
+) -> Path:
+    target = checkpoint_dir(out, step, prefix)
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp / "model")
         _write_trainer_state(tmp / "trainer.pt", optimizer, state)
@@ -292,15 +343,15 @@ def _write_trainer_state(path: Path, optimizer, state: dict) -> None:
     torch.save({"optimizer": optimizer.state_dict(), **state}, path)
 
 
-def prune_checkpoints(out: Path, keep: int) -> None:
-    for old in complete_checkpoints(out)[:-keep]:
+def prune_checkpoints(out: Path, keep: int, prefix: str = CHECKPOINT_PREFIX) -> None:
+    for old in complete_checkpoints(out, prefix)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_partial_checkpoints(out: Path) -> list[Path]:
+def remove_partial_checkpoints(out: Path, prefix: str = CHECKPOINT_PREFIX) -> list[Path]:
     """Delete the temporary folders of checkpoint writes that never finished."""
     folder = out / "checkpoints"
-    partial = [p for p in folder.glob(f".{CHECKPOINT_PREFIX}*")] if folder.is_dir() else []
+    partial = [p for p in folder.glob(f".{prefix}*")] if folder.is_dir() else []
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial
@@ -314,16 +365,23 @@ def _log(out: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _start(cfg: TrainConfig, out: Path):
-    """(model, optimizer, first step, earlier losses) for a new or a resumed run."""
+def _refuse_overwrite(cfg: TrainConfig, out: Path) -> None:
+    earlier = complete_checkpoints(out) or complete_checkpoints(out, VISION_CHECKPOINT_PREFIX)
+    if earlier and not cfg.resume:
+        raise FileExistsError(
+            f"{out} already holds checkpoints (latest {earlier[-1].name}); pass --resume to "
+            "continue that run, or choose another --out"
+        )
+
+
+def _start(cfg: TrainConfig, out: Path, result: TrainResult):
+    """(model, optimizer, first step, earlier losses) for a new or a resumed run. A new run
+    of a model from scratch first runs (or continues) the vision pretraining stage, if asked,
+    and records it in `result`."""
     from rgpt_rt.model import RGPT
 
     found = complete_checkpoints(out)
-    if found and not cfg.resume:
-        raise FileExistsError(
-            f"{out} already holds checkpoints (latest {found[-1].name}); pass --resume to "
-            "continue that run, or choose another --out"
-        )
+    earlier = found or complete_checkpoints(out, VISION_CHECKPOINT_PREFIX)
     if cfg.resume and found:
         latest = found[-1]
         for partial in remove_partial_checkpoints(out):
@@ -335,9 +393,14 @@ def _start(cfg: TrainConfig, out: Path):
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
         return model, optimizer, state["step"], dict(state["losses"])
-    if cfg.resume:
+    if cfg.resume and not earlier:
         print(f"no checkpoint in {out} yet; starting a new run", file=sys.stderr)
     model = build_model(cfg)
+    if cfg.vision_pretrain_steps:
+        from rgpt_rt.vision_pretrain import pretrain_vision
+
+        stage = pretrain_vision(model, cfg, out)  # continues from its checkpoints on --resume
+        result.vision_losses, result.vision_evals = stage.losses, stage.evals
     set_stage(model, cfg)
     return model, build_optimizer(model, cfg), 0, {}
 
@@ -357,15 +420,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, optimizer, step, losses = _start(cfg, out)
-    model.train()
+    _refuse_overwrite(cfg, out)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    result = TrainResult(out=out, steps=cfg.steps)
+    model, optimizer, step, result.losses = _start(cfg, out, result)
+    losses = result.losses
+    model.train()
     data = DataSource(cfg, model)
     if step == 0 and not cfg.init:
         first = collate(data.micro_batch(0, 0), model.config, model.tokenizer, model.pad_token_id)
         centre_connector(model, first)
     eval_samples = data.eval_samples(model.config.vision.image_size)
-    result = TrainResult(out=out, steps=cfg.steps, losses=losses)
     trainable = [p for p in model.parameters() if p.requires_grad]
     per_step = cfg.batch_size * cfg.grad_accum
 
@@ -481,6 +546,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",
+        "vision_pretrain_steps",
+        "vision_pretrain_lr",
+        "vision_eval_scenes",
     ):
         value = getattr(defaults, name)
         run.add_argument(
@@ -494,6 +562,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=lambda text: tuple(int(v) for v in text.split(",")),
         default=(),
         help="steps where the curriculum phases end, e.g. 500,1000 (see CURRICULUM)",
+    )
+    run.add_argument(
+        "--vision-pos-init-std",
+        type=float,
+        help="re-initialise a new vision tower's position embedding with this std (e.g. 1.0)",
     )
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

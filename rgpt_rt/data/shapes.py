@@ -4,6 +4,7 @@
     scene.image            # [S, S, 3] uint8
     scene.masks()          # [K, S, S] bool, one per object, occlusion taken into account
     scene.objects[k]       # ShapeObject: shape, colour, size, position, centre, radius, ...
+    dense_labels(scene, 24)  # {"shape": [24, 24] int64, ...}: per-cell labels of a feature map
 
 Everything is drawn from a numpy Generator, so a seed (and a sample index) fixes every byte.
 The vocabulary below is public and stable: prompts, tests and users rely on it.
@@ -38,6 +39,8 @@ POSITIONS = (
     "bottom right",
 )
 BACKGROUNDS = ("plain", "gradient", "noise")
+# The attributes an object has, each with its vocabulary (dense_labels, vision pretraining).
+ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
 
 # The base RGB of each colour; every object gets a mild jitter of up to +-COLOUR_JITTER.
 COLOUR_RGB = {
@@ -316,3 +319,25 @@ def make_scene(rng: np.random.Generator, size: int, num_objects: int | None = No
         background=background,
         antialias=antialias,
     )
+
+
+def dense_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
+    """Per-cell labels of a grid x grid feature map over the scene, one map per attribute.
+
+    Cell (i, j) takes the object owning the pixel at its centre (row, column
+    floor((i + 0.5) * S / grid), likewise j; the topmost object, as in Scene.labels) and gets
+    the index of that object's value in ATTRIBUTES[name]; a cell over background gets
+    len(ATTRIBUTES[name]), one past the last value. "position" is the object's position (the
+    3x3 cell of its centre), not where the cell lies.
+    Returns {name: [grid, grid] int64} for every name of ATTRIBUTES."""
+    if grid < 1:
+        raise ValueError(f"grid must be at least 1; got {grid}")
+    centres = ((np.arange(grid) + 0.5) * scene.size / grid).astype(np.int64)  # [grid]
+    centres = np.minimum(centres, scene.size - 1)
+    owner = scene.labels[np.ix_(centres, centres)].astype(np.int64)  # [grid, grid], -1: none
+    maps = {}
+    for name, values in ATTRIBUTES.items():
+        # one entry per object, then background last, so that owner -1 picks background
+        lookup = [values.index(getattr(obj, name)) for obj in scene.objects] + [len(values)]
+        maps[name] = np.asarray(lookup, dtype=np.int64)[owner]
+    return maps
