@@ -15,6 +15,9 @@ PER_TASK = 16
 # What the shipped model reaches (MODEL_CARD.md); tasks it has not learned yet are expected
 # to fail their threshold, strictly, so that a model that passes makes these tests pass.
 LEARNED = {"colour"}
+# Held-out accuracy the shipped model has reached below its threshold, with a margin for 16
+# samples (MODEL_CARD.md: classify 68.5%, brief 70% on 200): a retrained model must not fall back.
+FLOORS = {"classify": 0.5, "brief": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,17 @@ def test_ground_truth_answers_at_the_model_cards_accuracy(session, world, task):
         text = session.ask(sample.image, turn.question, sample.masks, max_new_tokens=40)
         correct += score(turn, text)["correct"]
     assert correct / PER_TASK >= THRESHOLDS[task], f"{task}: {correct}/{PER_TASK}"
+
+
+@pytest.mark.parametrize("task", sorted(FLOORS))
+def test_what_is_partly_learned_stays_above_its_floor(session, world, task):
+    correct = 0
+    for index in range(PER_TASK):
+        sample = world.task_sample(index, task)
+        turn = sample.turns[0]
+        text = session.ask(sample.image, turn.question, sample.masks, max_new_tokens=40)
+        correct += score(turn, text)["correct"]
+    assert correct / PER_TASK >= FLOORS[task], f"{task}: {correct}/{PER_TASK}"
 
 
 def test_the_task_methods_ask_the_papers_prompts(session, world):
