@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (
         torch.cuda.get_device_name(0)
         if args.device == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
+        else f"CPU, {args.threads or torch.get_num_threads()} threads"
     )
     print(
         f"## describe(): rgpt_rt vs reference — {args.preset}{' (random weights)' if args.random_weights else ''}, {machine}\n"

@@ -379,6 +379,14 @@ class Session:
         self._prefix_cache.put(key, cache, cache.nbytes)
         return cache, length
 
+    def _extend(self, prefix: KVCache, length: int, ids: list[int]) -> KVCache:
+        """A new batch-1 cache: the first `length` positions of `prefix`, then `ids`."""
+        longer = self.decoder.new_cache(1, length + len(ids))
+        longer.copy_prefix(prefix, 0, [0], length)
+        tokens = torch.tensor([ids], device=self.device)
+        self.decoder.prefill(longer, inputs_embeds=self._splice(tokens, None, None))
+        return longer
+
     def _text_prefix(self, ids: list[int], embeds: torch.Tensor) -> KVCache:
         key = f"text:{hash(tuple(ids))}"
         cached = self._prefix_cache.get(key)
@@ -400,8 +408,16 @@ class Session:
                 f"the prompt and answer need {needed} positions but the model holds {self.max_context}; "
                 "ask a shorter question or lower max_new_tokens"
             )
-        cache = self._acquire(len(region_rows), needed)
-        cache.copy_prefix(prefix, 0, list(range(len(region_rows))), length)
+        rows = len(region_rows)
+        if rows > 1 and self.region_id in ids[length:]:
+            # Several regions, one question: the question's tokens before its first region
+            # token are the same in every row, so they are prefilled once, into the prefix.
+            shared = ids.index(self.region_id, length)
+            if shared > length:
+                prefix = self._extend(prefix, length, ids[length:shared])
+                length, suffix = shared, suffix[:, shared - length :]
+        cache = self._acquire(rows, needed)
+        cache.copy_prefix(prefix, 0, list(range(rows)), length)
         embeds = self._splice(suffix, None, torch.cat(region_rows))  # [B, Ts, D]
         logits = self.decoder.prefill(cache, inputs_embeds=embeds)
         _sync(self.device)

@@ -109,8 +109,11 @@ def test_describe_many_equals_describe_per_region(session):
     image, masks = scene(3)
     many = session.describe_many(image, masks, max_new_tokens=10)
     assert session.stats["regions"] == 3
+    per_row = session.stats["prefill_tokens"] / 3
     singles = [session.describe(image, m, max_new_tokens=10) for m in masks]
     assert many == singles
+    # the question's tokens before the region token were prefilled once, not once per row
+    assert per_row == int(per_row) and per_row < session.stats["prefill_tokens"]
 
 
 def test_classify_refer_and_chat(session):
