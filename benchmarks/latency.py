@@ -359,11 +359,13 @@ def plot(ours: dict, ref: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     parts = ("preprocess_ms", "vision_ms", "regions_ms", "prefill_ms")
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colours = dict(zip(parts, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    fig, ax = plt.subplots(figsize=(8.5, 3.2))
     for row, side in enumerate((ref, ours)):
         left = 0.0
         for part in parts:
-            ax.barh(row, side[part], left=left, label=LABELS[part] if row == 0 else None)
+            label = LABELS[part] if row == 0 else None
+            ax.barh(row, side[part], left=left, label=label, color=colours[part])
             left += side[part]
         decode = side["e2e_ms"] - left
         ax.barh(
@@ -372,7 +374,7 @@ def plot(ours: dict, ref: dict, path: Path) -> None:
     ax.set_yticks([0, 1], ["reference", "rgpt_rt"])
     ax.set_xlabel("ms (median)")
     ax.set_title("describe(): where the time goes")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
