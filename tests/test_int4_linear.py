@@ -117,6 +117,8 @@ def test_the_modules_direct_cpu_path_is_the_ops_result():
             assert torch.equal(layer(x), via_op)
     with pytest.raises(ValueError, match="takes K = 256"):
         layer(torch.randn(2, 255))
+    with pytest.raises(ValueError, match="scales must be float16"):
+        layer.float()(torch.randn(1, 256))  # cast scales are refused, never misread
 
 
 def test_leading_dims_threads_and_empty_batch():

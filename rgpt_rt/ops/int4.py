@@ -114,6 +114,7 @@ CPU_GEMM_TILE_BYTES = 1 << 19
 def dequantize_cpu(qweight, scales, zeros, group_size, rows=None, out=None, use_simd=True):
     """Rows [r0, r1) of W as float32 [r1 - r0, K] (all of W by default), the exact fp16 values
     the kernels use, from the packed CPU tensors; into `out` when given."""
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     from rgpt_rt import _C
 
     r0, r1 = rows or (0, qweight.shape[0])

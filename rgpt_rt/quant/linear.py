@@ -108,6 +108,7 @@ class Int4Linear(nn.Module):
             and not torch.compiler.is_compiling()
             and x.shape[-1] == self.in_features
             and self.qweight_nk8i.device.type == "cpu"
+            and self.scales.dtype == torch.float16  # (a model.float() would have cast it)
         ):
             return self._cpu_gemv(x)
         return int4_linear_packed(

@@ -210,6 +210,8 @@ class Attention(nn.Module):
 
     def fuse(self) -> bool:
         """Replace q/k/v by one linear of their stacked outputs (see LlamaDecoder.fuse_projections)."""
+        if self.qkv_proj is not None:
+            return True
         fused = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
         if fused is None:
             return False
@@ -254,6 +256,8 @@ class MLP(nn.Module):
 
     def fuse(self) -> bool:
         """Replace gate/up by one linear of their stacked outputs."""
+        if self.gate_up_proj is not None:
+            return True
         fused = _concat_linears([self.gate_proj, self.up_proj])
         if fused is None:
             return False

@@ -30,6 +30,7 @@ def test_a_fused_decoder_computes_what_the_unfused_one_does(hf_llama, variant, q
     plain = LlamaDecoder.from_pretrained(folder, quant=quant, group_size=32)
     fused = LlamaDecoder.from_pretrained(folder, quant=quant, group_size=32)
     assert fused.fuse_projections()
+    assert fused.fuse_projections()  # a second call changes nothing
     for layer in fused.layers:
         names = (
             {name for name, _ in layer.named_children()}
