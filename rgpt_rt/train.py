@@ -54,7 +54,12 @@ VISION_CHECKPOINT_PREFIX = "vision-step-"  # the vision pretraining stage's (vis
 # model that reads colours but not shapes. A new LLM first has to learn where the region
 # token is: on the full task mix it stayed at its text prior (always "white", "ring") for 800
 # steps, while on colour questions alone it read the region token within ~250.
-CURRICULUM = (("colour",), ("colour", "classify", "brief", "detailed"), ("classify",))
+CURRICULUM = (
+    ("colour",),
+    ("colour", "classify", "brief", "detailed"),
+    ("classify",),
+    ("position", "colour", "classify", "brief", "detailed"),
+)
 
 
 class TrainingDiverged(RuntimeError):

@@ -12,6 +12,7 @@ Tasks (TASKS), each asked with the paper's prompt or a paraphrase:
     colour     What color is <region1>?                          "red"
     above      Is <region1> above <region2>?                     "yes" / "no"
     larger     Which is larger, <region1> or <region2>?          "Region [1]"
+    position   Where is <region1> in the image?                  "top right" (curriculum only)
 Regions are given as masks, and sometimes (BOX_RATE) as boxes: rectangle masks around the
 object's visible pixels, used only where the object fills most of the objects in its box.
 """
@@ -45,7 +46,7 @@ from rgpt_rt.prompts import (
     region_list,
 )
 
-TASKS = ("classify", "brief", "detailed", "refer", "colour", "above", "larger")
+TASKS = ("classify", "brief", "detailed", "refer", "colour", "above", "larger", "position")
 TASK_WEIGHTS = {
     "classify": 0.14,
     "brief": 0.1,
@@ -54,6 +55,9 @@ TASK_WEIGHTS = {
     "colour": 0.1,
     "above": 0.1,
     "larger": 0.1,
+    # "Where is <region1>?" -> "top right": asked only where a curriculum phase names it (a
+    # weight of 0 leaves the mixed samples of the other tasks exactly as they were)
+    "position": 0.0,
 }
 VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape category names."
 BOX_RATE = 0.2
@@ -106,6 +110,11 @@ ABOVE_QUESTIONS = (
     ("Is {a} lower in the image than {b}?", False),
 )
 # (template, True when the answer is the larger region)
+POSITION_QUESTIONS = (
+    "Where is {r} in the image?",
+    "Where is {r}?",
+    "In which part of the image is {r}?",
+)
 LARGER_QUESTIONS = (
     ("Which is larger, {a} or {b}?", True),
     ("Which is bigger, {a} or {b}?", True),
@@ -264,7 +273,7 @@ def _turn(
         if not first:
             return None
         return _refer_turn(scene, regions, rng)
-    if task in ("classify", "brief", "detailed", "colour"):
+    if task in ("classify", "brief", "detailed", "colour", "position"):
         index = int(rng.integers(count))
         obj = objects[index]
         name = regions.name(index)
@@ -287,6 +296,9 @@ def _turn(
             other = nearest(objects, index)
             truth.update(neighbour=objects.index(other), relation=relation(obj, other))
             return Turn(question, detailed_answer(objects, index), task, truth)
+        if task == "position":
+            question = _pick(rng, POSITION_QUESTIONS).format(r=name)
+            return Turn(question, obj.position, task, truth)
         return Turn(_pick(rng, COLOUR_QUESTIONS).format(r=name), obj.colour, task, truth)
 
     pairs = [(a, b) for a in range(count) for b in range(count) if a != b]
