@@ -59,6 +59,7 @@ TASK_WEIGHTS = {
     # weight of 0 leaves the mixed samples of the other tasks exactly as they were)
     "position": 0.0,
 }
+NAMED_TASK_WEIGHTS = {"position": 0.2}  # the weight of such a task where it is named
 VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape category names."
 BOX_RATE = 0.2
 NEGATIVE_RATE = 0.2  # referring expressions that fit none of the regions
@@ -396,7 +397,8 @@ class ShapesWorld:
         turns_wanted = int(rng.choice(TURN_COUNTS, p=TURN_WEIGHTS)) if turns is None else turns
         regions = _Regions()
         names = list(tasks or TASK_WEIGHTS)
-        weights = np.array([TASK_WEIGHTS[name] for name in names])
+        named = NAMED_TASK_WEIGHTS if tasks else {}
+        weights = np.array([named.get(name, TASK_WEIGHTS[name]) for name in names])
         turns: list[Turn] = []
         while len(turns) < turns_wanted:
             task = names[rng.choice(len(names), p=weights / weights.sum())]
