@@ -153,5 +153,7 @@ def test_the_curriculum_asks_about_one_region_first():
     assert not set(later) <= set(CURRICULUM[1]), "after the curriculum, every task"
     positions = DataSource(TrainConfig(out="x", curriculum=(0, 0, 0, 4), batch_size=12), model)
     assert "position" in {s.task for step in range(2) for s in positions.micro_batch(step, 0)}
-    with pytest.raises(ValueError, match=f"curriculum takes up to {len(CURRICULUM)} increasing steps"):
+    with pytest.raises(
+        ValueError, match=f"curriculum takes up to {len(CURRICULUM)} increasing steps"
+    ):
         TrainConfig(out="x", curriculum=(5, 3))
