@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from rgpt_rt.data.samples import RegionSample, Turn, collate
 from rgpt_rt.data.shapes import COLOURS, SHAPES
@@ -107,21 +106,16 @@ def answer_batch(
         for row, n in enumerate(lengths.tolist()):
             left[row, width - n :] = embeds[row, :n]
             attention[row, width - n :] = 1
-        generation = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=model.eos_token_id,
-            pad_token_id=model.pad_token_id,
-            bos_token_id=model.bos_token_id,
-        )
         out = model.llm.generate(
-            inputs_embeds=left, attention_mask=attention, generation_config=generation
+            inputs_embeds=left,
+            attention_mask=attention,
+            generation_config=model.greedy_generation(max_new_tokens),
         )
     finally:
         model.train(was_training)
     texts = []
     for ids in out.tolist():
-        ids = ids[: ids.index(model.eos_token_id)] if model.eos_token_id in ids else ids
+        ids = model.until_eos(ids)
         texts.append(model.tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
 

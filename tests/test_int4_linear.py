@@ -10,7 +10,7 @@ import torch
 from rgpt_rt import _C
 from rgpt_rt.ops import int4 as int4_ops
 from rgpt_rt.ops import int4_linear, int4_linear_reference
-from rgpt_rt.ops.int4 import _cpu
+from rgpt_rt.ops.int4 import linear_cpu
 from rgpt_rt.quant import Int4Linear, Int4Weight, dequantize, load_int4_linears, quantize_linears
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -68,7 +68,7 @@ def test_dtypes_paths_and_bias(dtype, simd):
     w = random_weight(61, 768, 128, max_zero=16)
     x = torch.randn(6, 768).to(dtype)
     bias = torch.randn(61).to(dtype)
-    out = _cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 2, use_simd=simd)
+    out = linear_cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 2, use_simd=simd)
     assert out.dtype == dtype and out.shape == (6, 61)
     check_against_reference(out, x, w, bias)
 
@@ -80,7 +80,7 @@ def test_one_hot_rows_read_the_dequantized_weight_back_exactly(simd):
     k = 256
     w = random_weight(10, k, 64, max_zero=16)
     w.scales[0] = torch.tensor([2**-24, 3 * 2**-20, 1000.0, 0.1], dtype=torch.float16)
-    out = _cpu(torch.eye(k), w.qweight, w.scales, w.zeros, None, 64, 2, use_simd=simd)
+    out = linear_cpu(torch.eye(k), w.qweight, w.scales, w.zeros, None, 64, 2, use_simd=simd)
     assert torch.equal(out.T, dequantize(w).float())
 
 
@@ -93,7 +93,7 @@ def test_prefill_rows_take_the_tiled_gemm_path(simd, monkeypatch):
     for dtype in DTYPES:
         x = torch.randn(int4_ops.CPU_GEMM_MIN_ROWS + 5, 512).to(dtype)
         bias = torch.randn(113).to(dtype)
-        out = _cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 1, use_simd=simd)
+        out = linear_cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 1, use_simd=simd)
         assert out.dtype == dtype and out.shape == (x.shape[0], 113)
         check_against_reference(out, x, w, bias)
 

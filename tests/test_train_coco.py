@@ -7,11 +7,11 @@ import json
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from tiny_llama_folder import write_tiny_llama
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from rgpt_rt.data.coco import SkippedAnnotations, encode_rle
 from rgpt_rt.model import RGPT
-from rgpt_rt.tokenizer import default_tokenizer
 from rgpt_rt.train import TrainConfig, train
 
 
@@ -26,18 +26,7 @@ def write_components(root):
         patch_size=8,
     )
     CLIPVisionModel(vision).save_pretrained(root / "clip")
-    tokenizer = default_tokenizer(vocab_size=400)
-    llama = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(llama).save_pretrained(root / "llm")
-    tokenizer.save(str(root / "llm" / "tokenizer.json"))
+    write_tiny_llama(root / "llm")
 
 
 def write_coco(root, name):

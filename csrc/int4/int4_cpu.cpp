@@ -284,6 +284,35 @@ RGPT_AVX2 void rows_avx2(const Int4LinearParams& p, int64_t n_begin, int64_t n_e
 
 }  // namespace
 
+namespace {
+
+// rows(begin, end) over output rows [0, n), split among `threads` (at most one per block of
+// `unit` rows) into contiguous ranges of whole blocks; the calling thread takes the first.
+template <typename Rows>
+void split_rows(int64_t n, int64_t unit, int64_t threads, const Rows& rows) {
+  const int64_t blocks = (n + unit - 1) / unit;
+  threads = std::clamp<int64_t>(threads, 1, blocks);
+  if (threads == 1) {
+    rows(0, n);
+    return;
+  }
+  auto range = [&](int64_t t) {
+    const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
+    return std::make_pair(b0 * unit, std::min(n, b1 * unit));
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads - 1));
+  for (int64_t t = 1; t < threads; ++t) {
+    const auto [begin, end] = range(t);
+    pool.emplace_back(rows, begin, end);
+  }
+  const auto [begin, end] = range(0);
+  rows(begin, end);
+  for (auto& thread : pool) thread.join();
+}
+
+}  // namespace
+
 bool int4_cpu_has_simd() {
 #ifdef RGPT_INT4_X86
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -310,27 +339,8 @@ void int4_linear_cpu(const Int4LinearParams& p, int num_threads, bool use_simd) 
     rows_portable(p, n_begin, n_end);
   };
   // threads take contiguous ranges of kN-row blocks; tiny problems stay on the calling thread
-  const int64_t blocks = (p.n + kN - 1) / kN;
   const int64_t work = p.m * p.n * p.k;
-  int64_t threads = std::clamp<int64_t>(num_threads, 1, blocks);
-  if (work < (int64_t{1} << 18)) threads = 1;
-  if (threads == 1) {
-    rows(0, p.n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  auto range = [&](int64_t t) {
-    const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
-    return std::make_pair(b0 * kN, std::min(p.n, b1 * kN));
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    const auto [begin, end] = range(t);
-    pool.emplace_back(rows, begin, end);
-  }
-  const auto [begin, end] = range(0);
-  rows(begin, end);
-  for (auto& thread : pool) thread.join();
+  split_rows(p.n, kN, work < (int64_t{1} << 18) ? 1 : num_threads, rows);
 }
 
 void int4_dequant_cpu(const Int4DequantParams& p, int num_threads, bool use_simd) {
@@ -353,12 +363,7 @@ void int4_dequant_cpu(const Int4DequantParams& p, int num_threads, bool use_simd
 #endif
     dequant_rows_portable(p, n_begin, n_end);
   };
-  const int64_t threads = p.n * p.k < (int64_t{1} << 20) ? 1 : std::clamp<int64_t>(num_threads, 1, p.n);
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(rows, p.n * t / threads, p.n * (t + 1) / threads);
-  rows(0, p.n / threads);
-  for (auto& thread : pool) thread.join();
+  split_rows(p.n, 1, p.n * p.k < (int64_t{1} << 20) ? 1 : num_threads, rows);
 }
 
 void int4_dequant_cpu_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out,

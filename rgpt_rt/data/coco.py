@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from rgpt_rt.data.samples import RegionSample, Turn
 from rgpt_rt.inputs import box_to_mask, load_image
 from rgpt_rt.prompts import classify_prompt, describe_prompt, refer_answer, refer_prompt
+from rgpt_rt.rle import decode_counts, encode_counts
 
 COCO_TASKS = ("classify", "brief", "refer")
 NEGATIVE_RATE = 0.2
@@ -42,49 +43,9 @@ class SkippedAnnotations(UserWarning):
 # --- RLE -----------------------------------------------------------------------------------------
 
 
-def rle_counts_from_string(text: str) -> list[int]:
-    """COCO's compressed RLE string -> run lengths. Each run is stored in 5-bit groups, least
-    significant first, as characters offset by 48; bit 0x20 says another group follows and bit
-    0x10 of the last group is the sign. From the fourth run on, a run is stored as the
-    difference to the run two places before it."""
-    counts: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(text):
-                raise ValueError("compressed RLE string ends in the middle of a run")
-            group = ord(text[position]) - 48
-            if not 0 <= group < 64:
-                raise ValueError(
-                    f"compressed RLE string holds an invalid character {text[position]!r}"
-                )
-            value |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            position += 1
-            shift += 5
-            if not more and group & 0x10:
-                value -= 1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def rle_counts_to_string(counts: list[int]) -> str:
-    """Run lengths -> COCO's compressed RLE string (the inverse of rle_counts_from_string)."""
-    out = []
-    for index, count in enumerate(counts):
-        value = count - counts[index - 2] if index > 2 else count
-        more = True
-        while more:
-            group = value & 0x1F
-            value >>= 5
-            more = value != -1 if group & 0x10 else value != 0
-            if more:
-                group |= 0x20
-            out.append(chr(group + 48))
-    return "".join(out)
+# COCO's compressed counts string, by the codec the server uses too (rgpt_rt/rle.py)
+rle_counts_from_string = decode_counts
+rle_counts_to_string = encode_counts
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:

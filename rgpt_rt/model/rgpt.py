@@ -215,19 +215,25 @@ class RGPT(nn.Module):
         ]
         input_ids = prepared.input_ids.to(device)
         embeds = self.build_inputs_embeds(input_ids, image_embeds, regions)
-        generation = GenerationConfig(
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=self.greedy_generation(max_new_tokens),
+        )
+        return self.until_eos(out[0].tolist())
+
+    def greedy_generation(self, max_new_tokens: int) -> GenerationConfig:
+        """transformers' generation config of the reference pipeline: greedy, this model's tokens."""
+        return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             bos_token_id=self.bos_token_id,
         )
-        out = self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=generation,
-        )
-        ids = out[0].tolist()
+
+    def until_eos(self, ids: list[int]) -> list[int]:
+        """Generated ids up to (without) the first eos."""
         return ids[: ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
 
     def answer(

@@ -150,7 +150,9 @@ def _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd):
     return (out + bias32 if bias32 is not None else out).contiguous()
 
 
-def _cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):
+def linear_cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):
+    """int4_linear on CPU tensors already checked (x [M, K]): the GEMV kernel, or from
+    CPU_GEMM_MIN_ROWS rows on, tiled dequantization + torch's GEMM."""
     from rgpt_rt import _C
 
     m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
@@ -217,7 +219,9 @@ def int4_linear_eager(
     group_size: int,
     num_threads: int,
 ) -> torch.Tensor:
-    """The body of the rgpt_rt::int4_linear op, callable without the dispatcher (eager calls
+    """x [M, K] @ W.T + bias -> [M, N] (x's dtype); W = (qweight int32 [N, K/8] nk8i,
+    scales fp16 [N, K/G], zeros uint8 [N, K/G]). num_threads: CPU threads, 0 = torch's.
+    The body of the rgpt_rt::int4_linear op, callable without the dispatcher (eager calls
     skip its ~40 µs of custom-op overhead, which on small layers is more than the kernel)."""
     m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
     if m == 0:
@@ -227,22 +231,11 @@ def int4_linear_eager(
         return _cuda(x, qweight, scales, zeros, bias, group_size)
     if x.device.type != "cpu":
         raise ValueError(f"int4_linear runs on CPU and CUDA; got a tensor on {x.device}")
-    return _cpu(x, qweight, scales, zeros, bias, group_size, num_threads)
+    return linear_cpu(x, qweight, scales, zeros, bias, group_size, num_threads)
 
 
-@torch.library.custom_op("rgpt_rt::int4_linear", mutates_args=())
-def int4_linear_op(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-    num_threads: int,
-) -> torch.Tensor:
-    """x [M, K] @ W.T + bias -> [M, N] (x's dtype); W = (qweight int32 [N, K/8] nk8i,
-    scales fp16 [N, K/G], zeros uint8 [N, K/G]). num_threads: CPU threads, 0 = torch's."""
-    return int4_linear_eager(x, qweight, scales, zeros, bias, group_size, num_threads)
+# The registered op (for torch.compile and CUDA graphs) runs the same body.
+int4_linear_op = torch.library.custom_op("rgpt_rt::int4_linear", mutates_args=())(int4_linear_eager)
 
 
 @int4_linear_op.register_fake

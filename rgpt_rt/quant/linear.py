@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from rgpt_rt.ops.int4 import CPU_GEMM_MIN_ROWS, aligned, cpu_threads, int4_linear_packed
+from rgpt_rt.ops.int4 import aligned, int4_linear_packed, linear_cpu
 from rgpt_rt.quant.format import Int4Weight
 from rgpt_rt.quant.rtn import quantize_rtn
 
@@ -117,26 +117,12 @@ class Int4Linear(nn.Module):
 
     def _cpu_gemv(self, x: torch.Tensor) -> torch.Tensor:
         # The decode step's path on CPU: this module's buffers were checked when it was built
-        # and x just now, so the kernel is called without int4_linear's per-call checks.
-        lead, k, n = x.shape[:-1], self.in_features, self.out_features
-        x2 = x.reshape(-1, k).contiguous()
-        m = x2.shape[0]
-        if m == 0 or m >= CPU_GEMM_MIN_ROWS:
-            return int4_linear_packed(
-                x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias
-            )
-        from rgpt_rt import _C
-
-        out = torch.empty(m, n, dtype=torch.float32)
-        bias = self.bias
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-            bias = bias.float().contiguous()
-        _C.int4_linear_cpu(
-            x2.data_ptr(), self.qweight_nk8i.data_ptr(), self.scales.data_ptr(),
-            self.zeros.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-            m, n, k, self.group_size, cpu_threads(n, k, 0), True,
-        )  # fmt: skip
-        return out.view(*lead, n)
+        # and x just now, so the CPU kernel is called without int4_linear's per-call checks.
+        x2 = x.reshape(-1, self.in_features)
+        out = linear_cpu(
+            x2, self.qweight_nk8i, self.scales, self.zeros, self.bias, self.group_size, 0
+        )
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"

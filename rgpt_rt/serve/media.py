@@ -18,9 +18,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from rgpt_rt.rle import RLEError, decode_rle
 from rgpt_rt.serve.errors import ApiError
 from rgpt_rt.serve.limits import ServeLimits
-from rgpt_rt.serve.rle import RLEError, decode_rle
 from rgpt_rt.serve.schemas import RLE, Region
 
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII)

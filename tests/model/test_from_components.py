@@ -6,17 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_llama_folder import write_tiny_llama
 from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from rgpt_rt.model import RGPT
-from rgpt_rt.tokenizer import default_tokenizer
 
 VISION = dict(
     hidden_size=32,
@@ -48,18 +46,7 @@ def folders(tmp_path_factory):
         projection_dim=8,
     )
     CLIPModel(full).save_pretrained(root / "clip-full")
-    tokenizer = default_tokenizer(vocab_size=400)
-    llama = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(llama).save_pretrained(root / "llm")
-    tokenizer.save(str(root / "llm" / "tokenizer.json"))
+    write_tiny_llama(root / "llm")
     return root
 
 

@@ -20,6 +20,17 @@ LEARNED = {"colour"}
 FLOORS = {"classify": 0.5, "brief": 0.5}
 
 
+def correct_answers(session, world, task) -> int:
+    """How many of PER_TASK fresh questions of `task` the Session answers right."""
+    correct = 0
+    for index in range(PER_TASK):
+        sample = world.task_sample(index, task)
+        turn = sample.turns[0]
+        text = session.ask(sample.image, turn.question, sample.masks, max_new_tokens=40)
+        correct += score(turn, text)["correct"]
+    return correct
+
+
 @pytest.fixture(scope="module")
 def session():
     return Session(device="cpu")
@@ -51,23 +62,13 @@ def test_the_default_session_loads_the_shipped_bundle(session):
     ],
 )
 def test_ground_truth_answers_at_the_model_cards_accuracy(session, world, task):
-    correct = 0
-    for index in range(PER_TASK):
-        sample = world.task_sample(index, task)
-        turn = sample.turns[0]
-        text = session.ask(sample.image, turn.question, sample.masks, max_new_tokens=40)
-        correct += score(turn, text)["correct"]
+    correct = correct_answers(session, world, task)
     assert correct / PER_TASK >= THRESHOLDS[task], f"{task}: {correct}/{PER_TASK}"
 
 
 @pytest.mark.parametrize("task", sorted(FLOORS))
 def test_what_is_partly_learned_stays_above_its_floor(session, world, task):
-    correct = 0
-    for index in range(PER_TASK):
-        sample = world.task_sample(index, task)
-        turn = sample.turns[0]
-        text = session.ask(sample.image, turn.question, sample.masks, max_new_tokens=40)
-        correct += score(turn, text)["correct"]
+    correct = correct_answers(session, world, task)
     assert correct / PER_TASK >= FLOORS[task], f"{task}: {correct}/{PER_TASK}"
 
 

@@ -21,8 +21,8 @@ from payloads import (
 )
 from PIL import Image
 
+from rgpt_rt.rle import decode_counts, encode_rle
 from rgpt_rt.serve.example import example_path
-from rgpt_rt.serve.rle import decode_counts, encode_rle
 
 EXAMPLE = np.asarray(Image.open(example_path()).convert("RGB"))
 TOKENS = 12

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rgpt_rt.serve.rle import RLEError, decode_counts, decode_rle, encode_counts, encode_rle
+from rgpt_rt.rle import RLEError, decode_counts, decode_rle, encode_counts, encode_rle
 
 # Worked by hand. The 3x4 mask below, read column by column, is 000 110 111 001: runs
 # 3, 2, 1, 3, 2, 1. Compressed: the first three as they are ('3', '2', '1'); then each minus the
