@@ -106,9 +106,9 @@ def test_the_dequantized_weight_is_exact_for_any_row_range():
     assert torch.equal(part, expected[5:30])
 
 
-def test_the_modules_direct_cpu_path_is_the_ops_result():
-    # Int4Linear calls the CPU kernel directly for float32 inputs of fewer than
-    # CPU_GEMM_MIN_ROWS rows (decode); the op path gives the same bits
+def test_the_module_gives_the_ops_result():
+    # Int4Linear, with and without bias, for decode-sized and prefill-sized inputs, gives the
+    # bits of the int4_linear op
     for bias in (False, True):
         layer = Int4Linear.from_linear(torch.nn.Linear(256, 72, bias=bias), group_size=64)
         for shape in ((1, 256), (2, 3, 256), (int4_ops.CPU_GEMM_MIN_ROWS, 256)):

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from rgpt_rt.ops.int4 import aligned, int4_linear_packed, linear_cpu
+from rgpt_rt.ops.int4 import aligned, int4_linear_packed
 from rgpt_rt.quant.format import Int4Weight
 from rgpt_rt.quant.rtn import quantize_rtn
 
@@ -100,29 +100,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
-        if (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and self.perm is None
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling()
-            and x.shape[-1] == self.in_features
-            and self.qweight_nk8i.device.type == "cpu"
-            and self.scales.dtype == torch.float16  # (a model.float() would have cast it)
-        ):
-            return self._cpu_gemv(x)
         return int4_linear_packed(
             x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias, self.perm
         )
-
-    def _cpu_gemv(self, x: torch.Tensor) -> torch.Tensor:
-        # The decode step's path on CPU: this module's buffers were checked when it was built
-        # and x just now, so the CPU kernel is called without int4_linear's per-call checks.
-        x2 = x.reshape(-1, self.in_features)
-        out = linear_cpu(
-            x2, self.qweight_nk8i, self.scales, self.zeros, self.bias, self.group_size, 0
-        )
-        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
