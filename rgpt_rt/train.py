@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -44,21 +45,25 @@ from rgpt_rt.atomic import atomic_directory
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.data.samples import RegionSample, collate
 from rgpt_rt.data.tasks import ShapesWorld, tokenizer_corpus
+from rgpt_rt.prefetch import prefetched
 from rgpt_rt.tokenizer import train_tokenizer
 
 CHECKPOINT_PREFIX = "step-"
 VISION_CHECKPOINT_PREFIX = "vision-step-"  # the vision pretraining stage's (vision_pretrain.py)
 # The curriculum of a model trained from scratch on the shapes world: phase k (up to the k-th
-# step of TrainConfig.curriculum; a phase may be empty) asks one question about one region,
-# from CURRICULUM[k]; then all tasks. The third phase (shape names only) is for continuing a
-# model that reads colours but not shapes. A new LLM first has to learn where the region
-# token is: on the full task mix it stayed at its text prior (always "white", "ring") for 800
-# steps, while on colour questions alone it read the region token within ~250.
+# step of TrainConfig.curriculum; a phase may be empty) asks one question per sample, of the
+# tasks in CURRICULUM[k]; then all tasks. The first four phases ask about one region, the
+# fifth compares regions. A new LLM first has to learn where the region token is: on the full
+# task mix it stayed at its text prior (always "white", "ring") for 800 steps, while on colour
+# questions alone it read the region token within ~250; it then names only what it is drilled
+# on (shape names took a phase of their own), and the tasks over several regions stayed at
+# chance in the full mix (see rgpt_rt/assets/MODEL_CARD.md).
 CURRICULUM = (
     ("colour",),
     ("colour", "classify", "brief", "detailed"),
     ("classify",),
     ("position", "colour", "classify", "brief", "detailed"),
+    ("refer", "above", "larger"),
 )
 
 
@@ -100,6 +105,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     threads: int | None = None
+    # worker processes that draw the next batches while the model trains (prefetch.py);
+    # the batches are the same with any number
+    data_workers: int = 0
     resume: bool = False
     progress: bool = True
     # vision pretraining before the language stages (shapes world only; vision_pretrain.py):
@@ -121,6 +129,7 @@ class TrainConfig:
         need(self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be > 0")
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0, min_lr_ratio in [0, 1]")
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(self.data_workers >= 0, f"data_workers must be >= 0; got {self.data_workers}")
         need(self.checkpoint_every > 0, "checkpoint_every must be > 0")
         need(self.keep_checkpoints > 0, "keep_checkpoints must be > 0")
         self.curriculum = tuple(self.curriculum)
@@ -313,6 +322,20 @@ class DataSource:
         return []
 
 
+@dataclass
+class CollatedBatches:
+    """Micro-batch `micro` of update `step`, collated (picklable, for prefetched)."""
+
+    data: DataSource
+    config: RGPTConfig
+    tokenizer: Any
+    pad_token_id: int
+
+    def __call__(self, step: int, micro: int):
+        samples = self.data.micro_batch(step, micro)
+        return collate(samples, self.config, self.tokenizer, self.pad_token_id)
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 
@@ -438,6 +461,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     eval_samples = data.eval_samples(model.config.vision.image_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     per_step = cfg.batch_size * cfg.grad_accum
+    make_batch = CollatedBatches(data, model.config, model.tokenizer, model.pad_token_id)
+    keys = [(n, micro) for n in range(step, cfg.steps) for micro in range(cfg.grad_accum)]
+    batches = prefetched(make_batch, keys, cfg.data_workers)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, unit="step")
     started = time.perf_counter()
@@ -448,9 +474,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             group["lr"] = part_lr(group["part"], step, cfg)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            batch = collate(
-                data.micro_batch(step, micro), model.config, model.tokenizer, model.pad_token_id
-            )
+            batch = next(batches)
             loss = model(**batch.model_inputs()).loss
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -498,6 +522,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if eval_samples and (step % cfg.eval_every == 0 or step == cfg.steps):
             result.evals[step] = _evaluate(model, eval_samples, out, step, bar)
     bar.close()
+    batches.close()
     model.save_pretrained(out / "final")
     result.seconds = time.perf_counter() - started
     return result
@@ -551,6 +576,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",
+        "data_workers",
         "vision_pretrain_steps",
         "vision_pretrain_lr",
         "vision_eval_scenes",

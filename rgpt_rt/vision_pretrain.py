@@ -42,6 +42,7 @@ from rgpt_rt.data.samples import region_coverage
 from rgpt_rt.data.shapes import ATTRIBUTES, Scene, dense_labels, make_scene
 from rgpt_rt.inputs import preprocess_image
 from rgpt_rt.ops import mask_pool_reference
+from rgpt_rt.prefetch import prefetched
 from rgpt_rt.train import (
     VISION_CHECKPOINT_PREFIX,
     TrainConfig,
@@ -118,6 +119,18 @@ class SceneStream:
             make_scene(np.random.default_rng([self.seed, self.stream, i]), self.image_size)
             for i in range(first, first + count)
         ]
+
+
+@dataclass
+class TrainingBatches:
+    """Step N's batch: scenes N*B .. N*B + B - 1 of the stream (picklable, for prefetched)."""
+
+    stream: SceneStream
+    config: RGPTConfig
+    batch_size: int
+
+    def __call__(self, step: int) -> SceneBatch:
+        return scene_batch(self.stream.scenes(step * self.batch_size, self.batch_size), self.config)
 
 
 def hires_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -209,7 +222,8 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
         print(f"resuming vision pretraining from {latest} (step {step})", file=sys.stderr)
 
     size = config.vision.image_size
-    train_scenes = SceneStream(size, cfg.seed, TRAIN_STREAM)
+    make_batch = TrainingBatches(SceneStream(size, cfg.seed, TRAIN_STREAM), config, cfg.batch_size)
+    batches = prefetched(make_batch, [(n,) for n in range(step, steps)], cfg.data_workers)
     held_out = None
     if cfg.vision_eval_scenes > 0 and step < steps:
         scenes = SceneStream(size, cfg.seed, HELD_OUT_STREAM).scenes(0, cfg.vision_eval_scenes)
@@ -223,7 +237,7 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
         lr = warmup_cosine(step, steps, cfg.vision_pretrain_lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = scene_batch(train_scenes.scenes(step * cfg.batch_size, cfg.batch_size), config)
+        batch = next(batches)
         loss, parts = dense_loss(heads(hires_features(model, batch.pixel_values)), batch.labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -270,4 +284,5 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
                 f"vision step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items())
             )
     bar.close()
+    batches.close()
     return result

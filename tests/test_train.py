@@ -153,6 +153,10 @@ def test_the_curriculum_asks_about_one_region_first():
     assert not set(later) <= set(CURRICULUM[1]), "after the curriculum, every task"
     positions = DataSource(TrainConfig(out="x", curriculum=(0, 0, 0, 4), batch_size=12), model)
     assert "position" in {s.task for step in range(2) for s in positions.micro_batch(step, 0)}
+    compare = DataSource(TrainConfig(out="x", curriculum=(0, 0, 0, 0, 4), batch_size=12), model)
+    batch = compare.micro_batch(0, 0) + compare.micro_batch(3, 0)
+    assert all(len(s.turns) == 1 and len(s.masks) >= 2 for s in batch)
+    assert {s.task for s in batch} == set(CURRICULUM[4])
     with pytest.raises(
         ValueError, match=f"curriculum takes up to {len(CURRICULUM)} increasing steps"
     ):
