@@ -114,6 +114,7 @@ class TrainConfig:
     # steps of batch_size scenes at peak vision_pretrain_lr, same warm-up and floor as above
     vision_pretrain_steps: int = 0
     vision_pretrain_lr: float = 1e-3
+    vision_batch_size: int | None = None  # scenes per vision pretraining step (default batch_size)
     vision_eval_scenes: int = 64  # held-out scenes of the stage's evaluations
     # re-initialise the position embedding of a new vision tower with this std (CLIP's own
     # init, 0.02, is swamped by the patch content: position stays at chance; 1.0 learns it)
@@ -152,6 +153,10 @@ class TrainConfig:
         )
         need(self.vision_pretrain_steps >= 0, "vision_pretrain_steps must be >= 0")
         need(self.vision_pretrain_lr > 0, "vision_pretrain_lr must be > 0")
+        need(
+            self.vision_batch_size is None or self.vision_batch_size > 0,
+            f"vision_batch_size must be > 0; got {self.vision_batch_size}",
+        )
         need(
             not self.vision_pretrain_steps or (self.coco is None and self.clip is None),
             "vision pretraining learns from the shapes world's label maps and stands in for "
@@ -598,6 +603,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vision-pos-init-std",
         type=float,
         help="re-initialise a new vision tower's position embedding with this std (e.g. 1.0)",
+    )
+    run.add_argument(
+        "--vision-batch-size",
+        type=int,
+        help="scenes per vision pretraining step (default: --batch-size)",
     )
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

@@ -203,6 +203,7 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
     from rgpt_rt.model import RGPT
 
     config, steps = model.config, cfg.vision_pretrain_steps
+    batch_size = cfg.vision_batch_size or cfg.batch_size
     heads = DenseHeads(config.vision.hidden_size)
     model.vision.requires_grad_(True)
     model.refinement.requires_grad_(True)
@@ -222,7 +223,7 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
         print(f"resuming vision pretraining from {latest} (step {step})", file=sys.stderr)
 
     size = config.vision.image_size
-    make_batch = TrainingBatches(SceneStream(size, cfg.seed, TRAIN_STREAM), config, cfg.batch_size)
+    make_batch = TrainingBatches(SceneStream(size, cfg.seed, TRAIN_STREAM), config, batch_size)
     batches = prefetched(make_batch, [(n,) for n in range(step, steps)], cfg.data_workers)
     held_out = None
     if cfg.vision_eval_scenes > 0 and step < steps:
@@ -256,7 +257,7 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         result.losses[step] = loss.item()
-        window_samples += cfg.batch_size
+        window_samples += batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
 

@@ -101,6 +101,7 @@ def _model_tensors(folder):
 
 def test_the_stage_lowers_the_dense_loss_resumes_on_its_curve_and_keeps_its_heads_out(tmp_path):
     cfg = dict(vision_pretrain_steps=24, checkpoint_every=12, eval_every=12, **SMALL)
+    cfg |= dict(batch_size=4, vision_batch_size=8)  # 8 scenes per vision step, 4 per language
     straight = train(TrainConfig(out=str(tmp_path / "a"), **cfg))
     losses = [straight.vision_losses[s] for s in range(1, 25)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
@@ -119,10 +120,11 @@ def test_the_stage_lowers_the_dense_loss_resumes_on_its_curve_and_keeps_its_head
     for folder in (tmp_path / "a" / "final", found[-1] / "model"):
         assert _model_tensors(folder) == _model_tensors(fresh), folder
 
-    # a run stopped after vision step 12 continues the stage, then the language stage
+    # a run stopped after vision step 12 continues the stage, then the language stage; its
+    # batches come from a worker process (data_workers) and are the same
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(found[0], tmp_path / "b" / "checkpoints" / found[0].name)
-    resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **cfg))
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, data_workers=1, **cfg))
     for step in range(13, 25):
         # same scenes, weights, heads and optimizer state; a few float32 ulps of CPU matmul
         assert resumed.vision_losses[step] == pytest.approx(straight.vision_losses[step], rel=1e-5)
@@ -152,6 +154,8 @@ def test_the_position_init_redraws_a_new_towers_table_and_is_refused_for_a_loade
         (dict(vision_pretrain_steps=5, clip="c", llm="l"), "drop --vision-pretrain-steps"),
         (dict(vision_pretrain_steps=5, coco="a.json", coco_images="i/"), "shapes world"),
         (dict(vision_pos_init_std=0.0), "give a std > 0"),
+        (dict(vision_batch_size=0), "vision_batch_size must be > 0"),
+        (dict(data_workers=-1), "data_workers must be >= 0"),
     ],
 )
 def test_bad_vision_settings_say_what_is_wrong(kwargs, message):
