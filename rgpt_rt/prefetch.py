@@ -10,13 +10,17 @@ functools.partial of them). Results come back in the order of `keys`, so a run s
 batches with any number of workers; workers=0 calls make_batch in this process.
 
 Workers are started with "spawn" (a fork of a process that already ran torch's thread pool
-can hang) and run torch on one thread each.
+can hang), run torch on one thread each, and exit when the process that started them is gone
+(a killed training run leaves no worker behind).
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +35,15 @@ def _install(make_batch: Callable[..., Any]) -> None:
     global _make_batch
     torch.set_num_threads(1)
     _make_batch = make_batch
+    parent = os.getppid()
+    threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
+
+
+def _exit_without(parent: int) -> None:
+    """A worker's watch: once its parent has died (it is then re-parented), exit at once."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _call(key: tuple) -> Any:

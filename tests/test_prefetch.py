@@ -1,6 +1,11 @@
 """prefetched: the same batches, in the same order, with worker processes as without."""
 
 import functools
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -59,3 +64,38 @@ def test_language_batches_from_a_worker_equal_in_process(tmp_path):
 class _Model:
     def __init__(self, config):
         self.config = config
+
+
+def test_a_killed_run_leaves_no_worker_behind(tmp_path):
+    # a parent process starts a worker, reports the worker's pid, and is killed
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys\n"
+        "from rgpt_rt.prefetch import prefetched\n"
+        "if __name__ == '__main__':\n"
+        "    for pid in prefetched(os.getpid, [()] * 1000, workers=1):\n"
+        "        print(pid, flush=True)\n"
+        "        sys.stdin.readline()\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker outlived its killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone too
+        return stat.read().split(")")[-1].split()[0] != "Z"
