@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from rgpt_rt.atomic import atomic_directory
@@ -55,9 +56,11 @@ VISION_CHECKPOINT_PREFIX = "vision-step-"  # the vision pretraining stage's (vis
 # tasks in CURRICULUM[k]; then all tasks. The first four phases ask about one region, the
 # fifth compares regions. A new LLM first has to learn where the region token is: on the full
 # task mix it stayed at its text prior (always "white", "ring") for 800 steps, while on colour
-# questions alone it read the region token within ~250; it then names only what it is drilled
-# on (shape names took a phase of their own), and the tasks over several regions stayed at
-# chance in the full mix (see rgpt_rt/assets/MODEL_CARD.md).
+# questions alone it read the region token within ~250. It then names only what it is drilled
+# on: a phase of shape names alone (the third) taught shapes to a model that read colours, but
+# right after the first phase it made the model stop reading colours, which the fourth phase
+# did not bring back. The tasks over several regions stayed at chance in the full mix of a
+# model trained without the fifth phase (rgpt_rt/assets/MODEL_CARD.md).
 CURRICULUM = (
     ("colour",),
     ("colour", "classify", "brief", "detailed"),
@@ -184,6 +187,7 @@ class TrainResult:
     # the vision pretraining stage, when it ran in this call: loss per step, evaluations
     vision_losses: dict[int, float] = field(default_factory=dict)
     vision_evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    vision_heads: Any = None  # the stage's readout (vision_pretrain.DenseHeads), for the connector
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -234,6 +238,43 @@ def centre_connector(model, batch) -> None:
     regions = model.encode_regions(hires, batch.masks, batch.batch_index)  # [N, D]
     mean = torch.cat([image_embeds.reshape(-1, image_embeds.shape[-1]), regions]).mean(dim=0)
     model.connector.fc2.bias.copy_(-mean.to(model.connector.fc2.bias.dtype))
+
+
+READOUT_GAIN = 3.0
+
+
+@torch.no_grad()
+def read_out_connector(model, heads, batch) -> None:
+    """Start a new connector from the vision stage's readout, so that every attribute is as
+    easy to read from an embedding as every other: fc1's first K units are the stage's linear
+    heads (K = one per attribute value + background, 32 on the shapes world; without their
+    biases), scaled to unit std on `batch`'s regions, and fc2 passes them through to its first
+    K outputs alone, READOUT_GAIN times as spread as each of its other outputs.
+
+    With a random connector the LLM read what varies most first (colour) and then ignored the
+    rest: a new LLM named colours right and every shape "hexagon" after 1000 steps of mixed
+    questions; a phase of shape names alone taught shapes and lost colours instead."""
+    from rgpt_rt.ops import mask_pool_reference
+
+    weight = torch.cat([head.weight for head in heads.heads.values()])  # [K, C]
+    fc1, fc2 = model.connector.fc1, model.connector.fc2
+    count = weight.shape[0]
+    if count > min(fc1.out_features, fc2.out_features):
+        raise ValueError(f"the readout has {count} classes, more than the connector's width")
+    batch = batch.to(model._device())
+    _, hires = model.encode_image(batch.pixel_values)
+    pooled = mask_pool_reference(
+        hires, batch.masks, batch.batch_index, mode=model.config.pool_mode
+    )  # [N, C]
+    scale = 1.0 / (pooled.float() @ weight.T.float()).std().clamp_min(1e-6)
+    fc1.weight[:count] = (weight * scale).to(fc1.weight.dtype)
+    fc1.bias[:count] = 0.0
+    fc2.weight[:count] = 0.0
+    fc2.weight[:, :count] = 0.0
+    units = F.gelu(pooled.float() @ fc1.weight[:count].T.float())  # [N, K]
+    others = model.connector(pooled)[:, count:].float()  # [N, D - K]
+    gain = READOUT_GAIN * others.std(dim=0).mean() / units.std(dim=0).mean().clamp_min(1e-6)
+    fc2.weight[:count, :count] = torch.eye(count) * gain.to(fc2.weight.dtype)
 
 
 def set_stage(model, cfg: TrainConfig) -> None:
@@ -434,6 +475,7 @@ def _start(cfg: TrainConfig, out: Path, result: TrainResult):
 
         stage = pretrain_vision(model, cfg, out)  # continues from its checkpoints on --resume
         result.vision_losses, result.vision_evals = stage.losses, stage.evals
+        result.vision_heads = stage.heads
     set_stage(model, cfg)
     return model, build_optimizer(model, cfg), 0, {}
 
@@ -462,6 +504,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     data = DataSource(cfg, model)
     if step == 0 and not cfg.init:
         first = collate(data.micro_batch(0, 0), model.config, model.tokenizer, model.pad_token_id)
+        if result.vision_heads is not None:
+            read_out_connector(model, result.vision_heads, first)
         centre_connector(model, first)
     eval_samples = data.eval_samples(model.config.vision.image_size)
     trainable = [p for p in model.parameters() if p.requires_grad]

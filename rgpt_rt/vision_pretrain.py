@@ -184,6 +184,7 @@ def evaluate_dense(model, heads: DenseHeads, batch: SceneBatch) -> dict[str, flo
 class StageResult:
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> loss
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    heads: DenseHeads | None = None  # the trained readout (train.read_out_connector)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -286,4 +287,5 @@ def pretrain_vision(model, cfg: TrainConfig, out: Path) -> StageResult:
             )
     bar.close()
     batches.close()
+    result.heads = heads
     return result

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rgpt_rt.config import RGPTConfig
+from rgpt_rt.data.samples import collate
 from rgpt_rt.data.shapes import (
     ATTRIBUTES,
     COLOURS,
@@ -24,13 +25,18 @@ from rgpt_rt.data.shapes import (
 )
 from rgpt_rt.model import RGPT
 from rgpt_rt.model.vision import transformer_root
+from rgpt_rt.ops import mask_pool_reference
 from rgpt_rt.train import (
+    READOUT_GAIN,
     VISION_CHECKPOINT_PREFIX,
+    DataSource,
     TrainConfig,
     build_model,
     complete_checkpoints,
+    read_out_connector,
     train,
 )
+from rgpt_rt.vision_pretrain import DenseHeads
 
 SMALL = dict(
     batch_size=8,
@@ -161,3 +167,32 @@ def test_the_position_init_redraws_a_new_towers_table_and_is_refused_for_a_loade
 def test_bad_vision_settings_say_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(out="x", **kwargs)
+
+
+def test_the_connector_starts_from_the_vision_readout():
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(out="x"))
+    heads = DenseHeads(model.config.vision.hidden_size)
+    cfg = TrainConfig(out="x", batch_size=4)
+    batch = collate(DataSource(cfg, model).micro_batch(0, 0), model.config, model.tokenizer, 0)
+    read_out_connector(model, heads, batch)
+    fc1, fc2 = model.connector.fc1, model.connector.fc2
+    weight = torch.cat([head.weight for head in heads.heads.values()])
+    count = weight.shape[0]
+    assert count == sum(len(values) + 1 for values in ATTRIBUTES.values())
+    ratio = fc1.weight[:count] / weight  # one positive scale for every head
+    assert torch.allclose(ratio, ratio.flatten()[0]) and ratio.flatten()[0] > 0
+    gain = fc2.weight[0, 0]
+    assert torch.equal(fc2.weight[:count, :count], torch.eye(count) * gain)
+    assert not fc2.weight[:count, count:].any() and not fc2.weight[count:, :count].any()
+
+    with torch.no_grad():
+        _, hires = model.encode_image(batch.pixel_values)
+        pooled = mask_pool_reference(hires, batch.masks, batch.batch_index)
+        regions = model.connector(pooled)
+    units = torch.nn.functional.gelu(pooled @ fc1.weight[:count].T + fc1.bias[:count])
+    assert torch.allclose(regions[:, :count], gain * units + fc2.bias[:count], atol=1e-5)
+    logits = pooled @ (weight * ratio.flatten()[0]).T
+    assert logits.std().item() == pytest.approx(1.0, rel=1e-3)
+    spread = regions[:, :count].std(dim=0).mean() / regions[:, count:].std(dim=0).mean()
+    assert spread.item() == pytest.approx(READOUT_GAIN, rel=1e-3)
