@@ -44,14 +44,23 @@ def test_quick_eval_reports_every_task_of_the_shipped_model(quick_eval):
     assert metrics["per_task"] == QUICK_PER_TASK
     assert set(THRESHOLDS) <= set(metrics["metrics"])
     assert status == (0 if metrics["passed"] else 1)
-    # the colour question is the one task the shipped model has learned (MODEL_CARD.md)
-    assert metrics["metrics"]["colour"] >= THRESHOLDS["colour"]
+
+
+# The tasks the shipped model has learned (MODEL_CARD.md: classify 95.5%, colour 99.5%,
+# detailed 94.5% held-out on 200 per task); referring it has not (27%).
+LEARNED = ("classify", "colour", "detailed")
+
+
+@pytest.mark.parametrize("task", LEARNED)
+def test_quick_eval_of_the_shipped_model_passes_the_learned_tasks_thresholds(quick_eval, task):
+    _, metrics = quick_eval
+    assert metrics["metrics"][task] >= THRESHOLDS[task]
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped tiny model is under-trained: only the colour question reaches its "
-    "threshold (rgpt_rt/assets/MODEL_CARD.md); remove this mark when a model that passes ships",
+    reason="the shipped tiny model has not learned referring (27% held-out, threshold 90%; "
+    "rgpt_rt/assets/MODEL_CARD.md); remove this mark when a model that passes ships",
 )
 def test_quick_eval_of_the_shipped_model_passes_the_thresholds(quick_eval):
     _, metrics = quick_eval

@@ -12,12 +12,11 @@ from rgpt_rt.runtime.session import Session, default_bundle
 
 FRESH_SEED = 20261127  # neither training (0) nor the eval split (1)
 PER_TASK = 16
-# What the shipped model reaches (MODEL_CARD.md); tasks it has not learned yet are expected
-# to fail their threshold, strictly, so that a model that passes makes these tests pass.
-LEARNED = {"colour"}
-# Held-out accuracy the shipped model has reached below its threshold, with a margin for 16
-# samples (MODEL_CARD.md: classify 68.5%, brief 70% on 200): a retrained model must not fall back.
-FLOORS = {"classify": 0.5, "brief": 0.5}
+# Held-out accuracy of the shipped model (MODEL_CARD.md, 200 per task: classify 95.5%, colour
+# 99.5%, detailed 94.5%, brief 91.5%), less a margin for 16 samples: the Session, on INT4
+# weights and scenes neither training nor the eval split drew, must not fall below it.
+FLOORS = {"classify": 0.8, "colour": 0.9, "detailed": 0.8, "brief": 0.8}
+NOT_LEARNED = ("refer",)  # 27% held-out: expected to miss its threshold, strictly
 
 
 def correct_answers(session, world, task) -> int:
@@ -49,27 +48,17 @@ def test_the_default_session_loads_the_shipped_bundle(session):
     assert info["llm"]["quantization"] == "rtn" and info["vision_backend"] == "onnxruntime-cpu"
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        pytest.param(
-            t,
-            marks=()
-            if t in LEARNED
-            else pytest.mark.xfail(strict=True, reason="not learned yet (MODEL_CARD.md)"),
-        )
-        for t in THRESHOLDS
-    ],
-)
+@pytest.mark.parametrize("task", sorted(FLOORS))
 def test_ground_truth_answers_at_the_model_cards_accuracy(session, world, task):
     correct = correct_answers(session, world, task)
-    assert correct / PER_TASK >= THRESHOLDS[task], f"{task}: {correct}/{PER_TASK}"
-
-
-@pytest.mark.parametrize("task", sorted(FLOORS))
-def test_what_is_partly_learned_stays_above_its_floor(session, world, task):
-    correct = correct_answers(session, world, task)
     assert correct / PER_TASK >= FLOORS[task], f"{task}: {correct}/{PER_TASK}"
+
+
+@pytest.mark.xfail(strict=True, reason="not learned yet (MODEL_CARD.md)")
+@pytest.mark.parametrize("task", NOT_LEARNED)
+def test_what_is_not_learned_yet_misses_its_threshold(session, world, task):
+    correct = correct_answers(session, world, task)
+    assert correct / PER_TASK >= THRESHOLDS[task], f"{task}: {correct}/{PER_TASK}"
 
 
 def test_the_task_methods_ask_the_papers_prompts(session, world):
