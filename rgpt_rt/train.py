@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from rgpt_rt.atomic import atomic_directory
 from rgpt_rt.config import RGPTConfig
-from rgpt_rt.data.samples import RegionSample, collate
+from rgpt_rt.data.samples import Batch, RegionSample, collate
 from rgpt_rt.data.tasks import ShapesWorld, tokenizer_corpus
 from rgpt_rt.prefetch import prefetched
 from rgpt_rt.tokenizer import train_tokenizer
@@ -252,8 +252,8 @@ def read_out_connector(model, heads, batch) -> None:
     K outputs alone, READOUT_GAIN times as spread as each of its other outputs.
 
     With a random connector the LLM read what varies most first (colour) and then ignored the
-    rest: a new LLM named colours right and every shape "hexagon" after 1000 steps of mixed
-    questions; a phase of shape names alone taught shapes and lost colours instead."""
+    rest: a new LLM named colours right and every shape "hexagon" after 700 steps of mixed
+    single-region questions; a phase of shape names alone taught shapes and lost colours."""
     from rgpt_rt.ops import mask_pool_reference
 
     weight = torch.cat([head.weight for head in heads.heads.values()])  # [K, C]
@@ -274,7 +274,8 @@ def read_out_connector(model, heads, batch) -> None:
     units = F.gelu(pooled.float() @ fc1.weight[:count].T.float())  # [N, K]
     others = model.connector(pooled)[:, count:].float()  # [N, D - K]
     gain = READOUT_GAIN * others.std(dim=0).mean() / units.std(dim=0).mean().clamp_min(1e-6)
-    fc2.weight[:count, :count] = torch.eye(count) * gain.to(fc2.weight.dtype)
+    eye = torch.eye(count, device=fc2.weight.device, dtype=fc2.weight.dtype)
+    fc2.weight[:count, :count] = eye * gain.to(fc2.weight.dtype)
 
 
 def set_stage(model, cfg: TrainConfig) -> None:
@@ -377,7 +378,7 @@ class CollatedBatches:
     tokenizer: Any
     pad_token_id: int
 
-    def __call__(self, step: int, micro: int):
+    def __call__(self, step: int, micro: int) -> Batch:
         samples = self.data.micro_batch(step, micro)
         return collate(samples, self.config, self.tokenizer, self.pad_token_id)
 
