@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,18 +53,13 @@ def test_language_batches_from_a_worker_equal_in_process(tmp_path):
     config = RGPTConfig.from_preset("tiny")
     cfg = TrainConfig(out=str(tmp_path), batch_size=3, grad_accum=2, curriculum=(1,))
     tokenizer = world_tokenizer(config)
-    make = CollatedBatches(DataSource(cfg, _Model(config)), config, tokenizer, 0)
+    make = CollatedBatches(DataSource(cfg, SimpleNamespace(config=config)), config, tokenizer, 0)
     keys = [(step, micro) for step in range(2) for micro in range(2)]
     for here, there in zip(prefetched(make, keys), prefetched(make, keys, workers=1)):
         inputs, remote = here.model_inputs(), there.model_inputs()
         assert inputs.keys() == remote.keys()
         for name, value in inputs.items():
             assert torch.equal(value, remote[name]), name
-
-
-class _Model:
-    def __init__(self, config):
-        self.config = config
 
 
 def test_a_killed_run_leaves_no_worker_behind(tmp_path):

@@ -43,11 +43,6 @@ class SkippedAnnotations(UserWarning):
 # --- RLE -----------------------------------------------------------------------------------------
 
 
-# COCO's compressed counts string, by the codec the server uses too (rgpt_rt/rle.py)
-rle_counts_from_string = decode_counts
-rle_counts_to_string = encode_counts
-
-
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     """{"size": [H, W], "counts": str | list[int]} -> [H, W] bool. Runs alternate between
     background and mask, starting with background, over the pixels in column-major order."""
@@ -55,7 +50,7 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
-    runs = rle_counts_from_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    runs = decode_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
     if any(c < 0 for c in runs):
         raise ValueError("RLE holds a negative run length")
     if sum(runs) != height * width:
@@ -74,7 +69,7 @@ def encode_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
         runs = [0, *runs]
     return {
         "size": [int(mask.shape[0]), int(mask.shape[1])],
-        "counts": rle_counts_to_string(runs) if compressed else runs,
+        "counts": encode_counts(runs) if compressed else runs,
     }
 
 

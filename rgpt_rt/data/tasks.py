@@ -110,12 +110,12 @@ ABOVE_QUESTIONS = (
     ("Is {a} higher in the image than {b}?", True),
     ("Is {a} lower in the image than {b}?", False),
 )
-# (template, True when the answer is the larger region)
 POSITION_QUESTIONS = (
     "Where is {r} in the image?",
     "Where is {r}?",
     "In which part of the image is {r}?",
 )
+# (template, True when the answer is the larger region)
 LARGER_QUESTIONS = (
     ("Which is larger, {a} or {b}?", True),
     ("Which is bigger, {a} or {b}?", True),

@@ -15,10 +15,9 @@ from rgpt_rt.data.coco import (
     encode_rle,
     load_coco,
     polygons_to_mask,
-    rle_counts_from_string,
-    rle_counts_to_string,
 )
 from rgpt_rt.prompts import NO_MATCH_ANSWER
+from rgpt_rt.rle import decode_counts, encode_counts
 
 
 def disc(height, width, cy, cx, r):
@@ -109,14 +108,14 @@ def test_rle_round_trips_and_reads_column_major():
     assert mask.tolist() == [[False, True, False], [True, False, False]]
     # the compressed form stores a run from the fourth on as a difference, with a sign bit
     runs = [0, 5, 3, 1000, 2, 70000, 1, 1]
-    assert rle_counts_from_string(rle_counts_to_string(runs)) == runs
+    assert decode_counts(encode_counts(runs)) == runs
 
 
 def test_bad_rle_says_what_is_wrong():
     with pytest.raises(ValueError, match="cover 5 pixels but the mask has 6"):
         decode_rle({"size": [2, 3], "counts": [2, 3]})
     with pytest.raises(ValueError, match="ends in the middle"):
-        rle_counts_from_string("0o")
+        decode_counts("0o")
 
 
 def test_polygons_fill_their_inside():
