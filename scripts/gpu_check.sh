@@ -1,87 +1,115 @@
 #!/usr/bin/env bash
 # The one GPU check: build with CUDA for this card only, run tests/gpu, run the GPU
-# benchmarks, and write a JSON summary to $OUT (when set). Meant for a single device call
-# of about 6 minutes:  bash scripts/gpu_check.sh
+# benchmarks, run compute-sanitizer over the small mask pooling cases, and write a JSON
+# summary. Meant for a single device call:  DEADLINE=420 bash scripts/gpu_check.sh
+#
+# Every step gets the smaller of its own limit and the time left before DEADLINE seconds
+# (default 400), and steps that no longer fit are skipped and reported, so the script ends
+# by itself (summary written) before the device call's own limit kills it.
+# Logs go to build/gpu_check; with $OUT set, $OUT receives summary.json and logs.tgz (two
+# files: a device call brings back at most eight).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-build/gpu_check}
-mkdir -p "$OUT"
+LOGS=build/gpu_check
+rm -rf "$LOGS" && mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+DEADLINE=${DEADLINE:-400}
 status=0
 started=$(date +%s)
+skipped=()
 
-step() { echo; echo "=== $1 ($(( $(date +%s) - started ))s)"; }
+elapsed() { echo $(( $(date +%s) - started )); }
+step() { echo; echo "=== $1 ($(elapsed)s)"; }
+# limit WANT: the seconds a step may take, or 0 when fewer than 20 are left (15 kept for the summary)
+limit() {
+  local left=$(( DEADLINE - $(elapsed) - 15 ))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+# run_step NAME WANT LOG COMMAND...: runs COMMAND under its limit, its output to LOG (tail shown)
+run_step() {
+  local name=$1 want=$2 log=$3; shift 3
+  local seconds; seconds=$(limit "$want")
+  step "$name (limit ${seconds}s)"
+  if [ "$seconds" -eq 0 ]; then echo "skipped: out of time"; skipped+=("$name"); status=1; return; fi
+  timeout "$seconds" "$@" >"$log" 2>&1
+  local rc=$?
+  tail -"${TAIL:-15}" "$log"
+  [ $rc -eq 124 ] && echo "!! $name: stopped at its ${seconds}s limit"
+  [ $rc -eq 0 ] || { echo "!! $name: exit $rc"; status=1; }
+}
 
 step "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$OUT/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$LOGS/device.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOGS/device.txt"
 
-step "build (CUDA for this card only)"
 export CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=native"
-if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "build failed"; status=1
-fi
-$PY -c "import rgpt_rt._C as C, json; print(json.dumps(C.build_info())); print(json.dumps(C.cuda_runtime_info()))" | tee "$OUT/build_info.txt" || status=1
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+TAIL=40 run_step "build (CUDA for this card only)" 240 "$LOGS/build.log" \
+  $PY -m pip install -v --no-build-isolation --no-deps -e .
+$PY -c "import rgpt_rt._C as C, json; print(json.dumps(C.build_info())); print(json.dumps(C.cuda_runtime_info()))" \
+  2>&1 | tee "$LOGS/build_info.txt" || status=1
 
-step "tests/gpu"
-$PY -m pytest -q -m gpu tests/gpu --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+PER_TEST=()
+$PY -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
+TAIL=30 run_step "tests/gpu" 200 "$LOGS/gpu_tests.log" \
+  $PY -m pytest -q -rfE --tb=short -m gpu tests/gpu "${PER_TEST[@]}" --junitxml="$LOGS/gpu_tests.xml"
 
-# compute-sanitizer over the small mask pooling cases (about 2 minutes together): memcheck
-# with torch's caching allocator off, so each tensor is its own allocation and a read past
-# one is caught (graph capture needs the cache: those tests are left out), then racecheck
-# of the shared-memory reductions.
+# GPU benchmarks: each writes its JSON into the logs.
+TAIL=14 run_step "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
+  $PY benchmarks/mask_pool.py --device cuda --json "$LOGS/bench_mask_pool.json"
+TAIL=14 run_step "benchmark int4" 60 "$LOGS/bench_int4.log" \
+  $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
+TAIL=12 run_step "benchmark decoder (7B shape, random weights, INT4 and fp16)" 120 "$LOGS/bench_decoder.log" \
+  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs 5 --json "$LOGS/bench_decoder.json"
+TAIL=30 run_step "benchmark latency (7B shape, random weights)" 150 "$LOGS/bench_latency.log" \
+  $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --json "$LOGS/bench_latency.json"
+
+# compute-sanitizer over the small mask pooling cases: memcheck with torch's caching allocator
+# off, so each tensor is its own allocation and a read past one is caught (graph capture needs
+# the cache: those tests are left out), then racecheck of the shared-memory reductions.
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
-  step "compute-sanitizer memcheck: mask pool (small cases)"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 100 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "compute-sanitizer memcheck: mask pool (small cases)" 100 \
+    "$LOGS/sanitizer_memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
-    -k "small and not graph and (float16 or bool or uint8 or pixel or empty or bad_input)" \
-    2>&1 | tee "$OUT/sanitizer_memcheck.log" | tail -8
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  step "compute-sanitizer racecheck: mask pool (small cases)"
-  timeout 60 "$SANITIZER" --tool racecheck --error-exitcode 9 \
-    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
-    -k "small_awkward and float16 and area" 2>&1 | tee "$OUT/sanitizer_racecheck.log" | tail -8
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    -k "small and not graph and (float16 or bool or uint8 or pixel or empty or bad_input)"
+  TAIL=8 run_step "compute-sanitizer racecheck: mask pool (small cases)" 60 \
+    "$LOGS/sanitizer_racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py -k "small_awkward and float16 and area"
 else
-  echo "compute-sanitizer not found: mask pool sanitizer runs skipped"; status=1
-fi
-
-# GPU benchmarks: each writes its JSON into $OUT (added by the kernel and runtime issues).
-for bench in benchmarks/mask_pool.py benchmarks/int4.py; do
-  [ -f "$bench" ] || continue
-  name=$(basename "$bench" .py)
-  step "benchmark $name"
-  timeout 120 $PY "$bench" --device cuda --json "$OUT/bench_$name.json" 2>&1 | tail -30
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
-if [ -f benchmarks/latency.py ]; then
-  step "benchmark latency (7B shape, random weights)"
-  timeout 180 $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --json "$OUT/bench_latency.json" 2>&1 | tail -30
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
-if [ -f benchmarks/decoder.py ]; then
-  step "benchmark decoder (7B shape, random weights; INT4 when rgpt_rt.quant exists)"
-  timeout 300 $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs 5 --json "$OUT/bench_decoder.json" 2>&1 | tail -12
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "compute-sanitizer not found: mask pool sanitizer runs skipped"; skipped+=(sanitizer); status=1
 fi
 
 step "summary"
-$PY - "$OUT" "$status" "$(( $(date +%s) - started ))" <<'PY'
+$PY - "$LOGS" "$status" "$(elapsed)" "${skipped[@]}" <<'PY'
 import json, pathlib, sys
-out, status, seconds = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-summary = {"ok": status == 0, "seconds": seconds, "device": (out / "device.txt").read_text().strip()}
-for path in sorted(out.glob("bench_*.json")):
+import xml.etree.ElementTree as ET
+
+logs, status, seconds, skipped = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+summary = {"ok": status == 0, "seconds": seconds, "skipped": skipped,
+           "device": (logs / "device.txt").read_text().strip()}
+for path in sorted(logs.glob("bench_*.json")):
     summary[path.stem] = json.loads(path.read_text())
-log = out / "gpu_tests.log"
-summary["gpu_tests"] = log.read_text().strip().splitlines()[-1] if log.exists() else "not run"
+def last_line(name):
+    path = logs / name
+    lines = path.read_text().strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "not run"
+summary["gpu_tests"] = last_line("gpu_tests.log")
+failures = {}
+if (logs / "gpu_tests.xml").exists():
+    for case in ET.parse(logs / "gpu_tests.xml").getroot().iter("testcase"):
+        for bad in list(case.findall("failure")) + list(case.findall("error")):
+            failures[f"{case.get('classname')}::{case.get('name')}"] = (bad.get("message") or "")[:400]
+summary["gpu_test_failures"] = failures
 for tool in ("memcheck", "racecheck"):
-    log = out / f"sanitizer_{tool}.log"
-    lines = log.read_text().strip().splitlines() if log.exists() else []
-    summary[f"sanitizer_{tool}"] = lines[-1] if lines else "not run"
-(out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary[f"sanitizer_{tool}"] = last_line(f"sanitizer_{tool}.log")
+(logs / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bench_")}, indent=2))
 PY
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$LOGS/summary.json" "$OUT/summary.json"
+  tar czf "$OUT/logs.tgz" -C "$LOGS" .
+fi
 exit $status
