@@ -93,6 +93,52 @@ def ours(decoder: LlamaDecoder, prompt: torch.Tensor, new_tokens: int) -> tuple:
     return prefill, generate, moved
 
 
+def profile_kernels(fn: Callable[[], object], repeats: int) -> dict:
+    """The CUDA kernels `fn` launches, from torch.profiler, per call: their summed time, the
+    launch count and the largest kernels by time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time_total / repeats
+            entry[1] += 1 / repeats
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])
+    return {
+        "kernel_us": sum(t for t, _ in kernels.values()),
+        "launches": sum(n for _, n in kernels.values()),
+        "top": [
+            {"kernel": k[:90], "us": round(t, 1), "count": round(n, 1)} for k, (t, n) in top[:12]
+        ],
+    }
+
+
+def profile_decoder(decoder: LlamaDecoder, prompt: torch.Tensor) -> dict:
+    """Kernels of one eager decode step and of one prefill of `prompt`'s first row (batch 1). A
+    graphed step runs the same kernels as an eager one, so the graphed step time minus the
+    summed kernel time is what remains between kernels."""
+    cache = decoder.new_cache(1, prompt.shape[1] + 32)
+    tokens = decoder.prefill(cache, input_ids=prompt[:1]).argmax(-1)
+    graphs, decoder.use_cuda_graphs = decoder.use_cuda_graphs, False
+    try:
+        step = profile_kernels(lambda: decoder.decode_step(tokens, cache), 8)
+    finally:
+        decoder.use_cuda_graphs = graphs
+
+    def prefill():
+        cache.reset()
+        decoder.prefill(cache, input_ids=prompt[:1])
+
+    return {"decode_step": step, "prefill": profile_kernels(prefill, 2)}
+
+
 def transformers_side(model, prompt: torch.Tensor, new_tokens: int) -> tuple:
     """The same for transformers: a forward with use_cache as prefill, generate as generate."""
     B, T = prompt.shape
@@ -194,6 +240,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: list the kernels of one decode step and of one prefill",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -273,6 +324,22 @@ def main() -> None:
                 f"{ref['decode_step_cpu_ms'] / row['decode_step_cpu_ms']:.2f}x |"
             )
         print(line)
+    if args.profile and args.device == "cuda":
+        try:
+            results["profile"] = profile_decoder(decoder, prompt)
+        except Exception as error:  # the timings above still stand and are written
+            results["profile"] = {"error": repr(error)}
+            print(f"\nprofile failed: {error!r}")
+        for name, profile in results["profile"].items():
+            if name == "error":
+                continue
+            print(
+                f"\n{name} (eager, batch 1): {profile['kernel_us']:.0f} µs in kernels, "
+                f"{profile['launches']:.0f} launches"
+            )
+            print("| kernel | µs | launches |\n|---|---:|---:|")
+            for row in profile["top"]:
+                print(f"| {row['kernel']} | {row['us']:.1f} | {row['count']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -5,7 +5,8 @@
 #
 # Every step gets the smaller of its own limit and the time left before DEADLINE seconds
 # (default 400), and steps that no longer fit are skipped and reported, so the script ends
-# by itself (summary written) before the device call's own limit kills it.
+# by itself (summary written) before the device call's own limit kills it. STEPS picks the
+# steps after the build (default: all of tests mask_pool int4 decoder latency sanitizer).
 # Logs go to build/gpu_check; with $OUT set, $OUT receives summary.json and logs.tgz (two
 # files: a device call brings back at most eight).
 set -uo pipefail
@@ -15,6 +16,7 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-400}
+STEPS=" ${STEPS:-tests mask_pool int4 decoder latency sanitizer} "
 status=0
 started=$(date +%s)
 skipped=()
@@ -26,9 +28,11 @@ limit() {
   local left=$(( DEADLINE - $(elapsed) - 15 ))
   if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
-# run_step NAME WANT LOG COMMAND...: runs COMMAND under its limit, its output to LOG (tail shown)
+# run_step KEY NAME WANT LOG COMMAND...: runs COMMAND under its limit, its output to LOG (tail
+# shown), when KEY is build or among STEPS
 run_step() {
-  local name=$1 want=$2 log=$3; shift 3
+  local key=$1 name=$2 want=$3 log=$4; shift 4
+  [ "$key" = build ] || [[ "$STEPS" == *" $key "* ]] || return 0
   local seconds; seconds=$(limit "$want")
   step "$name (limit ${seconds}s)"
   if [ "$seconds" -eq 0 ]; then echo "skipped: out of time"; skipped+=("$name"); status=1; return; fi
@@ -45,36 +49,38 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 export CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=native"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-TAIL=40 run_step "build (CUDA for this card only)" 240 "$LOGS/build.log" \
+TAIL=40 run_step build "build (CUDA for this card only)" 240 "$LOGS/build.log" \
   $PY -m pip install -v --no-build-isolation --no-deps -e .
 $PY -c "import rgpt_rt._C as C, json; print(json.dumps(C.build_info())); print(json.dumps(C.cuda_runtime_info()))" \
   2>&1 | tee "$LOGS/build_info.txt" || status=1
 
 PER_TEST=()
 $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
-TAIL=30 run_step "tests/gpu" 200 "$LOGS/gpu_tests.log" \
+TAIL=30 run_step tests "tests/gpu" 200 "$LOGS/gpu_tests.log" \
   $PY -m pytest -q -rfE --tb=short -m gpu tests/gpu "${PER_TEST[@]}" --junitxml="$LOGS/gpu_tests.xml"
 
 # GPU benchmarks: each writes its JSON into the logs.
-TAIL=14 run_step "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
+TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
   $PY benchmarks/mask_pool.py --device cuda --json "$LOGS/bench_mask_pool.json"
-TAIL=14 run_step "benchmark int4" 60 "$LOGS/bench_int4.log" \
+TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
   $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
-TAIL=12 run_step "benchmark decoder (7B shape, random weights, INT4 and fp16)" 120 "$LOGS/bench_decoder.log" \
-  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs 5 --json "$LOGS/bench_decoder.json"
-TAIL=30 run_step "benchmark latency (7B shape, random weights)" 150 "$LOGS/bench_latency.log" \
+TAIL=45 run_step decoder "benchmark decoder (7B shape, random weights, INT4 and fp16)" 150 "$LOGS/bench_decoder.log" \
+  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs 5 --profile --json "$LOGS/bench_decoder.json"
+TAIL=30 run_step latency "benchmark latency (7B shape, random weights)" 150 "$LOGS/bench_latency.log" \
   $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --json "$LOGS/bench_latency.json"
 
 # compute-sanitizer over the small mask pooling cases: memcheck with torch's caching allocator
 # off, so each tensor is its own allocation and a read past one is caught (graph capture needs
 # the cache: those tests are left out), then racecheck of the shared-memory reductions.
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-if [ -x "$SANITIZER" ]; then
-  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "compute-sanitizer memcheck: mask pool (small cases)" 100 \
+if [[ "$STEPS" != *" sanitizer "* ]]; then
+  :
+elif [ -x "$SANITIZER" ]; then
+  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer "compute-sanitizer memcheck: mask pool (small cases)" 100 \
     "$LOGS/sanitizer_memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
     -k "small and not graph and (float16 or bool or uint8 or pixel or empty or bad_input)"
-  TAIL=8 run_step "compute-sanitizer racecheck: mask pool (small cases)" 60 \
+  TAIL=8 run_step sanitizer "compute-sanitizer racecheck: mask pool (small cases)" 60 \
     "$LOGS/sanitizer_racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py -k "small_awkward and float16 and area"
 else

@@ -5,7 +5,10 @@ Tolerances (STYLE.md principle 4), against the float64 reference:
 - float16 / bfloat16 features: the kernels accumulate in fp32 and round once; the reference
   computes in fp64 and rounds once. fp32 error is far below half an ulp of the output, so
   the two differ only where the exact value lies that close to a rounding boundary:
-  at most 1 ulp of the output dtype (`assert_close_ulps`).
+  at most 1 ulp of the output dtype (`assert_close_ulps`). Except where the mean cancels to
+  near zero: there the output's ulp shrinks but the fp32 sum's error does not, so each output
+  may also be off by 16 fp32 ulps of the mean of |features| under its mask (a CUDA sum order
+  was 1.2e-7 off an expected near-zero bf16 output on an H200).
 - float32 features: at most 2x the error of torch's own fp32 computation of the same
   function (fp32 weights, one fp32 matmul) against the fp64 reference, plus one fp32 ulp of
   the largest output for cases where torch happens to be exact (`assert_close_fp32`).
@@ -44,10 +47,13 @@ def ulp(values: torch.Tensor) -> torch.Tensor:
     return (above.double() - magnitude.double()).abs()
 
 
-def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1) -> None:
+def assert_close_ulps(
+    actual: torch.Tensor, expected: torch.Tensor, ulps: int = 1, atol: torch.Tensor | float = 0.0
+) -> None:
+    """|actual - expected| <= ulps ulp(expected) + atol, elementwise."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     error = (actual.double() - expected.double()).abs()
-    allowed = ulps * ulp(expected)
+    allowed = ulps * ulp(expected) + atol
     worst = (error - allowed).max().item() if error.numel() else 0.0
     assert worst <= 0, f"off by more than {ulps} ulp: max error {error.max().item():.3g}"
 
@@ -84,7 +90,11 @@ def check_against_reference(pool, features, masks, batch_index=None, mode="area"
         error = torch_fp32_error(features.cpu(), masks.cpu(), cpu_index, mode, expected64)
         assert_close_fp32(actual, expected64, error)
     else:
-        assert_close_ulps(actual, expected64.to(features.dtype))
+        magnitude = mask_pool_reference(
+            features.cpu().double().abs(), masks.cpu(), cpu_index, mode=mode
+        )
+        fp32_sum_error = 16 * torch.finfo(torch.float32).eps * magnitude
+        assert_close_ulps(actual, expected64.to(features.dtype), atol=fp32_sum_error)
     return actual
 
 

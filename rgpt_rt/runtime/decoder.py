@@ -117,6 +117,10 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.int64)
         self.graphs: dict[int, _DecodeGraph] = {}  # CUDA graphs of the decode step, by key length
         self.graph_owner: LlamaDecoder | None = None
+        # The memory pool this cache's graphs share; it lives and dies with them. (A pool kept by
+        # the decoder and reused after every graph in it was freed trips an internal assert in
+        # torch's caching allocator: seen on an H200, torch 2.11.)
+        self.graph_pool = None
 
     @property
     def batch_size(self) -> int:
@@ -241,7 +245,9 @@ class Attention(nn.Module):
         # KV head are folded into the query length (head h = j*G + r reads KV head j).
         q = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # [B, Hkv, G*T, hd]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=pos.mask)
-        out = out.view(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)
+        # reshape, not view: CUDA's attention kernels may return [B, Hkv, G*T, hd] laid out
+        # as [B, G*T, Hkv, hd] (seen on an H200 in fp32), which no view can split by head
+        out = out.reshape(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)
         return self.o_proj(out)
 
 
@@ -304,7 +310,6 @@ class LlamaDecoder(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0, config.head_dim), persistent=False)
         self.register_buffer("rope_signed_sin", torch.empty(0, config.head_dim), persistent=False)
         self.use_cuda_graphs = True
-        self._graph_pool = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -564,11 +569,10 @@ class LlamaDecoder(nn.Module):
     ) -> _DecodeGraph:
         if cache.graph_owner is not self:
             cache.graphs, cache.graph_owner = {}, self
+            cache.graph_pool = torch.cuda.graph_pool_handle()
         if kv_len not in cache.graphs:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
             cache.graphs[kv_len] = _DecodeGraph(
-                self, cache, kv_len, tokens, input_pos, self._graph_pool
+                self, cache, kv_len, tokens, input_pos, cache.graph_pool
             )
         return cache.graphs[kv_len]
 

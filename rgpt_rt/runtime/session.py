@@ -508,6 +508,9 @@ class AnswerStream:
                 with self._session._lock:
                     rows, deltas = next(self._steps)
                 self.generation, delta = rows[0], deltas[0]
+                if self._first is None:  # the first token, shown as text or not
+                    self._first = time.perf_counter()
+                    self._stats["ttft_ms"] = (self._first - self._started) * 1000
             except StopIteration:
                 self._end()
                 raise
@@ -521,9 +524,6 @@ class AnswerStream:
             self._held = text[len(shown) :]
             if shown:
                 break
-        if self._first is None:
-            self._first = time.perf_counter()
-            self._stats["ttft_ms"] = (self._first - self._started) * 1000
         self._parts.append(shown)
         return shown
 
@@ -544,7 +544,7 @@ class AnswerStream:
     def _end(self) -> None:
         stats = self._stats
         stats["decode_ms"] = _ms(self._decode_start)
-        stats.setdefault("ttft_ms", _ms(self._started))  # an empty answer: the end is the first
+        stats.setdefault("ttft_ms", _ms(self._started))  # closed before its first token
         stats["new_tokens"] = len(self.generation.ids) if self.generation else 0
         stats["finish_reason"] = self.generation.finish_reason if self.generation else "length"
         self.close()

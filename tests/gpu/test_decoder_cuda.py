@@ -4,6 +4,7 @@ batched rows on the device; the INT4 decoder under graphs when rgpt_rt.quant exi
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 
 import pytest
@@ -97,6 +98,22 @@ def test_graphs_per_batch_size_interleaved(llama_folder):
     eager4, _ = _greedy_logits(decoder, ids4, 12, 64, graphs=False)
     assert _rel(torch.stack(steps1), eager1) <= 1e-5
     assert _rel(torch.stack(steps4), eager4) <= 1e-5
+
+
+def test_graphs_of_a_new_cache_after_the_last_one_was_freed(llama_folder):
+    # the decoder benchmark's pattern: a fresh cache per answer, the previous one (and its
+    # graphs) gone. A graph pool shared past its last graph tripped torch's allocator here.
+    decoder = LlamaDecoder.from_pretrained(llama_folder[1], dtype=torch.float16, device="cuda")
+    ids = _ids(12, seed=7)
+    first, cache = _greedy_logits(decoder, ids, 8, 64, graphs=True)
+    assert cache.graphs
+    del cache
+    gc.collect()
+    for _ in range(2):
+        again, cache = _greedy_logits(decoder, ids, 8, 64, graphs=True)
+        assert cache.graphs and torch.equal(again, first)
+        del cache
+        gc.collect()
 
 
 def test_cuda_logits_and_greedy_match_transformers(llama_folder):

@@ -59,6 +59,20 @@ def test_describe_answers_and_reports_its_stages(session):
     assert info["llm"]["quantization"] == "rtn" and info["device"] == "cpu"
 
 
+def test_time_to_first_token_is_the_first_tokens_not_the_first_texts(session, monkeypatch):
+    # Random weights (the 7B timing runs) answer in tokens that show no text; TTFT is still
+    # when the first token was sampled, not the end of the answer.
+    from rgpt_rt.runtime.generate import TextStream
+
+    monkeypatch.setattr(TextStream, "push", lambda self, token: "")
+    monkeypatch.setattr(TextStream, "finish", lambda self: "")
+    image, masks = scene(3)
+    assert session.describe(image, masks[0], max_new_tokens=12) == ""
+    stats = session.stats
+    assert stats["new_tokens"] > 1
+    assert stats["ttft_ms"] < stats["total_ms"] - stats["decode_ms"] / 2
+
+
 def test_streamed_deltas_concatenate_to_the_answer(session):
     image, masks = scene(1)
     whole = session.describe(image, masks[1], max_new_tokens=16)
