@@ -205,10 +205,26 @@ def build(args) -> tuple[torch.nn.Module, LlamaDecoder, str]:
         cfg, model.state_dict(), dtype=dtype, device=args.device, quant=quant,
         group_size=args.group_size,
     )  # fmt: skip
+    decoder.fuse_projections()  # q/k/v and gate/up stacked, as a bundle's decoder is
     label = f"rgpt_rt {'INT4' if quant else str(dtype).removeprefix('torch.')}"
     if args.device == "cuda":
         label += " + CUDA graphs"
     return model, decoder, label
+
+
+def with_unroll(fn: Callable[[], object], unroll: int) -> Callable[[], object]:
+    """fn run with the INT4 GEMV at `unroll` (a CUDA graph keeps the kernel it captured, so
+    each unroll needs its own cache: ours() makes one per call)."""
+    from rgpt_rt.ops import int4 as int4_ops
+
+    def run():
+        default, int4_ops.GEMV_UNROLL = int4_ops.GEMV_UNROLL, unroll
+        try:
+            return fn()
+        finally:
+            int4_ops.GEMV_UNROLL = default
+
+    return run
 
 
 def main() -> None:
@@ -245,8 +261,14 @@ def main() -> None:
         action="store_true",
         help="CUDA: list the kernels of one decode step and of one prefill",
     )
+    parser.add_argument(
+        "--unroll",
+        default="",
+        help="comma-separated INT4 GEMV unrolls to time ours at besides the default (CUDA)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    unrolls = [int(u) for u in args.unroll.split(",") if u]
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batch or ([1] if args.device == "cpu" else [1, 8])
@@ -272,8 +294,15 @@ def main() -> None:
         prompt = torch.randint(
             0, decoder.config.vocab_size, (batch, prompt_len), device=args.device
         )
-        sides = {
-            label: ours(decoder, prompt, args.new_tokens),
+        sides = {label: ours(decoder, prompt, args.new_tokens)}
+        for unroll in unrolls:
+            prefill, generate, moved = ours(decoder, prompt, args.new_tokens)
+            sides[f"{label}, GEMV unroll {unroll}"] = (
+                with_unroll(prefill, unroll),
+                with_unroll(generate, unroll),
+                moved,
+            )
+        sides |= {
             "transformers generate": transformers_side(model, prompt, args.new_tokens),
         }
         fns = {}

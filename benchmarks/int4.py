@@ -9,6 +9,9 @@ the copy bandwidth is measured here (a large tensor copy: read + write bytes / t
 % of floor = floor / measured time (100% = at the bandwidth of a plain copy).
 CUDA times are of the op replayed from a CUDA graph (as in decoding), so no Python overhead;
 CPU times are wall-clock medians. Weights are random: speed does not depend on their values.
+On CUDA each timed call reads another copy of the weights, enough copies to overflow the L2
+cache (as decoding does: a layer's weights are not in L2 when it runs again), and ours is timed
+at each GEMV unroll (int4_cuda.cu).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from rgpt_rt.ops import int4_linear
+from rgpt_rt.ops.int4 import GEMV_CHUNKED_MAX_ROWS, _cuda
 from rgpt_rt.quant import Int4Weight
 
 SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
@@ -32,6 +37,8 @@ SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
     "lm_head 4096→32000": (4096, 32000),
 }
 GROUP = 128
+UNROLLS = (1, 4)  # CUDA GEMV variants timed
+COLD_BYTES = 512 << 20  # CUDA: weight copies cycled per shape, past the L2 (50-60 MB on H100/H200)
 
 
 def random_int4(n: int, k: int, device: str) -> Int4Weight:
@@ -39,6 +46,33 @@ def random_int4(n: int, k: int, device: str) -> Int4Weight:
     scales = (torch.rand(n, k // GROUP, device=device) * 0.01 + 1e-4).half()
     zeros = torch.randint(0, 16, (n, k // GROUP), dtype=torch.uint8, device=device)
     return Int4Weight(qweight, scales, zeros, GROUP, (n, k))
+
+
+def dense_weight(n: int, k: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, k, device=device).to(dtype)
+
+
+def gemv(x: torch.Tensor, w: Int4Weight, unroll: int) -> torch.Tensor:
+    """Our CUDA GEMV at one unroll (what int4_linear runs for M <= 8 at the default)."""
+    return _cuda(x, w.qweight, w.scales, w.zeros, None, GROUP, unroll=unroll)
+
+
+def copies_past_l2(make, nbytes: int, device: str, most: int = 16) -> list:
+    """make() called enough times that the copies together exceed COLD_BYTES (CUDA only)."""
+    count = 1 if device != "cuda" else max(1, min(most, -(-COLD_BYTES // nbytes)))
+    return [make() for _ in range(count)]
+
+
+def cycling(fn, items: list):
+    """A callable that calls fn(item) for the next item of `items` each time."""
+    state = {"i": 0}
+
+    def call():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return fn(item)
+
+    return call
 
 
 def time_cpu(fn, min_seconds: float = 0.3, max_reps: int = 50) -> float:
@@ -164,32 +198,44 @@ def main() -> None:
         f"ours: rgpt_rt int4_linear ({act_dtype} x, INT4 g{GROUP}); dense: torch.matmul {dense_dtype}; "
         "torch int4: aten._weight_int4pack_mm" + ("_for_cpu" if device == "cpu" else "") + "\n"
     )
-    header = (
-        "| shape (K→N) | M | ours µs | % floor | dense µs | % floor | torch int4 µs | % floor |"
-    )
+    unrolls = UNROLLS if device == "cuda" else ()
+    ours_heads = "".join(f" ours unroll {u} µs | % floor |" for u in unrolls)
+    header = f"| shape (K→N) | M | ours µs | % floor |{ours_heads} dense µs | % floor | torch int4 µs | % floor |"
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * (header.count("|") - 1))
     results = []
     for name, (k, n) in shapes:
-        w = random_int4(n, k, device)
-        dense = torch.randn(n, k, device=device).to(dense_dtype)
+        weights = copies_past_l2(partial(random_int4, n, k, device), n * k // 2, device)
+        dense_size = n * k * torch.tensor([], dtype=dense_dtype).element_size()
+        make_dense = partial(dense_weight, n, k, device, dense_dtype)
+        denses = copies_past_l2(make_dense, dense_size, device, most=6)
+        w = weights[0]
         for m in rows:
             x = torch.randn(m, k, device=device).to(act_dtype)
             act_bytes = x.element_size() * (m * k + m * n)
             int4_floor = (w.nbytes + act_bytes) / bandwidth * 1e6
-            dense_floor = (dense.numel() * dense.element_size() + act_bytes) / bandwidth * 1e6
-            ours = timer(lambda x=x, w=w: int4_linear(x, w))
-            dense_us = timer(lambda x=x, dense=dense: x.to(dense_dtype) @ dense.T)
+            dense_floor = (dense_size + act_bytes) / bandwidth * 1e6
+            ours = timer(cycling(lambda w, x=x: int4_linear(x, w), weights))
+            by_unroll = {}
+            for u in unrolls if m <= GEMV_CHUNKED_MAX_ROWS else ():
+                by_unroll[u] = timer(cycling(partial(gemv, x, unroll=u), weights))
+            dense_us = timer(cycling(lambda d, x=x: x.to(dense_dtype) @ d.T, denses))
             fn, reason = torch_int4(x, n, k)
             theirs = timer(fn) if fn is not None else None
             row = {
                 "shape": name, "K": k, "N": n, "M": m, "ours_us": ours, "ours_floor_us": int4_floor,
-                "dense_us": dense_us, "dense_floor_us": dense_floor, "torch_int4_us": theirs,
-                "torch_int4_note": reason,
+                "ours_by_unroll_us": by_unroll, "dense_us": dense_us, "dense_floor_us": dense_floor,
+                "torch_int4_us": theirs, "torch_int4_note": reason, "weight_copies": len(weights),
             }  # fmt: skip
             results.append(row)
             t4 = f"{theirs:.0f} | {100 * int4_floor / theirs:.0f}%" if theirs else f"{reason} | –"
-            print(f"| {name} | {m} | {ours:.0f} | {100 * int4_floor / ours:.0f}% | {dense_us:.0f} | "
+            cells = "".join(
+                f" {by_unroll[u]:.1f} | {100 * int4_floor / by_unroll[u]:.0f}% |"
+                if u in by_unroll
+                else " – | – |"
+                for u in unrolls
+            )
+            print(f"| {name} | {m} | {ours:.1f} | {100 * int4_floor / ours:.0f}% |{cells} {dense_us:.0f} | "
                   f"{100 * dense_floor / dense_us:.0f}% | {t4} |", flush=True)  # fmt: skip
     report = {
         "device": hardware, "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth / 1e9,

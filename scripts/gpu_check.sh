@@ -6,7 +6,8 @@
 # Every step gets the smaller of its own limit and the time left before DEADLINE seconds
 # (default 400), and steps that no longer fit are skipped and reported, so the script ends
 # by itself (summary written) before the device call's own limit kills it. STEPS picks the
-# steps after the build (default: all of tests mask_pool int4 decoder latency sanitizer).
+# steps after the build (default: all of tests mask_pool int4 decoder latency sanitizer
+# sanitizer_int4). RUNS sets the decoder and latency benchmarks' timed runs.
 # Logs go to build/gpu_check; with $OUT set, $OUT receives summary.json and logs.tgz (two
 # files: a device call brings back at most eight).
 set -uo pipefail
@@ -16,7 +17,7 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-400}
-STEPS=" ${STEPS:-tests mask_pool int4 decoder latency sanitizer} "
+STEPS=" ${STEPS:-tests mask_pool int4 decoder latency sanitizer sanitizer_int4} "
 status=0
 started=$(date +%s)
 skipped=()
@@ -65,17 +66,20 @@ TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" 
 TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
   $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
 TAIL=45 run_step decoder "benchmark decoder (7B shape, random weights, INT4 and fp16)" 150 "$LOGS/bench_decoder.log" \
-  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs 5 --profile --json "$LOGS/bench_decoder.json"
+  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --unroll 1,4 --profile \
+  --json "$LOGS/bench_decoder.json"
 TAIL=30 run_step latency "benchmark latency (7B shape, random weights)" 150 "$LOGS/bench_latency.log" \
-  $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --json "$LOGS/bench_latency.json"
+  $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --runs ${RUNS:-10} \
+  --json "$LOGS/bench_latency.json"
 
-# compute-sanitizer over the small mask pooling cases: memcheck with torch's caching allocator
+# compute-sanitizer: memcheck over the small mask pooling cases with torch's caching allocator
 # off, so each tensor is its own allocation and a read past one is caught (graph capture needs
-# the cache: those tests are left out), then racecheck of the shared-memory reductions.
+# the cache: those tests are left out), then racecheck of its shared-memory reductions; then
+# memcheck of the INT4 GEMV where a thread's pass runs past its split or the row's end.
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-if [[ "$STEPS" != *" sanitizer "* ]]; then
-  :
-elif [ -x "$SANITIZER" ]; then
+if [[ "$STEPS" == *" sanitizer"* ]] && [ ! -x "$SANITIZER" ]; then
+  echo "compute-sanitizer not found: sanitizer runs skipped"; skipped+=(sanitizer); status=1
+elif [[ "$STEPS" == *" sanitizer"* ]]; then
   TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer "compute-sanitizer memcheck: mask pool (small cases)" 100 \
     "$LOGS/sanitizer_memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
@@ -83,8 +87,9 @@ elif [ -x "$SANITIZER" ]; then
   TAIL=8 run_step sanitizer "compute-sanitizer racecheck: mask pool (small cases)" 60 \
     "$LOGS/sanitizer_racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py -k "small_awkward and float16 and area"
-else
-  echo "compute-sanitizer not found: mask pool sanitizer runs skipped"; skipped+=(sanitizer); status=1
+  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer_int4 "compute-sanitizer memcheck: INT4 GEMV (split-K, tiny)" 60 \
+    "$LOGS/sanitizer_int4.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_int4_cuda.py -k "split_k or (tiny and not 128)"
 fi
 
 step "summary"
@@ -108,7 +113,7 @@ if (logs / "gpu_tests.xml").exists():
         for bad in list(case.findall("failure")) + list(case.findall("error")):
             failures[f"{case.get('classname')}::{case.get('name')}"] = (bad.get("message") or "")[:400]
 summary["gpu_test_failures"] = failures
-for tool in ("memcheck", "racecheck"):
+for tool in ("memcheck", "racecheck", "int4"):
     summary[f"sanitizer_{tool}"] = last_line(f"sanitizer_{tool}.log")
 (logs / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bench_")}, indent=2))

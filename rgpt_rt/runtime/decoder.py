@@ -195,8 +195,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and scale in the input's dtype, as HF LlamaRMSNorm (one op in fp32).
-        if x.dtype == torch.float32:
+        # fp32, and half precision on CUDA: one op (CUDA's kernel computes in fp32 and rounds
+        # once, where HF rounds the normalised value and then the scaled one; a decode step
+        # runs 65 of these, and HF's form is four kernels each). Elsewhere as HF LlamaRMSNorm:
+        # normalise in fp32, scale in the input's dtype.
+        if x.dtype == torch.float32 or x.is_cuda:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
@@ -229,13 +232,17 @@ class Attention(nn.Module):
         B, T = pos.input_pos.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split((H * hd, Hkv * hd, Hkv * hd), dim=-1)  # views
+            qkv = self.qkv_proj(x)  # [B*T, (H + 2 Hkv) hd]
+            # q and k side by side: rotated in one pass (half the kernels), then split
+            qk = qkv[:, : (H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2)
+            q, k = apply_rope(qk, pos.cos, pos.signed_sin).split((H, Hkv), dim=1)
+            v = qkv[:, (H + Hkv) * hd :].view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = v.view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
-        q, k = apply_rope(q, pos.cos, pos.signed_sin), apply_rope(k, pos.cos, pos.signed_sin)
+            q = q.view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = k.view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+            v = v.view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
+            q, k = apply_rope(q, pos.cos, pos.signed_sin), apply_rope(k, pos.cos, pos.signed_sin)
 
         k_cache[pos.rows, :, pos.input_pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into the slots
         v_cache[pos.rows, :, pos.input_pos] = v
