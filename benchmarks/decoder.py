@@ -212,21 +212,6 @@ def build(args) -> tuple[torch.nn.Module, LlamaDecoder, str]:
     return model, decoder, label
 
 
-def with_unroll(fn: Callable[[], object], unroll: int) -> Callable[[], object]:
-    """fn run with the INT4 GEMV at `unroll` (a CUDA graph keeps the kernel it captured, so
-    each unroll needs its own cache: ours() makes one per call)."""
-    from rgpt_rt.ops import int4 as int4_ops
-
-    def run():
-        default, int4_ops.GEMV_UNROLL = int4_ops.GEMV_UNROLL, unroll
-        try:
-            return fn()
-        finally:
-            int4_ops.GEMV_UNROLL = default
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -261,14 +246,8 @@ def main() -> None:
         action="store_true",
         help="CUDA: list the kernels of one decode step and of one prefill",
     )
-    parser.add_argument(
-        "--unroll",
-        default="",
-        help="comma-separated INT4 GEMV unrolls to time ours at besides the default (CUDA)",
-    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    unrolls = [int(u) for u in args.unroll.split(",") if u]
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batch or ([1] if args.device == "cpu" else [1, 8])
@@ -294,15 +273,8 @@ def main() -> None:
         prompt = torch.randint(
             0, decoder.config.vocab_size, (batch, prompt_len), device=args.device
         )
-        sides = {label: ours(decoder, prompt, args.new_tokens)}
-        for unroll in unrolls:
-            prefill, generate, moved = ours(decoder, prompt, args.new_tokens)
-            sides[f"{label}, GEMV unroll {unroll}"] = (
-                with_unroll(prefill, unroll),
-                with_unroll(generate, unroll),
-                moved,
-            )
-        sides |= {
+        sides = {
+            label: ours(decoder, prompt, args.new_tokens),
             "transformers generate": transformers_side(model, prompt, args.new_tokens),
         }
         fns = {}

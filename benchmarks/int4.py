@@ -10,8 +10,8 @@ the copy bandwidth is measured here (a large tensor copy: read + write bytes / t
 CUDA times are of the op replayed from a CUDA graph (as in decoding), so no Python overhead;
 CPU times are wall-clock medians. Weights are random: speed does not depend on their values.
 On CUDA each timed call reads another copy of the weights, enough copies to overflow the L2
-cache (as decoding does: a layer's weights are not in L2 when it runs again), and ours is timed
-at each GEMV unroll (int4_cuda.cu).
+cache (as decoding does: a layer's weights are not in L2 when it runs again); torch int4 uses
+one weight (L2-warm where it fits).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from rgpt_rt.ops import int4_linear
-from rgpt_rt.ops.int4 import GEMV_CHUNKED_MAX_ROWS, _cuda
 from rgpt_rt.quant import Int4Weight
 
 SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
@@ -37,7 +36,6 @@ SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
     "lm_head 4096→32000": (4096, 32000),
 }
 GROUP = 128
-UNROLLS = (1, 4)  # CUDA GEMV variants timed
 COLD_BYTES = 512 << 20  # CUDA: weight copies cycled per shape, past the L2 (50-60 MB on H100/H200)
 
 
@@ -50,11 +48,6 @@ def random_int4(n: int, k: int, device: str) -> Int4Weight:
 
 def dense_weight(n: int, k: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(n, k, device=device).to(dtype)
-
-
-def gemv(x: torch.Tensor, w: Int4Weight, unroll: int) -> torch.Tensor:
-    """Our CUDA GEMV at one unroll (what int4_linear runs for M <= 8 at the default)."""
-    return _cuda(x, w.qweight, w.scales, w.zeros, None, GROUP, unroll=unroll)
 
 
 def copies_past_l2(make, nbytes: int, device: str, most: int = 16) -> list:
@@ -87,25 +80,29 @@ def time_cpu(fn, min_seconds: float = 0.3, max_reps: int = 50) -> float:
     return statistics.median(times) * 1e6
 
 
-def time_cuda(fn, calls: int = 20, reps: int = 10) -> float:
-    """µs per call of fn() replayed from a CUDA graph of `calls` calls (eager loop if capture fails)."""
+def time_cuda(fn, calls: int = 20, reps: int = 10, graph: bool = True) -> float:
+    """µs per call of fn() replayed from a CUDA graph of `calls` calls (an eager loop of them
+    when graph is False or capture fails)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        run = graph.replay
-    except RuntimeError:
 
-        def run():
-            for _ in range(calls):
-                fn()
+    def run():
+        for _ in range(calls):
+            fn()
+
+    if graph:
+        try:
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                for _ in range(calls):
+                    fn()
+            run = captured.replay
+        except RuntimeError:
+            pass
 
     run()
     torch.cuda.synchronize()
@@ -126,7 +123,9 @@ def copy_bandwidth(device: str) -> float:
     src = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     if device == "cuda":
-        seconds = time_cuda(lambda: dst.copy_(src), calls=5, reps=5) / 1e6
+        # eager copies: replayed from a CUDA graph, 1 GiB copies read 2.76 TB/s on an H200
+        # where eager ones (benchmarks/decoder.py, mask_pool.py) read 4.1-4.2 TB/s
+        seconds = time_cuda(lambda: dst.copy_(src), calls=5, reps=5, graph=False) / 1e6
     else:
         seconds = time_cpu(lambda: dst.copy_(src), min_seconds=1.0) / 1e6
     return 2 * size / seconds
@@ -198,9 +197,9 @@ def main() -> None:
         f"ours: rgpt_rt int4_linear ({act_dtype} x, INT4 g{GROUP}); dense: torch.matmul {dense_dtype}; "
         "torch int4: aten._weight_int4pack_mm" + ("_for_cpu" if device == "cpu" else "") + "\n"
     )
-    unrolls = UNROLLS if device == "cuda" else ()
-    ours_heads = "".join(f" ours unroll {u} µs | % floor |" for u in unrolls)
-    header = f"| shape (K→N) | M | ours µs | % floor |{ours_heads} dense µs | % floor | torch int4 µs | % floor |"
+    header = (
+        "| shape (K→N) | M | ours µs | % floor | dense µs | % floor | torch int4 µs | % floor |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     results = []
@@ -216,26 +215,17 @@ def main() -> None:
             int4_floor = (w.nbytes + act_bytes) / bandwidth * 1e6
             dense_floor = (dense_size + act_bytes) / bandwidth * 1e6
             ours = timer(cycling(lambda w, x=x: int4_linear(x, w), weights))
-            by_unroll = {}
-            for u in unrolls if m <= GEMV_CHUNKED_MAX_ROWS else ():
-                by_unroll[u] = timer(cycling(partial(gemv, x, unroll=u), weights))
             dense_us = timer(cycling(lambda d, x=x: x.to(dense_dtype) @ d.T, denses))
             fn, reason = torch_int4(x, n, k)
             theirs = timer(fn) if fn is not None else None
             row = {
                 "shape": name, "K": k, "N": n, "M": m, "ours_us": ours, "ours_floor_us": int4_floor,
-                "ours_by_unroll_us": by_unroll, "dense_us": dense_us, "dense_floor_us": dense_floor,
+                "dense_us": dense_us, "dense_floor_us": dense_floor,
                 "torch_int4_us": theirs, "torch_int4_note": reason, "weight_copies": len(weights),
             }  # fmt: skip
             results.append(row)
             t4 = f"{theirs:.0f} | {100 * int4_floor / theirs:.0f}%" if theirs else f"{reason} | –"
-            cells = "".join(
-                f" {by_unroll[u]:.1f} | {100 * int4_floor / by_unroll[u]:.0f}% |"
-                if u in by_unroll
-                else " – | – |"
-                for u in unrolls
-            )
-            print(f"| {name} | {m} | {ours:.1f} | {100 * int4_floor / ours:.0f}% |{cells} {dense_us:.0f} | "
+            print(f"| {name} | {m} | {ours:.1f} | {100 * int4_floor / ours:.0f}% | {dense_us:.0f} | "
                   f"{100 * dense_floor / dense_us:.0f}% | {t4} |", flush=True)  # fmt: skip
     report = {
         "device": hardware, "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth / 1e9,

@@ -43,12 +43,10 @@ PYBIND11_MODULE(_C, m) {
         "out[N, C] = mask-weighted means of features[B, H, W, C] (pointers as integers)");
 #ifdef RGPT_WITH_CUDA
   m.def("int4_gemv_cuda", &rgpt::int4_gemv_cuda_entry,
-        "GEMV for 1..8 rows of x on `stream`; split-K when splits > 1 (fp32 workspace [splits, M, N]); "
-        "unroll (1 or 4): chunks per row whose loads a thread issues together",
+        "GEMV for 1..8 rows of x on `stream`; split-K when splits > 1 (fp32 workspace [splits, M, N])",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
         py::arg("out"), py::arg("partial"), py::arg("m"), py::arg("n"), py::arg("k"),
-        py::arg("group_size"), py::arg("splits"), py::arg("unroll"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("group_size"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
   m.def("int4_dequant_cuda", &rgpt::int4_dequant_cuda_entry,
         "Dequantize W [N, K] into `out` (dtype) on `stream`, for the prefill GEMM",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),

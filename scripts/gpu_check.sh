@@ -66,7 +66,7 @@ TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" 
 TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
   $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
 TAIL=45 run_step decoder "benchmark decoder (7B shape, random weights, INT4 and fp16)" 150 "$LOGS/bench_decoder.log" \
-  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --unroll 1,4 --profile \
+  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --profile \
   --json "$LOGS/bench_decoder.json"
 TAIL=30 run_step latency "benchmark latency (7B shape, random weights)" 150 "$LOGS/bench_latency.log" \
   $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --runs ${RUNS:-10} \

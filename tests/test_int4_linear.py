@@ -142,14 +142,12 @@ def test_act_order_permutation_is_applied_to_x():
     torch.testing.assert_close(int4_linear_reference(x, wp), int4_linear(x[:, perm], w))
 
 
-def test_gemv_splits_fill_the_gpu_and_give_every_lane_a_full_pass():
+def test_gemv_splits_fill_the_gpu_and_give_every_lane_a_chunk():
     sms = 132  # an H100 / H200
     assert int4_ops.gemv_splits(11008, 4096, sms) == 1  # 1376 blocks: enough already
     assert int4_ops.gemv_splits(4096, 4096, sms) == 2  # 512 blocks < 4 per SM
-    # unroll 4: a split must hold 32 lanes x 4 chunks; K = 4096 has 128 chunks, so no split
-    assert int4_ops.gemv_splits(4096, 4096, sms, unroll=4) == 1
-    assert int4_ops.gemv_splits(64, 4096 + 128, sms, unroll=1) == 4  # 132 chunks // 32
-    assert int4_ops.gemv_splits(64, 11008, sms, unroll=4) == 2  # 344 chunks // 128
+    assert int4_ops.gemv_splits(64, 4096 + 128, sms) == 4  # 132 chunks // 32 lanes
+    assert int4_ops.gemv_splits(64, 1 << 20, sms) == int4_ops.MAX_SPLITS
 
 
 def test_wrong_inputs_are_refused_clearly():

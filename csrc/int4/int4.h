@@ -59,12 +59,10 @@ constexpr int kInt4GemvMaxRows = 8;
 
 // GEMV for 1 <= M <= 8 on `stream`. splits > 1: split-K, each split writes fp32 partial sums to
 // `partial` [splits, M, N] and a second kernel adds them (+ bias) into out; splits == 1 writes
-// out directly and `partial` may be 0. unroll (1 or 4): chunks per row whose loads a thread
-// issues together.
+// out directly and `partial` may be 0.
 void int4_gemv_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                           uintptr_t bias, uintptr_t out, uintptr_t partial, int64_t m, int64_t n,
-                          int64_t k, int64_t group_size, int splits, int unroll, int dtype,
-                          uintptr_t stream);
+                          int64_t k, int64_t group_size, int splits, int dtype, uintptr_t stream);
 
 // Dequantize the whole weight into `out` [N, K] (dtype) on `stream`: fp16 gets the exact fp16
 // value, fp32 the same value widened, bf16 that value rounded to bf16 (for the prefill GEMM).

@@ -4,8 +4,7 @@
 // GEMV: a warp owns kRowsPerWarp output rows; lane l reads 16-byte chunks l, l+32, ... of each
 // row (32 codes per load, one group per chunk since G % 32 == 0), dequantizes them in registers
 // to the exact fp16 values, widens to fp32 and accumulates x·w in fp32; the warp then reduces
-// with shuffles. `unroll` U (1 or 4): a lane issues the loads of U chunks per row before using
-// any of them (more bytes in flight; U = 1 is the first version's schedule). With few output rows (small N) the K range is split over blockIdx.y (split-K):
+// with shuffles. With few output rows (small N) the K range is split over blockIdx.y (split-K):
 // each split writes fp32 partials and a second kernel sums them (deterministic, no atomics).
 //
 // Dequantization ("magic number"): (word >> 4i) & 0x000F000F puts the codes of k = 2i and
@@ -105,7 +104,7 @@ __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 
-template <typename T, int M, int U>
+template <typename T, int M>
 __global__ void __launch_bounds__(kWarps * 32)
     int4_gemv_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                      const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
@@ -127,54 +126,34 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = 0.0f;
   }
 
-  // A lane takes chunks base, base + 32, ..., base + 32 (U - 1) per pass, and issues every load
-  // of the pass (codes, scales, zeros of U chunks x kRowsPerWarp rows) before the first use:
-  // U x kRowsPerWarp 16-byte loads in flight per thread instead of kRowsPerWarp.
-  for (int base = c_begin + lane; base < c_end; base += 32 * U) {
-    uint4 q[U][kRowsPerWarp];
-    __half s[U][kRowsPerWarp];
-    int z[U][kRowsPerWarp];
+  for (int c = c_begin + lane; c < c_end; c += 32) {
+    const int g = c / chunks_per_group;
+    float2 w[kRowsPerWarp][16];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = base + 32 * u;
-      const int g = c / chunks_per_group;
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = row0 + r;
+      if (row < n) {
+        __half2 wh[16];
+        dequant_chunk(qweight[static_cast<size_t>(row) * chunks + c],
+                      scales[static_cast<size_t>(row) * groups + g],
+                      zeros[static_cast<size_t>(row) * groups + g], wh);
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int row = row0 + r;
-        if (c < c_end && row < n) {
-          q[u][r] = __ldcs(qweight + static_cast<size_t>(row) * chunks + c);  // read once: stream
-          s[u][r] = scales[static_cast<size_t>(row) * groups + g];
-          z[u][r] = zeros[static_cast<size_t>(row) * groups + g];
-        } else {  // dequantizes to exact zeros: (1024 + 0) - (1024 + 0), times 0
-          q[u][r] = make_uint4(0u, 0u, 0u, 0u);
-          s[u][r] = __float2half(0.0f);
-          z[u][r] = 0;
-        }
+        for (int i = 0; i < 16; ++i) w[r][i] = __half22float2(wh[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) w[r][i] = make_float2(0.0f, 0.0f);
       }
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = base + 32 * u;
-      if (c >= c_end) continue;  // the pass ran past this split's end
-      float2 w[kRowsPerWarp][16];
+    for (int m = 0; m < M; ++m) {
+      float2 xv[16];
+      load_x_chunk(x + static_cast<size_t>(m) * k + static_cast<size_t>(c) * kChunk, xv);
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        __half2 wh[16];
-        dequant_chunk(q[u][r], s[u][r], z[u][r], wh);
 #pragma unroll
-        for (int i = 0; i < 16; ++i) w[r][i] = __half22float2(wh[i]);
-      }
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float2 xv[16];
-        load_x_chunk(x + static_cast<size_t>(m) * k + static_cast<size_t>(c) * kChunk, xv);
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            acc[m][r] = fmaf(xv[i].x, w[r][i].x, acc[m][r]);
-            acc[m][r] = fmaf(xv[i].y, w[r][i].y, acc[m][r]);
-          }
+        for (int i = 0; i < 16; ++i) {
+          acc[m][r] = fmaf(xv[i].x, w[r][i].x, acc[m][r]);
+          acc[m][r] = fmaf(xv[i].y, w[r][i].y, acc[m][r]);
         }
       }
     }
@@ -290,7 +269,7 @@ int grid_for(int64_t items, int threads) {
   return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
 }
 
-template <typename T, int M, int U>
+template <typename T, int M>
 void launch_gemv(const Int4LinearParams& p, float* partial, int splits, cudaStream_t stream) {
   const int chunks = static_cast<int>(p.k / kChunk);
   const int chunks_per_split = (chunks + splits - 1) / splits;
@@ -299,7 +278,7 @@ void launch_gemv(const Int4LinearParams& p, float* partial, int splits, cudaStre
   const dim3 grid(static_cast<unsigned>((p.n + rows_per_block - 1) / rows_per_block),
                   static_cast<unsigned>(used_splits));
   const bool split = used_splits > 1;
-  int4_gemv_kernel<T, M, U><<<grid, kWarps * 32, 0, stream>>>(
+  int4_gemv_kernel<T, M><<<grid, kWarps * 32, 0, stream>>>(
       static_cast<const T*>(p.x), reinterpret_cast<const uint4*>(p.qweight),
       reinterpret_cast<const __half*>(p.scales), p.zeros, static_cast<const T*>(p.bias),
       static_cast<T*>(p.out), split ? partial : nullptr, static_cast<int>(p.n),
@@ -313,27 +292,17 @@ void launch_gemv(const Int4LinearParams& p, float* partial, int splits, cudaStre
   }
 }
 
-template <typename T, int U>
+template <typename T>
 void dispatch_rows(const Int4LinearParams& p, float* partial, int splits, cudaStream_t stream) {
   switch (p.m) {
-    case 1: launch_gemv<T, 1, U>(p, partial, splits, stream); break;
-    case 2: launch_gemv<T, 2, U>(p, partial, splits, stream); break;
-    case 3: launch_gemv<T, 3, U>(p, partial, splits, stream); break;
-    case 4: launch_gemv<T, 4, U>(p, partial, splits, stream); break;
-    case 5: launch_gemv<T, 5, U>(p, partial, splits, stream); break;
-    case 6: launch_gemv<T, 6, U>(p, partial, splits, stream); break;
-    case 7: launch_gemv<T, 7, U>(p, partial, splits, stream); break;
-    default: launch_gemv<T, 8, U>(p, partial, splits, stream); break;
-  }
-}
-
-template <typename T>
-void dispatch_unroll(const Int4LinearParams& p, float* partial, int splits, int unroll,
-                     cudaStream_t stream) {
-  if (unroll == 4) {
-    dispatch_rows<T, 4>(p, partial, splits, stream);
-  } else {
-    dispatch_rows<T, 1>(p, partial, splits, stream);
+    case 1: launch_gemv<T, 1>(p, partial, splits, stream); break;
+    case 2: launch_gemv<T, 2>(p, partial, splits, stream); break;
+    case 3: launch_gemv<T, 3>(p, partial, splits, stream); break;
+    case 4: launch_gemv<T, 4>(p, partial, splits, stream); break;
+    case 5: launch_gemv<T, 5>(p, partial, splits, stream); break;
+    case 6: launch_gemv<T, 6>(p, partial, splits, stream); break;
+    case 7: launch_gemv<T, 7>(p, partial, splits, stream); break;
+    default: launch_gemv<T, 8>(p, partial, splits, stream); break;
   }
 }
 
@@ -347,8 +316,7 @@ void check_alignment(uintptr_t ptr, const char* name) {
 
 void int4_gemv_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                           uintptr_t bias, uintptr_t out, uintptr_t partial, int64_t m, int64_t n,
-                          int64_t k, int64_t group_size, int splits, int unroll, int dtype,
-                          uintptr_t stream) {
+                          int64_t k, int64_t group_size, int splits, int dtype, uintptr_t stream) {
   Int4LinearParams p;
   p.x = reinterpret_cast<const void*>(x);
   p.qweight = reinterpret_cast<const uint32_t*>(qweight);
@@ -367,16 +335,15 @@ void int4_gemv_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uint
     throw std::invalid_argument("int4_gemv: N and K must fit the kernel's 32-bit indices");
   }
   if (splits < 1) throw std::invalid_argument("int4_gemv: splits must be >= 1");
-  if (unroll != 1 && unroll != 4) throw std::invalid_argument("int4_gemv: unroll must be 1 or 4");
   if (splits > 1 && partial == 0) throw std::invalid_argument("int4_gemv: split-K needs a workspace");
   check_alignment(x, "x");
   check_alignment(qweight, "qweight");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto* ws = reinterpret_cast<float*>(partial);
   switch (dtype) {
-    case kInt4F32: dispatch_unroll<float>(p, ws, splits, unroll, s); break;
-    case kInt4F16: dispatch_unroll<__half>(p, ws, splits, unroll, s); break;
-    default: dispatch_unroll<__nv_bfloat16>(p, ws, splits, unroll, s); break;
+    case kInt4F32: dispatch_rows<float>(p, ws, splits, s); break;
+    case kInt4F16: dispatch_rows<__half>(p, ws, splits, s); break;
+    default: dispatch_rows<__nv_bfloat16>(p, ws, splits, s); break;
   }
 }
 

@@ -27,17 +27,12 @@ if TYPE_CHECKING:
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # int4.h Int4DType
-GEMV_MAX_ROWS = 8  # CUDA: rows of x one GEMV launch handles
-# CUDA: up to this many rows run as GEMVs of 8 rows each (each reads the weight once); more go
-# to dequantize + matmul, which writes the whole weight in fp16 (about 5 GEMVs' worth of bytes)
-# before cuBLAS reads it again. Decoding 9..32 regions at once, and short suffixes after a
-# cached prefix (a second question's tokens), take the GEMVs.
-GEMV_CHUNKED_MAX_ROWS = 32
+# CUDA: rows of x handled by the GEMV kernel; more go to dequantize + matmul. (The GEMV's time
+# grows with its rows: on an H200, two 8-row GEMVs for 16 rows were slower than dequantize +
+# cuBLAS; benchmarks/RESULTS.md.)
+GEMV_MAX_ROWS = 8
 GEMV_ROWS_PER_BLOCK = 8  # int4_cuda.cu: kWarps × kRowsPerWarp
 MAX_SPLITS = 16
-# CUDA GEMV: chunks of 32 codes per row whose loads a thread issues together (1 or 4; see
-# int4_cuda.cu). 1 is the first kernel's schedule; benchmarks/int4.py times both.
-GEMV_UNROLL = 4
 
 
 def check_int4_args(
@@ -90,14 +85,13 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def gemv_splits(n: int, k: int, multiprocessors: int, unroll: int = 1) -> int:
-    """How many K splits the GEMV uses: enough blocks for ~4 per SM, each split at least one
-    pass of the warp (32 lanes x `unroll` chunks of 32 codes)."""
+def gemv_splits(n: int, k: int, multiprocessors: int) -> int:
+    """How many K splits the GEMV uses: enough blocks for ~4 per SM, each split ≥ 32 chunks."""
     blocks = -(-n // GEMV_ROWS_PER_BLOCK)
     target = 4 * multiprocessors
     if blocks >= target:
         return 1
-    return max(1, min(-(-target // blocks), (k // 32) // (32 * unroll), MAX_SPLITS))
+    return max(1, min(-(-target // blocks), (k // 32) // 32, MAX_SPLITS))
 
 
 # Below this many weight bytes per thread one thread is faster: starting threads costs more
@@ -179,7 +173,7 @@ def linear_cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_sim
     return out.to(x.dtype)
 
 
-def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None, unroll=None):
+def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
     from rgpt_rt import _C
 
     if not hasattr(_C, "int4_gemv_cuda"):
@@ -192,7 +186,7 @@ def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None, unroll=None)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         if bias is not None:
             bias = bias.to(x.dtype).contiguous()
-        if m > GEMV_CHUNKED_MAX_ROWS:  # prefill: dequantize into a workspace, then cuBLAS
+        if m > GEMV_MAX_ROWS:  # prefill: dequantize into a workspace, then cuBLAS
             weight = torch.empty(n, k, dtype=x.dtype, device=x.device)
             _C.int4_dequant_cuda(
                 qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), weight.data_ptr(),
@@ -200,25 +194,22 @@ def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None, unroll=None)
             )  # fmt: skip
             return torch.nn.functional.linear(x, weight, bias)
         x = aligned(x)
-        unroll = GEMV_UNROLL if unroll is None else unroll
         if splits is None:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = gemv_splits(n, k, sms, unroll)
+            splits = gemv_splits(
+                n, k, torch.cuda.get_device_properties(x.device).multi_processor_count
+            )
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        rows = min(m, GEMV_MAX_ROWS)
         partial = (
-            torch.empty(splits * rows * n, dtype=torch.float32, device=x.device)
+            torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
             if splits > 1
             else None
         )
-        for first in range(0, m, GEMV_MAX_ROWS):  # 8 rows a launch; x rows stay 16-byte aligned
-            chunk = min(GEMV_MAX_ROWS, m - first)
-            _C.int4_gemv_cuda(
-                x[first].data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                0 if bias is None else bias.data_ptr(), out[first].data_ptr(),
-                0 if partial is None else partial.data_ptr(),
-                chunk, n, k, group_size, splits, unroll, tag, stream,
-            )  # fmt: skip
+        _C.int4_gemv_cuda(
+            x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            0 if bias is None else bias.data_ptr(), out.data_ptr(),
+            0 if partial is None else partial.data_ptr(),
+            m, n, k, group_size, splits, tag, stream,
+        )  # fmt: skip
         return out
 
 
