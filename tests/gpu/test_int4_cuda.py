@@ -2,8 +2,8 @@
 rows) against the fp64 reference, exactness of the in-register dequantization, CUDA graphs.
 
 Tolerance (STYLE.md §4): max error against the fp64 reference at most 2× that of torch's own
-same-precision matmul of the dequantized weight on the same GPU. Written for a GPU session:
-nothing here has run yet (no GPU where it was written)."""
+same-precision matmul of the dequantized weight on the same GPU. All of it passed on an NVIDIA
+H200 (2026-11-27)."""
 
 import pytest
 import torch
