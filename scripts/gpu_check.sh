@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check: build with CUDA for this card only, run tests/gpu, run the GPU
-# benchmarks, run compute-sanitizer over the small mask pooling cases, and write a JSON
-# summary. Meant for a single device call:  DEADLINE=420 bash scripts/gpu_check.sh
+# benchmarks, run compute-sanitizer over small mask pooling and INT4 cases, and write a JSON
+# summary. Meant for a single device call (all steps: about 5 minutes on an H200):
+#   DEADLINE=420 bash scripts/gpu_check.sh
 #
 # Every step gets the smaller of its own limit and the time left before DEADLINE seconds
 # (default 400), and steps that no longer fit are skipped and reported, so the script ends
@@ -75,7 +76,7 @@ TAIL=30 run_step latency "benchmark latency (7B shape, random weights)" 150 "$LO
 # compute-sanitizer: memcheck over the small mask pooling cases with torch's caching allocator
 # off, so each tensor is its own allocation and a read past one is caught (graph capture needs
 # the cache: those tests are left out), then racecheck of its shared-memory reductions; then
-# memcheck of the INT4 GEMV where a thread's pass runs past its split or the row's end.
+# memcheck of the INT4 GEMV on split-K and tiny shapes (a split's last chunks, rows past N).
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [[ "$STEPS" == *" sanitizer"* ]] && [ ! -x "$SANITIZER" ]; then
   echo "compute-sanitizer not found: sanitizer runs skipped"; skipped+=(sanitizer); status=1
