@@ -65,6 +65,10 @@ BOX_RATE = 0.2
 NEGATIVE_RATE = 0.2  # referring expressions that fit none of the regions
 ABOVE_MARGIN = 0.12  # `above` is asked only when the centres differ by this much of the image
 TURN_COUNTS = (1, 2, 3)
+# A scene on which no task of a sample's list can be asked after this many tries is replaced
+# (e.g. two objects of one size for `larger`); after this many scenes the list is refused.
+TRIES_PER_SCENE = 100
+SCENES_PER_SAMPLE = 100
 TURN_WEIGHTS = (0.6, 0.3, 0.1)
 PAPER_PROMPT_RATE = 0.5  # how often a task is asked with the paper's own wording
 SIZE_RANK = {name: rank for rank, name in enumerate(SIZES)}
@@ -392,19 +396,42 @@ class ShapesWorld:
     ) -> RegionSample:
         """A training sample: 1 to 3 turns about one scene, of any task; or, for a curriculum,
         `turns` turns of the given `tasks` only."""
+        names = list(tasks or TASK_WEIGHTS)
+        unknown = [name for name in names if name not in TASKS]
+        if unknown:
+            raise ValueError(f"tasks {unknown} are unknown; use some of {TASKS}")
+        if turns is not None and turns > 1 and names == ["refer"]:
+            raise ValueError(
+                "refer is asked only as a sample's first question; "
+                "give other tasks for the later turns, or turns=1"
+            )
         rng = np.random.default_rng([self.seed, index])
         scene = self.scene(rng)
         turns_wanted = int(rng.choice(TURN_COUNTS, p=TURN_WEIGHTS)) if turns is None else turns
         regions = _Regions()
-        names = list(tasks or TASK_WEIGHTS)
         named = NAMED_TASK_WEIGHTS if tasks else {}
         weights = np.array([named.get(name, TASK_WEIGHTS[name]) for name in names])
         turns: list[Turn] = []
+        tries, scenes = 0, 1
         while len(turns) < turns_wanted:
             task = names[rng.choice(len(names), p=weights / weights.sum())]
             turn = _turn(task, scene, regions, rng, first=not turns)
             if turn is not None:
                 turns.append(turn)
+                continue
+            tries += 1
+            if tries == TRIES_PER_SCENE:  # none of `names` fits this scene: start on another
+                if scenes == SCENES_PER_SAMPLE:
+                    raise RuntimeError(
+                        f"no scene of {scenes} could be asked {turns_wanted} turn(s) of {names}"
+                    )
+                scene, regions, turns, tries, scenes = (
+                    self.scene(rng),
+                    _Regions(),
+                    [],
+                    0,
+                    scenes + 1,
+                )
         return self._finish(scene, regions, turns, rng)
 
     def task_sample(self, index: int, task: str) -> RegionSample:

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+import rgpt_rt.data.tasks as tasks_module
 from rgpt_rt.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES
 from rgpt_rt.data.tasks import TASK_WEIGHTS, TASKS, ShapesWorld, tokenizer_corpus
 from rgpt_rt.prompts import NO_MATCH_ANSWER, SYSTEM_PROMPT, Conversation, tokenize_conversation
@@ -158,6 +159,27 @@ def test_every_task_answer_follows_from_the_ground_truth(task):
         assert answers == {"yes", "no"}
     questions = {re.sub(r"<region\d+>|\"[^\"]*\"", "", s.turns[0].question) for s in samples}
     assert len(questions) >= 2, "the task is asked in more than one wording"
+
+
+def test_a_task_list_no_scene_can_take_moves_on_or_is_refused(monkeypatch):
+    # Referring by colour alone, or `larger`: a scene of objects alike in colour and size fits
+    # neither, and used to be retried for ever. Such a scene is now replaced.
+    monkeypatch.setattr(tasks_module, "EXPRESSION_KEYS", (("colour",),))
+    world = ShapesWorld(SIZE, seed=3)
+    seen = []
+    for index in range(60):
+        seen += check(world.sample(index, tasks=("refer", "larger"), turns=2))
+    assert set(seen) == {"refer", "larger"}
+    with pytest.raises(ValueError, match="refer is asked only as a sample's first question"):
+        world.sample(0, tasks=("refer",), turns=2)
+    with pytest.raises(ValueError, match="unknown"):
+        world.sample(0, tasks=("count",))
+    monkeypatch.setattr(tasks_module, "SCENES_PER_SAMPLE", 2)
+    monkeypatch.setattr(tasks_module, "ABOVE_MARGIN", 2.0)  # no two objects that far apart
+    with pytest.raises(
+        RuntimeError, match=r"no scene of 2 could be asked 1 turn\(s\) of \['above'\]"
+    ):
+        world.sample(0, tasks=("above",), turns=1)
 
 
 def test_some_regions_are_boxes():
