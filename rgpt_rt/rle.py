@@ -109,8 +109,9 @@ def decode_rle(rle: dict[str, Any], max_pixels: int | None = None) -> np.ndarray
     return np.ascontiguousarray(flat.reshape(width, height).T)
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """[h, w] mask (nonzero = inside) -> {"size": [h, w], "counts": compressed str}."""
+def encode_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
+    """[h, w] mask (nonzero = inside) -> {"size": [h, w], "counts": compressed str}, or the
+    list of run lengths when not `compressed`."""
     if mask.ndim != 2:
         raise ValueError(f"a mask is [H, W]; got shape {mask.shape}")
     flat = (np.asarray(mask) != 0).T.reshape(-1)  # column-major
@@ -119,4 +120,5 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     runs = np.diff(edges).tolist()
     if flat.size and flat[0]:
         runs = [0, *runs]  # the first run counts 0s
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": encode_counts(runs)}
+    counts = encode_counts(runs) if compressed else runs
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}

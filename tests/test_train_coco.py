@@ -10,8 +10,9 @@ from PIL import Image
 from tiny_llama_folder import write_tiny_llama
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from rgpt_rt.data.coco import SkippedAnnotations, encode_rle
+from rgpt_rt.data.coco import SkippedAnnotations
 from rgpt_rt.model import RGPT
+from rgpt_rt.rle import encode_rle
 from rgpt_rt.train import TrainConfig, train
 
 

@@ -2,7 +2,7 @@
 
     data = CocoRegions("instances.json", "images/", seed=0)
     sample = data.sample(index)          # one image, 1-5 of its regions, one task turn
-    mask = decode_rle(annotation["segmentation"])      # [H, W] bool
+    mask = decode_rle(annotation["segmentation"])      # [H, W] bool (rgpt_rt.rle)
 
 Annotations are read as instance masks from RLE (compressed string or uncompressed counts,
 column-major as COCO stores them), from polygons, or, when an annotation has no segmentation
@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from rgpt_rt.data.samples import RegionSample, Turn
 from rgpt_rt.inputs import box_to_mask, load_image
 from rgpt_rt.prompts import classify_prompt, describe_prompt, refer_answer, refer_prompt
-from rgpt_rt.rle import decode_counts, encode_counts
+from rgpt_rt.rle import decode_rle
 
 COCO_TASKS = ("classify", "brief", "refer")
 NEGATIVE_RATE = 0.2
@@ -38,39 +38,6 @@ NEGATIVE_RATE = 0.2
 
 class SkippedAnnotations(UserWarning):
     """Some annotations of a COCO-format file could not be used."""
-
-
-# --- RLE -----------------------------------------------------------------------------------------
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """{"size": [H, W], "counts": str | list[int]} -> [H, W] bool. Runs alternate between
-    background and mask, starting with background, over the pixels in column-major order."""
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    runs = decode_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if any(c < 0 for c in runs):
-        raise ValueError("RLE holds a negative run length")
-    if sum(runs) != height * width:
-        raise ValueError(f"RLE runs cover {sum(runs)} pixels but the mask has {height * width}")
-    values = np.repeat(np.arange(len(runs)) % 2 == 1, runs)  # [H * W], column-major
-    return values.reshape(width, height).T.copy()
-
-
-def encode_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
-    """[H, W] bool -> COCO RLE (the inverse of decode_rle)."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    edges = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(edges).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    return {
-        "size": [int(mask.shape[0]), int(mask.shape[1])],
-        "counts": encode_counts(runs) if compressed else runs,
-    }
 
 
 def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:

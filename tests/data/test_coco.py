@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rgpt_rt.data.coco import (
-    CocoRegions,
-    SkippedAnnotations,
-    decode_rle,
-    encode_rle,
-    load_coco,
-    polygons_to_mask,
-)
+from rgpt_rt.data.coco import CocoRegions, SkippedAnnotations, load_coco, polygons_to_mask
 from rgpt_rt.prompts import NO_MATCH_ANSWER
-from rgpt_rt.rle import decode_counts, encode_counts
+from rgpt_rt.rle import decode_counts, decode_rle, encode_counts, encode_rle
 
 
 def disc(height, width, cy, cx, r):
@@ -112,7 +105,9 @@ def test_rle_round_trips_and_reads_column_major():
 
 
 def test_bad_rle_says_what_is_wrong():
-    with pytest.raises(ValueError, match="cover 5 pixels but the mask has 6"):
+    with pytest.raises(
+        ValueError, match=r"cover 5 pixels but its size 2x3 \(height x width\) has 6"
+    ):
         decode_rle({"size": [2, 3], "counts": [2, 3]})
     with pytest.raises(ValueError, match="ends in the middle"):
         decode_counts("0o")
