@@ -7,8 +7,8 @@
 # Every step gets the smaller of its own limit and the time left before DEADLINE seconds
 # (default 400), and steps that no longer fit are skipped and reported, so the script ends
 # by itself (summary written) before the device call's own limit kills it. STEPS picks the
-# steps after the build (default: all of tests mask_pool int4 decoder latency sanitizer
-# sanitizer_int4). RUNS sets the decoder and latency benchmarks' timed runs.
+# steps after the build (default: all of tests latency decoder int4 mask_pool sanitizer
+# sanitizer_int4, run in that order). RUNS sets the decoder and latency benchmarks' timed runs.
 # Logs go to build/gpu_check; with $OUT set, $OUT receives summary.json and logs.tgz (two
 # files: a device call brings back at most eight).
 set -uo pipefail
@@ -18,7 +18,7 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-400}
-STEPS=" ${STEPS:-tests mask_pool int4 decoder latency sanitizer sanitizer_int4} "
+STEPS=" ${STEPS:-tests latency decoder int4 mask_pool sanitizer sanitizer_int4} "
 status=0
 started=$(date +%s)
 skipped=()
@@ -61,17 +61,17 @@ $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
 TAIL=30 run_step tests "tests/gpu" 200 "$LOGS/gpu_tests.log" \
   $PY -m pytest -q -rfE --tb=short -m gpu tests/gpu "${PER_TEST[@]}" --junitxml="$LOGS/gpu_tests.xml"
 
-# GPU benchmarks: each writes its JSON into the logs.
-TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
-  $PY benchmarks/mask_pool.py --device cuda --json "$LOGS/bench_mask_pool.json"
-TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
-  $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
-TAIL=45 run_step decoder "benchmark decoder (7B shape, random weights, INT4 and fp16)" 150 "$LOGS/bench_decoder.log" \
-  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --profile \
-  --json "$LOGS/bench_decoder.json"
+# GPU benchmarks, the Session's end to end first (each writes its JSON into the logs).
 TAIL=30 run_step latency "benchmark latency (7B shape, random weights)" 150 "$LOGS/bench_latency.log" \
   $PY benchmarks/latency.py --preset rgpt-7b --random-weights --device cuda --runs ${RUNS:-10} \
   --json "$LOGS/bench_latency.json"
+TAIL=45 run_step decoder "benchmark decoder (7B shape, random weights, INT4 and fp16)" 150 "$LOGS/bench_decoder.log" \
+  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --profile \
+  --json "$LOGS/bench_decoder.json"
+TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
+  $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
+TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
+  $PY benchmarks/mask_pool.py --device cuda --json "$LOGS/bench_mask_pool.json"
 
 # compute-sanitizer: memcheck over the small mask pooling cases with torch's caching allocator
 # off, so each tensor is its own allocation and a read past one is caught (graph capture needs
