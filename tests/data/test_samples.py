@@ -7,7 +7,7 @@ import torch
 
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.data.samples import RegionSample, Turn, collate, region_coverage
-from rgpt_rt.inputs import pad_mask
+from rgpt_rt.inputs import pad_image, pad_mask, square_padding
 from rgpt_rt.ops import mask_pool_reference
 from rgpt_rt.prompts import IGNORE_INDEX
 from rgpt_rt.tokenizer import default_tokenizer
@@ -81,3 +81,17 @@ def test_a_sample_without_masks_is_refused():
     empty = RegionSample(np.zeros((8, 8, 3), np.uint8), [], [Turn("Hi", "there", "x")])
     with pytest.raises(ValueError, match="sample 0 has no region masks"):
         collate([empty], config, default_tokenizer(), 0)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (4, 7), (7, 4), (1, 6), (6, 1), (3, 8)])
+def test_pad_image_centres_the_image_on_the_fill_colour(shape):
+    height, width = shape
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    fill = (0.48, 0.46, 0.41)
+    out = pad_image(image, fill)
+    side = max(shape)
+    top, left = square_padding(height, width)
+    expected = np.empty((side, side, 3), dtype=np.uint8)
+    expected[:] = [round(255 * f) for f in fill]
+    expected[top : top + height, left : left + width] = image
+    assert out.shape == (side, side, 3) and np.array_equal(out, expected)
