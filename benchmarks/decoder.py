@@ -139,6 +139,17 @@ def profile_decoder(decoder: LlamaDecoder, prompt: torch.Tensor) -> dict:
     return {"decode_step": step, "prefill": profile_kernels(prefill, 2)}
 
 
+def print_profile(profiles: dict) -> None:
+    for name, profile in profiles.items():
+        print(
+            f"\n{name} (eager, batch 1): {profile['kernel_us']:.0f} µs in kernels, "
+            f"{profile['launches']:.0f} launches"
+        )
+        print("| kernel | µs | launches |\n|---|---:|---:|")
+        for row in profile["top"]:
+            print(f"| {row['kernel']} | {row['us']:.1f} | {row['count']:.0f} |")
+
+
 def transformers_side(model, prompt: torch.Tensor, new_tokens: int) -> tuple:
     """The same for transformers: a forward with use_cache as prefill, generate as generate."""
     B, T = prompt.shape
@@ -331,16 +342,8 @@ def main() -> None:
         except Exception as error:  # the timings above still stand and are written
             results["profile"] = {"error": repr(error)}
             print(f"\nprofile failed: {error!r}")
-        for name, profile in results["profile"].items():
-            if name == "error":
-                continue
-            print(
-                f"\n{name} (eager, batch 1): {profile['kernel_us']:.0f} µs in kernels, "
-                f"{profile['launches']:.0f} launches"
-            )
-            print("| kernel | µs | launches |\n|---|---:|---:|")
-            for row in profile["top"]:
-                print(f"| {row['kernel']} | {row['us']:.1f} | {row['count']:.0f} |")
+        else:
+            print_profile(results["profile"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -17,6 +17,7 @@ one weight (L2-warm where it fits).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -58,14 +59,8 @@ def copies_past_l2(make, nbytes: int, device: str, most: int = 16) -> list:
 
 def cycling(fn, items: list):
     """A callable that calls fn(item) for the next item of `items` each time."""
-    state = {"i": 0}
-
-    def call():
-        item = items[state["i"] % len(items)]
-        state["i"] += 1
-        return fn(item)
-
-    return call
+    items = itertools.cycle(items)
+    return lambda: fn(next(items))
 
 
 def time_cpu(fn, min_seconds: float = 0.3, max_reps: int = 50) -> float:
@@ -201,7 +196,7 @@ def main() -> None:
         "| shape (K→N) | M | ours µs | % floor | dense µs | % floor | torch int4 µs | % floor |"
     )
     print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print("|" + "---|" * 8)
     results = []
     for name, (k, n) in shapes:
         weights = copies_past_l2(partial(random_int4, n, k, device), n * k // 2, device)

@@ -254,8 +254,6 @@ def read_out_connector(model, heads, batch) -> None:
     With a random connector the LLM read what varies most first (colour) and then ignored the
     rest: a new LLM named colours right and every shape "hexagon" after 700 steps of mixed
     single-region questions; a phase of shape names alone taught shapes and lost colours."""
-    from rgpt_rt.ops import mask_pool_reference
-
     weight = torch.cat([head.weight for head in heads.heads.values()])  # [K, C]
     fc1, fc2 = model.connector.fc1, model.connector.fc2
     count = weight.shape[0]
@@ -263,9 +261,7 @@ def read_out_connector(model, heads, batch) -> None:
         raise ValueError(f"the readout has {count} classes, more than the connector's width")
     batch = batch.to(model._device())
     _, hires = model.encode_image(batch.pixel_values)
-    pooled = mask_pool_reference(
-        hires, batch.masks, batch.batch_index, mode=model.config.pool_mode
-    )  # [N, C]
+    pooled = model.pool_regions(hires, batch.masks, batch.batch_index)  # [N, C]
     scale = 1.0 / (pooled.float() @ weight.T.float()).std().clamp_min(1e-6)
     fc1.weight[:count] = (weight * scale).to(fc1.weight.dtype)
     fc1.bias[:count] = 0.0

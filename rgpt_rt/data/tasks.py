@@ -379,6 +379,24 @@ def _region_masks(
     return masks, boxes
 
 
+def _ask(
+    scene: Scene, names: list[str], weights: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[_Regions, list[Turn]] | None:
+    """`count` turns about `scene`, each of a task drawn from `names` by `weights`; None once
+    TRIES_PER_SCENE draws could not be asked."""
+    regions, turns, failures = _Regions(), [], 0
+    while len(turns) < count:
+        if failures == TRIES_PER_SCENE:
+            return None
+        task = names[rng.choice(len(names), p=weights)]
+        turn = _turn(task, scene, regions, rng, first=not turns)
+        if turn is None:
+            failures += 1
+        else:
+            turns.append(turn)
+    return regions, turns
+
+
 @dataclass
 class ShapesWorld:
     """Samples of the shapes world. Sample `index` depends only on (seed, index), so a
@@ -408,31 +426,15 @@ class ShapesWorld:
         rng = np.random.default_rng([self.seed, index])
         scene = self.scene(rng)
         turns_wanted = int(rng.choice(TURN_COUNTS, p=TURN_WEIGHTS)) if turns is None else turns
-        regions = _Regions()
         named = NAMED_TASK_WEIGHTS if tasks else {}
         weights = np.array([named.get(name, TASK_WEIGHTS[name]) for name in names])
-        turns: list[Turn] = []
-        tries, scenes = 0, 1
-        while len(turns) < turns_wanted:
-            task = names[rng.choice(len(names), p=weights / weights.sum())]
-            turn = _turn(task, scene, regions, rng, first=not turns)
-            if turn is not None:
-                turns.append(turn)
-                continue
-            tries += 1
-            if tries == TRIES_PER_SCENE:  # none of `names` fits this scene: start on another
-                if scenes == SCENES_PER_SAMPLE:
-                    raise RuntimeError(
-                        f"no scene of {scenes} could be asked {turns_wanted} turn(s) of {names}"
-                    )
-                scene, regions, turns, tries, scenes = (
-                    self.scene(rng),
-                    _Regions(),
-                    [],
-                    0,
-                    scenes + 1,
-                )
-        return self._finish(scene, regions, turns, rng)
+        for scenes in range(1, SCENES_PER_SAMPLE + 1):
+            asked = _ask(scene, names, weights / weights.sum(), turns_wanted, rng)
+            if asked is not None:
+                return self._finish(scene, *asked, rng)
+            if scenes < SCENES_PER_SAMPLE:  # none of `names` fits this scene: another one
+                scene = self.scene(rng)
+        raise RuntimeError(f"no scene of {scenes} could be asked {turns_wanted} turn(s) of {names}")
 
     def task_sample(self, index: int, task: str) -> RegionSample:
         """One turn of `task` (evaluation)."""

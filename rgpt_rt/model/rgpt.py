@@ -115,15 +115,18 @@ class RGPT(nn.Module):
         merged = patch_merge(hires, self.config.vision.grid)  # [B, g*g, C]
         return self.connector(merged), hires
 
-    def encode_regions(
+    def pool_regions(
         self, hires: torch.Tensor, masks: torch.Tensor, batch_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """hires [B, 4g, 4g, C], masks [N, Hm, Wm] (any size; same field of view as the padded
-        image), batch_index [N] -> region embeddings [N, D]."""
-        pooled = mask_pool_reference(
-            hires, masks, batch_index, mode=self.config.pool_mode
-        )  # [N, C]
-        return self.connector(pooled)
+        image), batch_index [N] -> pooled region features [N, C] (before the connector)."""
+        return mask_pool_reference(hires, masks, batch_index, mode=self.config.pool_mode)
+
+    def encode_regions(
+        self, hires: torch.Tensor, masks: torch.Tensor, batch_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As pool_regions, then the connector -> region embeddings [N, D]."""
+        return self.connector(self.pool_regions(hires, masks, batch_index))
 
     def build_inputs_embeds(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor, region_embeds: torch.Tensor
