@@ -21,7 +21,13 @@ gives its new vision tower a position embedding that the patch content does not 
 
 A model from scratch needs two things a pretrained LLM brings (both measured on the shapes
 world, see CURRICULUM and centre_connector): a connector whose outputs are not one shared
-vector, and a first phase of questions that only the region token can answer.
+vector, and a first phase of questions that only the region token can answer. A curriculum is
+a list of phases, each asking one question per sample of its tasks, up to the step where it
+ends (--curriculum), then every task: --phases names a run's own (default CURRICULUM), e.g. a
+fine-tune from a checkpoint that teaches matching one region first, then referring:
+
+    python -m rgpt_rt.train --out runs/refer --init runs/tiny/final --freeze-vision \
+        --phases match,colour/refer,match,colour --curriculum 1000,3000 --steps 4000
 
 out/ holds: log.jsonl (loss, lr, samples/s; evaluations), checkpoints/, final/ (the model).
 """
@@ -45,7 +51,7 @@ from tqdm import tqdm
 from rgpt_rt.atomic import atomic_directory
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.data.samples import Batch, RegionSample, collate
-from rgpt_rt.data.tasks import ShapesWorld, tokenizer_corpus
+from rgpt_rt.data.tasks import TASKS, ShapesWorld, tokenizer_corpus
 from rgpt_rt.prefetch import prefetched
 from rgpt_rt.tokenizer import train_tokenizer
 
@@ -95,7 +101,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     vision_lr_scale: float = 1.0
-    curriculum: tuple[int, ...] = ()  # where each CURRICULUM phase ends (shapes world only)
+    curriculum: tuple[int, ...] = ()  # where each phase ends (shapes world only)
+    phases: tuple[tuple[str, ...], ...] = CURRICULUM  # the tasks of each curriculum phase
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.05
@@ -137,11 +144,16 @@ class TrainConfig:
         need(self.checkpoint_every > 0, "checkpoint_every must be > 0")
         need(self.keep_checkpoints > 0, "keep_checkpoints must be > 0")
         self.curriculum = tuple(self.curriculum)
+        self.phases = tuple(tuple(phase) for phase in self.phases)
         need(
-            len(self.curriculum) <= len(CURRICULUM)
+            len(self.curriculum) <= len(self.phases)
             and list(self.curriculum) == sorted(self.curriculum),
-            f"curriculum takes up to {len(CURRICULUM)} increasing steps; got {self.curriculum}",
+            f"curriculum takes up to {len(self.phases)} increasing steps (one per phase); "
+            f"got {self.curriculum}",
         )
+        unknown = sorted({t for phase in self.phases for t in phase if t not in TASKS})
+        need(not unknown, f"phases name unknown tasks {unknown}; use some of {TASKS}")
+        need(all(self.phases), "every phase needs at least one task")
         need(
             (self.clip is None) == (self.llm is None),
             "give --clip and --llm together (the two folders RGPT.from_components reads)",
@@ -339,7 +351,7 @@ class DataSource:
     def sample(self, index: int, step: int) -> RegionSample:
         if self.world is None:
             return self.coco.sample(index)
-        for end, tasks in zip(self.cfg.curriculum, CURRICULUM):
+        for end, tasks in zip(self.cfg.curriculum, self.cfg.phases):
             if step < end:
                 return self.world.sample(index, tasks=tasks, turns=1)
         return self.world.sample(index)
@@ -589,6 +601,13 @@ def _evaluate(model, samples: list[RegionSample], out: Path, step: int, bar) -> 
 # --- command line ------------------------------------------------------------------------------
 
 
+def parse_phases(text: str) -> tuple[tuple[str, ...], ...]:
+    """'match,colour/refer,match' -> (("match", "colour"), ("refer", "match"))."""
+    return tuple(
+        tuple(t.strip() for t in phase.split(",") if t.strip()) for phase in text.split("/")
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig(out="")
     parser.add_argument("--out", required=True, help="the run's folder (checkpoints, log, final)")
@@ -641,6 +660,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps where the curriculum phases end, e.g. 500,1000 (see CURRICULUM)",
     )
     run.add_argument(
+        "--phases",
+        type=parse_phases,
+        default=CURRICULUM,
+        help="the tasks of each phase, phases split by '/': e.g. match,colour/refer,match "
+        "(default: CURRICULUM, for a model trained from scratch)",
+    )
+    run.add_argument(
         "--vision-pos-init-std",
         type=float,
         help="re-initialise a new vision tower's position embedding with this std (e.g. 1.0)",
@@ -674,12 +700,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rgpt_rt.train", description=__doc__.split("\n")[0]
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from rgpt_rt.train import (
     DataSource,
     TrainConfig,
     TrainingDiverged,
+    build_parser,
     complete_checkpoints,
+    config_from_args,
     lr_at,
     main,
     train,
@@ -135,6 +137,9 @@ def test_warm_up_then_cosine_down_to_the_floor():
         (dict(coco="x.json"), "give --coco and --coco-images together"),
         (dict(init="ckpt", clip="c", llm="l"), "either --init"),
         (dict(steps=0), "steps must be positive"),
+        (dict(phases=(("colour",), ("refer", "rhyme"))), r"unknown tasks \['rhyme'\]"),
+        (dict(phases=(("colour",), ())), "every phase needs at least one task"),
+        (dict(phases=(("colour",),), curriculum=(2, 4)), "curriculum takes up to 1 increasing"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(kwargs, message):
@@ -161,3 +166,18 @@ def test_the_curriculum_asks_about_one_region_first():
         ValueError, match=f"curriculum takes up to {len(CURRICULUM)} increasing steps"
     ):
         TrainConfig(out="x", curriculum=(5, 3))
+
+
+def test_a_run_can_name_its_own_phases():
+    """A fine-tune's curriculum: `--phases match,colour/refer,match --curriculum 2,4`."""
+    args = build_parser().parse_args(
+        ["--out", "x", "--phases", "match, colour/refer,match", "--curriculum", "2,4"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.phases == (("match", "colour"), ("refer", "match"))
+    model = SimpleNamespace(config=RGPTConfig.from_preset("tiny"))
+    data = DataSource(cfg, model)
+    first = {s.task for step in range(2) for s in data.micro_batch(step, 0)}
+    second = {s.task for step in range(2, 4) for s in data.micro_batch(step, 0)}
+    assert first == {"match", "colour"} and second == {"refer", "match"}
+    assert config_from_args(build_parser().parse_args(["--out", "x"])).phases == CURRICULUM

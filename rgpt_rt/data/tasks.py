@@ -13,6 +13,9 @@ Tasks (TASKS), each asked with the paper's prompt or a paraphrase:
     above      Is <region1> above <region2>?                     "yes" / "no"
     larger     Which is larger, <region1> or <region2>?          "Region [1]"
     position   Where is <region1> in the image?                  "top right" (curriculum only)
+    match      Is <region1> "the red circle"?                    "yes" / "no" (curriculum only)
+    match_colour, match_shape, match_size, match_position: the same, the phrase naming one
+               attribute: "the red one", "the star", "the large one", "the shape at the top"
 Regions are given as masks, and sometimes (BOX_RATE) as boxes: rectangle masks around the
 object's visible pixels, used only where the object fills most of the objects in its box.
 """
@@ -46,7 +49,22 @@ from rgpt_rt.prompts import (
     region_list,
 )
 
-TASKS = ("classify", "brief", "detailed", "refer", "colour", "above", "larger", "position")
+# (new tasks go last: a task's held-out samples are drawn from its index in TASKS)
+TASKS = (
+    "classify",
+    "brief",
+    "detailed",
+    "refer",
+    "colour",
+    "above",
+    "larger",
+    "position",
+    "match",
+    "match_colour",
+    "match_shape",
+    "match_size",
+    "match_position",
+)
 TASK_WEIGHTS = {
     "classify": 0.14,
     "brief": 0.1,
@@ -58,11 +76,26 @@ TASK_WEIGHTS = {
     # "Where is <region1>?" -> "top right": asked only where a curriculum phase names it (a
     # weight of 0 leaves the mixed samples of the other tasks exactly as they were)
     "position": 0.0,
+    # 'Is <region1> "the red circle"?' -> "yes": one region against a referring phrase, the
+    # step a model has to learn before it can pick the one of several regions that fits
+    "match": 0.0,
+    # its first steps: phrases of one attribute ("the red one", "the star", "the large one",
+    # "the shape at the top")
+    "match_colour": 0.0,
+    "match_shape": 0.0,
+    "match_size": 0.0,
+    "match_position": 0.0,
 }
-NAMED_TASK_WEIGHTS = {"position": 0.2}  # the weight of such a task where it is named
+# a task's weight where a curriculum phase names it
+NAMED_TASK_WEIGHTS = {
+    "position": 0.2,
+    "match": 0.3,
+    **dict.fromkeys(("match_colour", "match_shape", "match_size", "match_position"), 0.15),
+}
 VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape category names."
 BOX_RATE = 0.2
 NEGATIVE_RATE = 0.2  # referring expressions that fit none of the regions
+MATCH_RATE = 0.5  # match questions whose phrase fits the region
 ABOVE_MARGIN = 0.12  # `above` is asked only when the centres differ by this much of the image
 TURN_COUNTS = (1, 2, 3)
 # A scene on which no task of a sample's list can be asked after this many tries is replaced
@@ -129,6 +162,11 @@ LARGER_QUESTIONS = (
 REFER_PARAPHRASES = (
     'Which of {regions} is "{expression}"? Answer with Region [x].',
     'Among {regions}, find "{expression}". Answer the question using the template Region [x].',
+)
+MATCH_QUESTIONS = (
+    'Is {r} "{expression}"? Answer yes or no.',
+    'Does "{expression}" describe {r}? Answer yes or no.',
+    "Is {r} {expression}? Answer yes or no.",
 )
 NOUNS = ("shape", "object", "one")
 
@@ -204,6 +242,17 @@ EXPRESSION_KEYS = (
 )
 
 
+# The attribute sets of each match task's phrases: a phrase of one attribute first (a model
+# learns to match "the red one" long before "the large red circle at the top", MODEL_CARD.md).
+MATCH_KEYS = {
+    "match": EXPRESSION_KEYS,
+    "match_colour": (("colour",),),
+    "match_shape": (("shape",),),
+    "match_size": (("size",),),
+    "match_position": (("position",),),
+}
+
+
 def matches(obj: ShapeObject, values: dict[str, str]) -> bool:
     attributes = _attributes(obj)
     return all(attributes[key] == value for key, value in values.items())
@@ -226,17 +275,21 @@ def absent_description(
 ) -> dict[str, str] | None:
     """Attribute values that fit no candidate: one candidate's description with one value
     changed (a near miss), or None when no attempt succeeds."""
-    choices = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS}
     for _attempt in range(20):
         base = candidates[rng.integers(len(candidates))]
         keys = EXPRESSION_KEYS[rng.integers(len(EXPRESSION_KEYS))]
-        values = {key: _attributes(base)[key] for key in keys}
-        changed = keys[rng.integers(len(keys))]
-        options = [v for v in choices[changed] if v != values[changed]]
-        values[changed] = options[rng.integers(len(options))]
+        values = near_miss({key: _attributes(base)[key] for key in keys}, rng)
         if not any(matches(c, values) for c in candidates):
             return values
     return None
+
+
+def near_miss(values: dict[str, str], rng: np.random.Generator) -> dict[str, str]:
+    """`values` with one of them (drawn at random) changed to another value of its attribute."""
+    choices = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS}
+    changed = tuple(values)[rng.integers(len(values))]
+    options = [v for v in choices[changed] if v != values[changed]]
+    return {**values, changed: options[rng.integers(len(options))]}
 
 
 # --- questions ---------------------------------------------------------------------------------
@@ -278,6 +331,8 @@ def _turn(
         if not first:
             return None
         return _refer_turn(scene, regions, rng)
+    if task in MATCH_KEYS:
+        return _match_turn(task, scene, regions, rng)
     if task in ("classify", "brief", "detailed", "colour", "position"):
         index = int(rng.integers(count))
         obj = objects[index]
@@ -354,6 +409,21 @@ def _refer_turn(scene: Scene, regions: _Regions, rng: np.random.Generator) -> Tu
         )
     truth = {"objects": picked, "target": target, "values": values}
     return Turn(question, refer_answer(target), "refer", truth)
+
+
+def _match_turn(task: str, scene: Scene, regions: _Regions, rng: np.random.Generator) -> Turn:
+    """'Is <region1> "the large red circle"?' about one object: its own description (MATCH_RATE
+    of the time) or a near miss of it, naming the attributes of one of MATCH_KEYS[task]."""
+    index = int(rng.integers(len(scene.objects)))
+    keys = MATCH_KEYS[task][rng.integers(len(MATCH_KEYS[task]))]
+    values = {key: _attributes(scene.objects[index])[key] for key in keys}
+    fits = bool(rng.random() < MATCH_RATE)
+    if not fits:
+        values = near_miss(values, rng)
+    expression = expression_text(values, rng)
+    question = _pick(rng, MATCH_QUESTIONS).format(r=regions.name(index), expression=expression)
+    truth = {"object": index, "values": values}
+    return Turn(question, "yes" if fits else "no", task, truth)
 
 
 # --- samples -----------------------------------------------------------------------------------

@@ -85,6 +85,12 @@ def fits(obj, values):
 def oracle(question, objects, scene):
     """The answer the ground truth gives to `question` (objects[k] is mask k + 1's object)."""
     numbers = region_numbers(question)
+    if question.endswith("Answer yes or no.") and len(numbers) == 1:  # one region, a phrase
+        quoted = re.search(r'"([^"]*)"', question)
+        expression = quoted.group(1) if quoted else re.search(r"<region\d+> (.*)\?", question)[1]
+        values = phrase_values(expression)
+        assert values, f"the phrase {expression!r} names something"
+        return "yes" if fits(objects[numbers[0] - 1], values) else "no"
     if '"' in question:  # referring
         expression = question.split('"')[1]
         values = phrase_values(expression)
@@ -155,7 +161,7 @@ def test_every_task_answer_follows_from_the_ground_truth(task):
     if task == "refer":
         assert NO_MATCH_ANSWER in answers and len(answers) >= 3, "positives and negatives"
         assert any(len(s.masks) == 5 for s in samples) and any(len(s.masks) == 2 for s in samples)
-    if task == "above":
+    if task == "above" or task.startswith("match"):
         assert answers == {"yes", "no"}
     questions = {re.sub(r"<region\d+>|\"[^\"]*\"", "", s.turns[0].question) for s in samples}
     assert len(questions) >= 2, "the task is asked in more than one wording"
