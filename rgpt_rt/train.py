@@ -24,10 +24,10 @@ world, see CURRICULUM and centre_connector): a connector whose outputs are not o
 vector, and a first phase of questions that only the region token can answer. A curriculum is
 a list of phases, each asking one question per sample of its tasks, up to the step where it
 ends (--curriculum), then every task: --phases names a run's own (default CURRICULUM), e.g. a
-fine-tune from a checkpoint that teaches matching one region first, then referring:
+fine-tune from a checkpoint on matching a region's colour against a phrase (MODEL_CARD.md):
 
-    python -m rgpt_rt.train --out runs/refer --init runs/tiny/final --freeze-vision \
-        --phases match,colour/refer,match,colour --curriculum 1000,3000 --steps 4000
+    python -m rgpt_rt.train --out runs/match --init runs/tiny/final --freeze-vision \
+        --phases match_colour,colour --curriculum 1000 --steps 1000
 
 out/ holds: log.jsonl (loss, lr, samples/s; evaluations), checkpoints/, final/ (the model).
 """

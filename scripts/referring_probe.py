@@ -1,79 +1,121 @@
-"""The referring probes of 2026-11-27 (rgpt_rt/assets/MODEL_CARD.md), as one script: train a
-model a few hundred steps on a phase of chosen questions and print the held-out accuracy.
-It patches the shapes world for the run only (nothing in the package changes):
+"""Referring probes (rgpt_rt/assets/MODEL_CARD.md): train a model a few hundred steps on one
+curriculum phase of chosen tasks and print the held-out accuracy. With --colour-only it patches
+the shapes world for its run only (nothing in the package changes): referring phrases name only
+the colour ("the red one") and none is a no-match negative. With --scaffold it replaces the
+run's data with matching one attribute taught through the model's own answer: half the
+samples ask e.g. 'What shape is <region1>?' -> "cross" first and then 'Is <region1> the star?
+Answer yes or no.' -> "no" about the same region, a quarter the match question alone (what
+the evaluation asks), a quarter the first question alone.
 
-    --colour-only   referring phrases name only the colour ("the red one"), no negatives
-    --tasks         the questions of the run's one curriculum phase, e.g. refer,fits,colour
-    fits            a per-region match question this script adds:
-                    'Is <region1> "the red one"? Answer yes or no.' (half of them true)
+    --scaffold     shape, position, size or colour, or several: shape,position,colour
+    --tasks        the tasks of the run's one phase, e.g. refer,match_colour,colour
+                   (match_colour: 'Is <region1> "the red one"? Answer yes or no.', a task of
+                   the package, asked only where a phase names it)
 
-What worked, in two runs (about 6 minutes each on 2 cores):
+The runs that worked on 2026-11-27 (about 6-7 minutes each on 2 cores):
 
-    python scripts/referring_probe.py --out /tmp/p1 --init runs/d/final --colour-only \\
-        --tasks fits,colour --steps 1000                  # fits 97-100%, colour 98-100%
+    python scripts/referring_probe.py --out /tmp/p1 --init runs/d/final \\
+        --tasks match_colour,colour --steps 1000              # match_colour 98% at 500, 100%
     python scripts/referring_probe.py --out /tmp/p2 --init /tmp/p1/final --colour-only \\
-        --tasks refer,fits,colour --steps 1000            # refer 72% at 500, 62.5% at 1000
+        --tasks refer,match_colour,colour --steps 1000        # refer (colour only) 62-72%
 
-Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, lr 5e-4, 2
-threads, one data worker, evaluation every half run on 64 samples per task)."""
+    python scripts/referring_probe.py --out /tmp/p3 --init runs/d/final --scaffold shape \\
+        --steps 1000 --data-workers 0                         # match_shape 56% at 500, 81%
+    python scripts/referring_probe.py --out /tmp/p4 --init /tmp/p3/final --scaffold shape \
+        --steps 1000 --data-workers 0 --seed 3                # match_shape 86%, 94%
+    python scripts/referring_probe.py --out /tmp/p5 --init runs/d/final --scaffold position \
+        --steps 1000 --data-workers 0                         # match_position 73%, 92%
+
+Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2, lr 5e-4,
+2 threads, one data worker, evaluation every half run on 64 samples per task)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+import numpy as np
+
 import rgpt_rt.data.tasks as tasks
 import rgpt_rt.train as train
-
-FITS_RATE = 0.5  # share of per-region questions whose phrase fits the region
-FITS_WEIGHT = 0.3  # its sampling weight beside TASK_WEIGHTS' (refer: 0.26)
+from rgpt_rt.data.samples import RegionSample, Turn
 
 
-def fits_turn(scene, regions, rng):
-    """'Is <regionK> "the red one"? Answer yes or no.' about one object, by its colour."""
-    index = int(rng.integers(len(scene.objects)))
-    colour = scene.objects[index].colour
-    fits = rng.random() < FITS_RATE
-    if not fits:
-        others = [c for c in tasks.COLOURS if c != colour]
-        colour = others[int(rng.integers(len(others)))]
-    phrase = tasks.expression_text({"colour": colour}, rng)
-    question = f'Is {regions.name(index)} "{phrase}"? Answer yes or no.'
-    return tasks.Turn(question, "yes" if fits else "no", "fits", {"object": index})
-
-
-def patch_world(colour_only: bool, phase: tuple[str, ...]) -> None:
+def patch_world(colour_only: bool) -> None:
     """Runs at import in data workers too (they re-import this script), so call it at top level."""
     if colour_only:
         tasks.EXPRESSION_KEYS = (("colour",),)
         tasks.NEGATIVE_RATE = 0.0
-    tasks.TASKS = (*tasks.TASKS, "fits")
-    tasks.TASK_WEIGHTS["fits"] = FITS_WEIGHT
-    plain_turn = tasks._turn
-    tasks._turn = lambda task, scene, regions, rng, first: (
-        fits_turn(scene, regions, rng)
-        if task == "fits"
-        else plain_turn(task, scene, regions, rng, first)
-    )
-    train.CURRICULUM = (*train.CURRICULUM[:4], phase)
+
+
+# attribute -> (the question that reads it out, its match task, its wordings, its answer)
+SCAFFOLDS = {
+    "shape": ("classify", "match_shape", tasks.CLASSIFY_PARAPHRASES, lambda o: o.shape),
+    "colour": ("colour", "match_colour", tasks.COLOUR_QUESTIONS, lambda o: o.colour),
+    "position": ("position", "match_position", tasks.POSITION_QUESTIONS, lambda o: o.position),
+    "size": ("brief", "match_size", tasks.BRIEF_PARAPHRASES, tasks.brief_answer),
+}
+
+
+def scaffold_sample(world: tasks.ShapesWorld, index: int, attribute: str) -> RegionSample:
+    """A quarter: the question that reads `attribute` out; a quarter: its match question; a
+    half: the first, then the second about the same region."""
+    readout, match_task, wordings, answer = SCAFFOLDS[attribute]
+    rng = np.random.default_rng([world.seed, 99, index])
+    scene, regions = world.scene(rng), tasks._Regions()
+    draw = rng.random()
+    if draw < 0.25:
+        turn = tasks._turn(readout, scene, regions, rng, first=True)
+        return world._finish(scene, regions, [turn], rng)
+    match = tasks._match_turn(match_task, scene, regions, rng)
+    if draw < 0.5:
+        return world._finish(scene, regions, [match], rng)
+    obj = scene.objects[match.truth["object"]]
+    question = tasks._pick(rng, wordings).format(r="<region1>")
+    first = Turn(question, answer(obj), readout, {"object": match.truth["object"]})
+    return world._finish(scene, regions, [first, match], rng)
+
+
+def patch_data(attributes: str | None) -> None:
+    """Scaffold samples of one attribute, or of several ("shape,position"): one drawn per
+    sample from its own stream, so that each attribute's samples stay those of its own run."""
+    if not attributes:
+        return
+    names = attributes.split(",")
+    unknown = [name for name in names if name not in SCAFFOLDS]
+    if unknown:
+        raise SystemExit(f"--scaffold takes some of {sorted(SCAFFOLDS)}; got {unknown}")
+
+    def sample(self, index: int, step: int) -> RegionSample:
+        pick = np.random.default_rng([self.world.seed, 98, index]).integers(len(names))
+        return scaffold_sample(self.world, index, names[pick])
+
+    train.DataSource.sample = sample
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="refer,fits,colour")
+    parser.add_argument("--tasks", default="refer,match_colour,colour")
     parser.add_argument("--colour-only", action="store_true")
+    parser.add_argument(
+        "--scaffold", help=f"one or more of {sorted(SCAFFOLDS)}, e.g. shape,position"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
 
 ARGS, REST = parse(sys.argv[1:])
-patch_world(ARGS.colour_only, tuple(ARGS.tasks.split(",")))
+patch_world(ARGS.colour_only)
+patch_data(ARGS.scaffold)
+if ARGS.scaffold:  # what the run's config records of the scaffold's data
+    ARGS.tasks = ",".join(t for name in ARGS.scaffold.split(",") for t in SCAFFOLDS[name][:2])
 
 if __name__ == "__main__":
-    defaults = {"--freeze-vision": None, "--lr": "5e-4", "--warmup-steps": "50",
+    defaults = {"--freeze-vision": None, "--seed": "2", "--lr": "5e-4", "--warmup-steps": "50",
                 "--eval-per-task": "64", "--threads": "2", "--data-workers": "1"}  # fmt: skip
-    command = [*REST, "--steps", str(ARGS.steps), "--curriculum", f"0,0,0,0,{ARGS.steps}"]
-    command += ["--eval-every", str(max(1, ARGS.steps // 2)), "--no-progress"]
+    command = [*REST, "--steps", str(ARGS.steps), "--phases", ARGS.tasks]
+    command += ["--curriculum", str(ARGS.steps), "--eval-every", str(max(1, ARGS.steps // 2))]
+    command += ["--no-progress"]
     if "--train-vision" in REST:
         defaults.pop("--freeze-vision")
     for flag, value in defaults.items():

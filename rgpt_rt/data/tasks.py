@@ -76,8 +76,8 @@ TASK_WEIGHTS = {
     # "Where is <region1>?" -> "top right": asked only where a curriculum phase names it (a
     # weight of 0 leaves the mixed samples of the other tasks exactly as they were)
     "position": 0.0,
-    # 'Is <region1> "the red circle"?' -> "yes": one region against a referring phrase, the
-    # step a model has to learn before it can pick the one of several regions that fits
+    # 'Is <region1> "the red circle"?' -> "yes": one region against a referring phrase, a step
+    # toward picking the one of several regions that fits (MODEL_CARD.md)
     "match": 0.0,
     # its first steps: phrases of one attribute ("the red one", "the star", "the large one",
     # "the shape at the top")
