@@ -18,12 +18,13 @@ The runs that worked on 2026-11-27 (about 6-7 minutes each on 2 cores):
         --tasks match_colour,colour --steps 1000              # match_colour 98% at 500, 100%
     python scripts/referring_probe.py --out /tmp/p2 --init /tmp/p1/final --colour-only \\
         --tasks refer,match_colour,colour --steps 1000        # refer (colour only) 62-72%
+    (the second was measured with an earlier match question of one wording, not rerun since)
 
     python scripts/referring_probe.py --out /tmp/p3 --init runs/d/final --scaffold shape \\
         --steps 1000 --data-workers 0                         # match_shape 56% at 500, 81%
-    python scripts/referring_probe.py --out /tmp/p4 --init /tmp/p3/final --scaffold shape \
+    python scripts/referring_probe.py --out /tmp/p4 --init /tmp/p3/final --scaffold shape \\
         --steps 1000 --data-workers 0 --seed 3                # match_shape 86%, 94%
-    python scripts/referring_probe.py --out /tmp/p5 --init runs/d/final --scaffold position \
+    python scripts/referring_probe.py --out /tmp/p5 --init runs/d/final --scaffold position \\
         --steps 1000 --data-workers 0                         # match_position 73%, 92%
 
 Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2, lr 5e-4,
