@@ -3,6 +3,7 @@
     python -m rgpt_rt.eval                      # the embedded default model, 200 samples per task
     python -m rgpt_rt.eval --quick              # 24 per task (what `make test` runs)
     python -m rgpt_rt.eval --checkpoint runs/tiny/final --json metrics.json
+    python -m rgpt_rt.eval --tasks refer,match_shape     # only these tasks
 
 Answers are greedy. They come from `answer_batch`, which runs transformers' generation on
 several left-padded prompts at once; for each prompt that is the same computation as
@@ -167,9 +168,13 @@ def shapes_eval_samples(
 
 
 def evaluate_shapes(
-    model, per_task: int, seed: int = EVAL_SEED, batch_size: int = 32
+    model,
+    per_task: int,
+    seed: int = EVAL_SEED,
+    batch_size: int = 32,
+    tasks: Sequence[str] = TASKS,
 ) -> dict[str, TaskResult]:
-    samples = shapes_eval_samples(model.config.vision.image_size, per_task, seed)
+    samples = shapes_eval_samples(model.config.vision.image_size, per_task, seed, tasks)
     return evaluate_samples(model, samples, batch_size)
 
 
@@ -217,6 +222,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_PER_TASK} samples per task")
     parser.add_argument("--per-task", type=int, help=f"samples per task (default {FULL_PER_TASK})")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out world's seed")
+    parser.add_argument(
+        "--tasks",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help="only these tasks, comma-separated, e.g. refer,match_shape (default: every task)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", help="also write the metrics to this file")
@@ -231,10 +241,14 @@ def run(args: argparse.Namespace) -> int:
     per_task = args.per_task or (QUICK_PER_TASK if args.quick else FULL_PER_TASK)
     if per_task < 1:
         raise SystemExit("--per-task must be at least 1")
+    tasks = args.tasks or list(TASKS)
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise SystemExit(f"--tasks: {unknown} unknown; use some of {', '.join(TASKS)}")
     folder = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     model = RGPT.from_pretrained(folder).eval()
     start = time.perf_counter()
-    results = evaluate_shapes(model, per_task, args.seed, args.batch_size)
+    results = evaluate_shapes(model, per_task, args.seed, args.batch_size, tasks)
     seconds = time.perf_counter() - start
     print(f"checkpoint: {folder}")
     print(f"held-out shapes world, seed {args.seed}, {per_task} samples per task, {seconds:.1f} s")

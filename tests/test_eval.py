@@ -46,6 +46,16 @@ def test_quick_eval_reports_every_task_of_the_shipped_model(quick_eval):
     assert status == (0 if metrics["passed"] else 1)
 
 
+def test_an_evaluation_of_chosen_tasks_reports_those_only(tmp_path):
+    path = tmp_path / "metrics.json"
+    main(
+        ["--tasks", "colour,match_shape", "--per-task", "2", "--threads", "1", "--json", str(path)]
+    )
+    assert set(json.loads(path.read_text())["metrics"]) == {"colour", "match_shape"}
+    with pytest.raises(SystemExit, match=r"--tasks: \['rhyme'\] unknown"):
+        main(["--tasks", "colour,rhyme"])
+
+
 # The tasks the shipped model has learned (MODEL_CARD.md: classify 95.5%, colour 99.5%,
 # detailed 94.5% held-out on 200 per task); referring it has not (27%).
 LEARNED = ("classify", "colour", "detailed")
