@@ -31,7 +31,7 @@ import torch
 
 from rgpt_rt.data.samples import RegionSample, Turn, collate
 from rgpt_rt.data.shapes import COLOURS, SHAPES
-from rgpt_rt.data.tasks import POSITION_PHRASE, TASKS, ShapesWorld
+from rgpt_rt.data.tasks import POSITION_PHRASE, TASKS, ShapesWorld, task_names
 
 EVAL_SEED = 1
 FULL_PER_TASK = 200
@@ -224,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out world's seed")
     parser.add_argument(
         "--tasks",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        type=task_names,
         help="only these tasks, comma-separated, e.g. refer,match_shape (default: every task)",
     )
     parser.add_argument("--batch-size", type=int, default=32)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from rgpt_rt.atomic import atomic_directory
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.data.samples import Batch, RegionSample, collate
-from rgpt_rt.data.tasks import TASKS, ShapesWorld, tokenizer_corpus
+from rgpt_rt.data.tasks import TASKS, ShapesWorld, task_names, tokenizer_corpus
 from rgpt_rt.prefetch import prefetched
 from rgpt_rt.tokenizer import train_tokenizer
 
@@ -603,9 +603,7 @@ def _evaluate(model, samples: list[RegionSample], out: Path, step: int, bar) -> 
 
 def parse_phases(text: str) -> tuple[tuple[str, ...], ...]:
     """'match,colour/refer,match' -> (("match", "colour"), ("refer", "match"))."""
-    return tuple(
-        tuple(t.strip() for t in phase.split(",") if t.strip()) for phase in text.split("/")
-    )
+    return tuple(task_names(phase) for phase in text.split("/"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

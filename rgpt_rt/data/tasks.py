@@ -29,6 +29,7 @@ import numpy as np
 
 from rgpt_rt.data.samples import RegionSample, Turn
 from rgpt_rt.data.shapes import (
+    ATTRIBUTES,
     COLOURS,
     POSITIONS,
     SHAPES,
@@ -49,6 +50,8 @@ from rgpt_rt.prompts import (
     region_list,
 )
 
+# the match questions whose phrase names one attribute (match_colour: "the red one")
+ONE_ATTRIBUTE_MATCHES = ("match_colour", "match_shape", "match_size", "match_position")
 # (new tasks go last: a task's held-out samples are drawn from its index in TASKS)
 TASKS = (
     "classify",
@@ -60,10 +63,7 @@ TASKS = (
     "larger",
     "position",
     "match",
-    "match_colour",
-    "match_shape",
-    "match_size",
-    "match_position",
+    *ONE_ATTRIBUTE_MATCHES,
 )
 TASK_WEIGHTS = {
     "classify": 0.14,
@@ -81,16 +81,13 @@ TASK_WEIGHTS = {
     "match": 0.0,
     # its first steps: phrases of one attribute ("the red one", "the star", "the large one",
     # "the shape at the top")
-    "match_colour": 0.0,
-    "match_shape": 0.0,
-    "match_size": 0.0,
-    "match_position": 0.0,
+    **dict.fromkeys(ONE_ATTRIBUTE_MATCHES, 0.0),
 }
 # a task's weight where a curriculum phase names it
 NAMED_TASK_WEIGHTS = {
     "position": 0.2,
     "match": 0.3,
-    **dict.fromkeys(("match_colour", "match_shape", "match_size", "match_position"), 0.15),
+    **dict.fromkeys(ONE_ATTRIBUTE_MATCHES, 0.15),
 }
 VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape category names."
 BOX_RATE = 0.2
@@ -246,10 +243,7 @@ EXPRESSION_KEYS = (
 # learns to match "the red one" long before "the large red circle at the top", MODEL_CARD.md).
 MATCH_KEYS = {
     "match": EXPRESSION_KEYS,
-    "match_colour": (("colour",),),
-    "match_shape": (("shape",),),
-    "match_size": (("size",),),
-    "match_position": (("position",),),
+    **{task: ((task.removeprefix("match_"),),) for task in ONE_ATTRIBUTE_MATCHES},
 }
 
 
@@ -286,9 +280,8 @@ def absent_description(
 
 def near_miss(values: dict[str, str], rng: np.random.Generator) -> dict[str, str]:
     """`values` with one of them (drawn at random) changed to another value of its attribute."""
-    choices = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS}
     changed = tuple(values)[rng.integers(len(values))]
-    options = [v for v in choices[changed] if v != values[changed]]
+    options = [v for v in ATTRIBUTES[changed] if v != values[changed]]
     return {**values, changed: options[rng.integers(len(options))]}
 
 
@@ -424,6 +417,11 @@ def _match_turn(task: str, scene: Scene, regions: _Regions, rng: np.random.Gener
     question = _pick(rng, MATCH_QUESTIONS).format(r=regions.name(index), expression=expression)
     truth = {"object": index, "values": values}
     return Turn(question, "yes" if fits else "no", task, truth)
+
+
+def task_names(text: str) -> tuple[str, ...]:
+    """'refer, match_shape' -> ("refer", "match_shape"): a comma-separated list of tasks."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 # --- samples -----------------------------------------------------------------------------------
