@@ -115,6 +115,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     threads: int | None = None
+    # where the model trains: "cpu", "cuda" or "cuda:1" (the vision pretraining stage and the
+    # data stay on the CPU)
+    device: str = "cpu"
     # worker processes that draw the next batches while the model trains (prefetch.py);
     # the batches are the same with any number
     data_workers: int = 0
@@ -142,6 +145,7 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         need(self.data_workers >= 0, f"data_workers must be >= 0; got {self.data_workers}")
         need(self.checkpoint_every > 0, "checkpoint_every must be > 0")
+        need(_device_usable(self.device), _device_problem(self.device))
         need(self.keep_checkpoints > 0, "keep_checkpoints must be > 0")
         self.curriculum = tuple(self.curriculum)
         self.phases = tuple(tuple(phase) for phase in self.phases)
@@ -203,6 +207,28 @@ class TrainResult:
 
 
 # --- pieces ------------------------------------------------------------------------------------
+
+
+def _device_usable(name: str) -> bool:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return device.index is None or device.index < torch.cuda.device_count()
+
+
+def _device_problem(name: str) -> str:
+    if not name.startswith("cuda"):
+        return f"device must be cpu, cuda or cuda:N; got {name!r}"
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (
+        f"device {name!r} is not usable here: torch {torch.__version__} sees {seen} CUDA "
+        f"device(s); train with --device cpu, or on a machine with a GPU and a CUDA build of torch"
+    )
 
 
 def world_tokenizer(config: RGPTConfig):
@@ -469,10 +495,11 @@ def _start(cfg: TrainConfig, out: Path, result: TrainResult):
         latest = found[-1]
         for partial in remove_partial_checkpoints(out):
             print(f"removed an unfinished checkpoint write: {partial.name}", file=sys.stderr)
-        model = RGPT.from_pretrained(latest / "model")
+        model = RGPT.from_pretrained(latest / "model").to(cfg.device)
         set_stage(model, cfg)
         optimizer = build_optimizer(model, cfg)
-        state = torch.load(latest / "trainer.pt", weights_only=False)
+        # saved from any device; load_state_dict moves the state to the parameters' device
+        state = torch.load(latest / "trainer.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
         return model, optimizer, state["step"], dict(state["losses"])
@@ -485,6 +512,9 @@ def _start(cfg: TrainConfig, out: Path, result: TrainResult):
         stage = pretrain_vision(model, cfg, out)  # continues from its checkpoints on --resume
         result.vision_losses, result.vision_evals = stage.losses, stage.evals
         result.vision_heads = stage.heads
+    model.to(cfg.device)
+    if result.vision_heads is not None:
+        result.vision_heads.to(cfg.device)
     set_stage(model, cfg)
     return model, build_optimizer(model, cfg), 0, {}
 
@@ -532,7 +562,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             group["lr"] = part_lr(group["part"], step, cfg)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = next(batches).to(cfg.device)
             loss = model(**batch.model_inputs()).loss
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -675,6 +705,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scenes per vision pretraining step (default: --batch-size)",
     )
     run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument(
+        "--device",
+        default=defaults.device,
+        help="cpu, cuda or cuda:N (default cpu; vision pretraining and the data stay on the CPU)",
+    )
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     run.add_argument("--no-progress", dest="progress", action="store_false")
 

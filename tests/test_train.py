@@ -140,11 +140,19 @@ def test_warm_up_then_cosine_down_to_the_floor():
         (dict(phases=(("colour",), ("refer", "rhyme"))), r"unknown tasks \['rhyme'\]"),
         (dict(phases=(("colour",), ())), "every phase needs at least one task"),
         (dict(phases=(("colour",),), curriculum=(2, 4)), "curriculum takes up to 1 increasing"),
+        (dict(device="tpu"), "device must be cpu, cuda or cuda:N; got 'tpu'"),
+        (dict(device="cuda:99"), r"device 'cuda:99' is not usable here: torch .* sees \d+ CUDA"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(out="x", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_by_name():
+    with pytest.raises(ValueError, match="device 'cuda' is not usable here.*--device cpu"):
+        TrainConfig(out="x", device="cuda")
 
 
 def test_the_curriculum_asks_about_one_region_first():
