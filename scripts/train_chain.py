@@ -1,6 +1,6 @@
 """A chain of fine-tuning stages toward referring (rgpt_rt/assets/MODEL_CARD.md), each started
-from the one before, meant for a GPU lease: on one the chain is ~20x longer than two CPU cores
-allow in the same time. Each stage is a `scripts/referring_curriculum.py` run; the chain stops
+from the one before, meant for a GPU lease (18000 steps take about two hours on two CPU cores;
+how long on a GPU is not measured yet). Each stage is a `scripts/referring_curriculum.py` run; the chain stops
 starting stages when --deadline is near, and a stage that runs out of time ends at its last
 checkpoint. At the end the last model is packed for the trip back:
 
@@ -8,7 +8,7 @@ checkpoint. At the end the last model is packed for the trip back:
                                    cat model.tar.part-* | tar -x -C runs/chain
     $OUT/chain.json                every stage: its command, seconds, held-out evaluations
 
-    python scripts/train_chain.py --work /tmp/chain --device cuda --data-workers 8 --deadline 540
+    python3 scripts/train_chain.py --work /tmp/chain --deadline 540     # on a GPU lease
     python scripts/train_chain.py --work /tmp/c --device cpu --scale 0.002   # a smoke run
 
 The stages (steps at --scale 1), from what the CPU probes found: matching is learned through
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # importable without an install (a GPU lease's bare checkout)
+sys.path.insert(0, str(ROOT))
 NO_REFER = ["--share-refer-scaffold", "0", "--share-refer", "0"]
 MATCH_MIX = ["--share-match-scaffold", "0.5", "--share-match", "0.25", "--share-keep", "0.25"]
 STAGES = (
@@ -63,7 +65,9 @@ def stage_command(name, steps, extra, init, work, args) -> list[str]:
 
 def run_until(command: list[str], seconds: float) -> str:
     """Run `command`; past `seconds`, stop it and its data workers (its process group)."""
-    process = subprocess.Popen(command, start_new_session=True)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, start_new_session=True, env=env)
     try:
         code = process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
