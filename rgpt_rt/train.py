@@ -145,7 +145,8 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         need(self.data_workers >= 0, f"data_workers must be >= 0; got {self.data_workers}")
         need(self.checkpoint_every > 0, "checkpoint_every must be > 0")
-        need(_device_usable(self.device), _device_problem(self.device))
+        problem = device_problem(self.device)
+        need(problem is None, problem or "")
         need(self.keep_checkpoints > 0, "keep_checkpoints must be > 0")
         self.curriculum = tuple(self.curriculum)
         self.phases = tuple(tuple(phase) for phase in self.phases)
@@ -209,22 +210,17 @@ class TrainResult:
 # --- pieces ------------------------------------------------------------------------------------
 
 
-def _device_usable(name: str) -> bool:
+def device_problem(name: str) -> str | None:
+    """Why torch cannot train on device `name` here, or None when it can."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        return False
-    if device.type == "cpu":
-        return True
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return device.index is None or device.index < torch.cuda.device_count()
-
-
-def _device_problem(name: str) -> str:
-    if not name.startswith("cuda"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         return f"device must be cpu, cuda or cuda:N; got {name!r}"
     seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cpu" or (seen and (device.index or 0) < seen):
+        return None
     return (
         f"device {name!r} is not usable here: torch {torch.__version__} sees {seen} CUDA "
         f"device(s); train with --device cpu, or on a machine with a GPU and a CUDA build of torch"

@@ -141,6 +141,7 @@ def test_warm_up_then_cosine_down_to_the_floor():
         (dict(phases=(("colour",), ())), "every phase needs at least one task"),
         (dict(phases=(("colour",),), curriculum=(2, 4)), "curriculum takes up to 1 increasing"),
         (dict(device="tpu"), "device must be cpu, cuda or cuda:N; got 'tpu'"),
+        (dict(device="cuda:x"), "device must be cpu, cuda or cuda:N; got 'cuda:x'"),
         (dict(device="cuda:99"), r"device 'cuda:99' is not usable here: torch .* sees \d+ CUDA"),
     ],
 )
