@@ -16,7 +16,14 @@ The shares are flags (--share-refer-scaffold 0.2 ...). The data is patched for t
 nothing in the package changes. Other arguments go to `python -m rgpt_rt.train` (defaults:
 vision frozen, seed 2, lr 5e-4, 2 threads, evaluation every half run on 64 samples per task).
 
+The runs of the model card (c1 from the shape scaffold's rs2, c2 from the mixed rm):
+
     python scripts/referring_curriculum.py --out runs/c1 --init runs/rs2/final --steps 1000
+    python scripts/referring_curriculum.py --out runs/c2 --init runs/rm/final --steps 3000 \
+        --share-refer-scaffold 0 --share-refer 0 --share-match-scaffold 0.5 --share-match 0.25 \
+        --share-keep 0.25 --checkpoint-every 1000
+    (c3: the same from runs/c2/final with --seed 3; c4: the default shares from runs/c3/final,
+    --steps 2000 --seed 4 --eval-every 1000)
 """
 
 from __future__ import annotations
