@@ -96,9 +96,9 @@ def answer_batch(
         batch = collate(
             samples, model.config, model.tokenizer, model.pad_token_id, answered=False
         ).to(model._device())
-        image_embeds, hires = model.encode_image(batch.pixel_values)
-        regions = model.encode_regions(hires, batch.masks, batch.batch_index)[batch.region_index]
-        embeds = model.build_inputs_embeds(batch.input_ids, image_embeds, regions)  # [B, T, D]
+        embeds = model.inputs_embeds(
+            batch.pixel_values, batch.input_ids, batch.masks, batch.batch_index, batch.region_index
+        )  # [B, T, D]
         # right padding -> left padding, so that every prompt ends where generation starts
         lengths = batch.attention_mask.sum(dim=1)
         width = embeds.shape[1]

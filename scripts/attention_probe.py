@@ -45,10 +45,11 @@ def attention_targets(samples, batch: Batch, region_token_id: int) -> torch.Tens
 def attentions(model: RGPT, batch: Batch, labels: bool):
     """The decoder's output with every layer's attention weights (eager attention)."""
     model.llm.config._attn_implementation = "eager"
-    image_embeds, hires = model.encode_image(batch.pixel_values)
-    regions = model.encode_regions(hires, batch.masks, batch.batch_index)[batch.region_index]
+    embeds = model.inputs_embeds(
+        batch.pixel_values, batch.input_ids, batch.masks, batch.batch_index, batch.region_index
+    )
     return model.llm(
-        inputs_embeds=model.build_inputs_embeds(batch.input_ids, image_embeds, regions),
+        inputs_embeds=embeds,
         attention_mask=batch.attention_mask,
         labels=batch.labels if labels else None,
         use_cache=False,

@@ -155,6 +155,21 @@ class RGPT(nn.Module):
         embeds[region_slots] = region_embeds.to(embeds.dtype)
         return embeds
 
+    def inputs_embeds(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        masks: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        region_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decoder's input [B, T, D]: image, regions and text embedded (forward's arguments)."""
+        image_embeds, hires = self.encode_image(pixel_values)
+        regions = self.encode_regions(hires, masks, batch_index)  # [N, D]
+        if region_index is not None:
+            regions = regions[region_index]
+        return self.build_inputs_embeds(input_ids, image_embeds, regions)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -168,11 +183,7 @@ class RGPT(nn.Module):
         """pixel_values [B,3,S,S]; input_ids [B,T]; masks [N,Hm,Wm] with batch_index [N] (image of
         each mask); region_index [R]: the mask of each region token in row-major order (default:
         token k takes mask k); labels [B,T] with -100 where no loss is taken."""
-        image_embeds, hires = self.encode_image(pixel_values)
-        regions = self.encode_regions(hires, masks, batch_index)  # [N, D]
-        if region_index is not None:
-            regions = regions[region_index]
-        embeds = self.build_inputs_embeds(input_ids, image_embeds, regions)
+        embeds = self.inputs_embeds(pixel_values, input_ids, masks, batch_index, region_index)
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
         )

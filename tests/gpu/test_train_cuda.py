@@ -14,17 +14,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 SMALL = dict(batch_size=4, lr=2e-3, warmup_steps=5, progress=False, threads=1)
 
 
+def small_run(out, steps: int, **kwargs):
+    return train(TrainConfig(out=str(out), steps=steps, **SMALL, **kwargs))
+
+
 def test_training_on_cuda_learns_and_resumes_on_the_cpu(tmp_path):
-    run = train(
-        TrainConfig(
-            out=str(tmp_path / "gpu"),
-            steps=30,
-            checkpoint_every=15,
-            eval_every=30,
-            eval_per_task=2,
-            device="cuda",
-            **SMALL,
-        )
+    run = small_run(
+        tmp_path / "gpu", 30, checkpoint_every=15, eval_every=30, eval_per_task=2, device="cuda"
     )
     losses = [run.losses[s] for s in range(1, 31)]
     assert all(math.isfinite(x) for x in losses)
@@ -38,14 +34,5 @@ def test_training_on_cuda_learns_and_resumes_on_the_cpu(tmp_path):
         tmp_path / "gpu" / "checkpoints" / "step-00000015",
         tmp_path / "cpu" / "checkpoints" / "step-00000015",
     )
-    resumed = train(
-        TrainConfig(
-            out=str(tmp_path / "cpu"),
-            steps=20,
-            checkpoint_every=100,
-            eval_per_task=0,
-            resume=True,
-            **SMALL,
-        )
-    )
+    resumed = small_run(tmp_path / "cpu", 20, checkpoint_every=100, eval_per_task=0, resume=True)
     assert all(math.isfinite(resumed.losses[s]) for s in range(16, 21))
