@@ -11,8 +11,12 @@ asked alone beside them. Every sample is one of:
     match           a match question alone (one attribute, or the package's `match`)
     keep            one question of the single-region tasks (classify, colour, brief,
                     detailed), so that they are not forgotten
+    index           one region read out by its number among 2-5 ('Of <region1>, <region2>
+                    and <region3>, what shape is Region [2]?' -> "star"): the reverse of
+                    naming a region's number, which referring needs (default share 0)
 
-The shares are flags (--share-refer-scaffold 0.2 ...). The data is patched for this run only;
+The shares are flags (--share-refer-scaffold 0.2 ...); --refer-keys limits what referring
+phrases name (shape: 'the star' only; colour+shape,shape: 'the red star' or 'the star'). The data is patched for this run only;
 nothing in the package changes. Other arguments go to `python -m rgpt_rt.train` (defaults:
 vision frozen, seed 2, lr 5e-4, 2 threads, evaluation every half run on 64 samples per task).
 
@@ -24,6 +28,15 @@ The runs of the model card (c1 from the shape scaffold's rs2, c2 from the mixed 
         --share-keep 0.25 --checkpoint-every 1000
     (c3: the same from runs/c2/final with --seed 3; c4: the default shares from runs/c3/final,
     --steps 2000 --seed 4 --eval-every 1000)
+
+From the input word embeddings x65 (runs/h1init, `init_variants.py scale-words --factor 65`),
+one thread each, --eval-every 1000 --checkpoint-every 500 (sR, sS: --eval-every 500 --seed 3):
+
+    sI  --init runs/h1init --steps 3000 --share-keep 0.4 --share-index 0.6   (others 0)
+    sR  --init runs/sI/checkpoints/step-00001500/model --steps 3000 --share-refer 0.4
+        --share-keep 0.3 --share-index 0.3
+    sS  --init runs/sI/final --steps 2000 --refer-keys shape --share-refer 0.5 --share-keep 0.3
+        --share-index 0.2
 """
 
 from __future__ import annotations
@@ -37,13 +50,17 @@ import rgpt_rt.data.tasks as tasks
 import rgpt_rt.train as train
 from rgpt_rt.data.samples import RegionSample, Turn
 
-KINDS = ("refer_scaffold", "refer", "match_scaffold", "match", "keep")
-DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2)
+KINDS = ("refer_scaffold", "refer", "match_scaffold", "match", "keep", "index")
+DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0)
 KEEP_TASKS = ("classify", "colour", "brief", "detailed")
 SIZE_QUESTIONS = ("What size is {r}?", "Is {r} small, medium or large?", "How big is {r}?")
 FULL_QUESTIONS = (
     "Name the size, colour, shape and position of {r}.",
     "Which object is {r}? Give its size, colour, shape and position.",
+)
+INDEX_QUESTIONS = (
+    "Of {regions}, what {attribute} is Region [{k}]?",
+    "Among the masks {regions}, name the {attribute} of Region [{k}].",
 )
 # attribute -> (its readout questions, its answer)
 READOUTS = {
@@ -67,12 +84,29 @@ def refer_turn(world, scene, regions, rng):
         scene, regions = world.scene(rng), tasks._Regions()
 
 
+def index_turn(scene, regions, attribute: str, rng) -> Turn:
+    """'Of <region1>, <region2> and <region3>, what shape is Region [2]?' -> "star"."""
+    count = len(scene.objects)
+    picked = [int(i) for i in rng.permutation(count)[: int(rng.integers(2, min(count, 5) + 1))]]
+    for object_index in picked:
+        regions.name(object_index)
+    k = int(rng.integers(len(picked)))
+    question = tasks._pick(rng, INDEX_QUESTIONS).format(
+        regions=tasks.region_list(len(picked)), attribute=attribute, k=k + 1
+    )
+    answer = READOUTS[attribute][1](scene.objects[picked[k]])
+    return Turn(question, answer, "index", {"objects": picked, "target": k})
+
+
 def curriculum_sample(world, index: int, shares, attributes) -> RegionSample:
     rng = np.random.default_rng([world.seed, 97, index])
     kind = KINDS[rng.choice(len(KINDS), p=shares)]
     if kind == "keep":
         return world.sample(index, tasks=KEEP_TASKS, turns=1)
     scene, regions = world.scene(rng), tasks._Regions()
+    if kind == "index":
+        attribute = attributes[rng.integers(len(attributes))]
+        return world._finish(scene, regions, [index_turn(scene, regions, attribute, rng)], rng)
     if kind in ("refer", "refer_scaffold"):
         scene, regions, refer = refer_turn(world, scene, regions, rng)
         if kind == "refer":
@@ -98,6 +132,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for kind, share in zip(KINDS, DEFAULT_SHARES):
         parser.add_argument(f"--share-{kind.replace('_', '-')}", type=float, default=share)
     parser.add_argument("--attributes", default="shape,colour,size,position")
+    parser.add_argument(
+        "--refer-keys",
+        help="the attribute sets of referring phrases, e.g. shape or shape,colour+shape "
+        "(default: the package's EXPRESSION_KEYS)",
+    )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
@@ -107,6 +146,11 @@ SHARES = np.array([getattr(ARGS, f"share_{kind}") for kind in KINDS])
 ATTRIBUTES = ARGS.attributes.split(",")
 if SHARES.min() < 0 or SHARES.sum() <= 0 or set(ATTRIBUTES) - set(READOUTS):
     raise SystemExit(f"shares must be >= 0 with a positive sum; attributes some of {READOUTS}")
+if ARGS.refer_keys:
+    REFER_KEYS = tuple(tuple(key.split("+")) for key in ARGS.refer_keys.split(","))
+    if {name for key in REFER_KEYS for name in key} - set(READOUTS):
+        raise SystemExit(f"--refer-keys takes sets of {sorted(READOUTS)} joined by '+'")
+    tasks.EXPRESSION_KEYS = REFER_KEYS
 
 
 def _sample(self, index: int, step: int) -> RegionSample:

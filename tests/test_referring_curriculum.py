@@ -1,0 +1,70 @@
+"""scripts/referring_curriculum.py's samples follow from the scene: an index question's answer is
+the asked attribute of the region with that number, and --refer-keys limits what referring
+phrases name."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rgpt_rt.data.tasks as tasks
+import rgpt_rt.train as train
+from rgpt_rt.data.tasks import ShapesWorld
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """Imports the script with a command line of its own (it reads argv when imported). What
+    it patches, the trainer's data and the referring phrases, is put back afterwards."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.setattr(tasks, "EXPRESSION_KEYS", tasks.EXPRESSION_KEYS)
+    monkeypatch.setattr(train.DataSource, "sample", train.DataSource.sample)
+
+    def load(*argv):
+        monkeypatch.setattr(sys, "argv", ["referring_curriculum.py", *argv])
+        sys.modules.pop("referring_curriculum", None)
+        return importlib.import_module("referring_curriculum")
+
+    yield load
+    sys.modules.pop("referring_curriculum", None)
+
+
+def only(script, kind):
+    shares = np.zeros(len(script.KINDS))
+    shares[script.KINDS.index(kind)] = 1
+    return shares
+
+
+def test_index_answers_name_the_numbered_regions_attribute(load_script):
+    script = load_script()
+    world = ShapesWorld(96, seed=5)
+    seen = set()
+    for index in range(40):
+        sample = script.curriculum_sample(world, index, only(script, "index"), script.ATTRIBUTES)
+        turn = sample.turns[0]
+        picked, k = turn.truth["objects"], turn.truth["target"]
+        assert len(sample.masks) == len(picked) >= 2
+        assert f"Region [{k + 1}]" in turn.question
+        assert script.tasks.region_list(len(picked)) in turn.question
+        attribute = next(a for a in script.READOUTS if f" {a} " in turn.question)
+        obj = turn.truth["scene"].objects[picked[k]]
+        assert turn.answer == script.READOUTS[attribute][1](obj)
+        seen.add(attribute)
+    assert seen == set(script.READOUTS)
+
+
+def test_refer_keys_limit_the_referring_phrases(load_script):
+    script = load_script("--refer-keys", "shape")
+    world = ShapesWorld(96, seed=5)
+    for index in range(30):
+        sample = script.curriculum_sample(world, index, only(script, "refer"), script.ATTRIBUTES)
+        assert set(sample.turns[0].truth["values"]) == {"shape"}
+
+
+def test_unknown_refer_keys_are_refused(load_script):
+    with pytest.raises(SystemExit, match="--refer-keys takes sets of"):
+        load_script("--refer-keys", "shape+weight")
