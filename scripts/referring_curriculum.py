@@ -11,6 +11,9 @@ asked alone beside them. Every sample is one of:
     match           a match question alone (one attribute, or the package's `match`)
     keep            one question of the single-region tasks (classify, colour, brief,
                     detailed), so that they are not forgotten
+    refer_text      the referring question after a written description of each candidate
+                    ('Region [1] is the large red circle at the top left; Region [2] is ...'):
+                    referring as text, with no region to match (default share 0)
     index           one region read out by its number among 2-5 ('Of <region1>, <region2>
                     and <region3>, what shape is Region [2]?' -> "star"): the reverse of
                     naming a region's number, which referring needs (default share 0)
@@ -30,13 +33,20 @@ The runs of the model card (c1 from the shape scaffold's rs2, c2 from the mixed 
     --steps 2000 --seed 4 --eval-every 1000)
 
 From the input word embeddings x65 (runs/h1init, `init_variants.py scale-words --factor 65`),
-one thread each, --eval-every 1000 --checkpoint-every 500 (sR, sS: --eval-every 500 --seed 3):
+one thread each, --eval-every 1000 --checkpoint-every 500 (sR-sU: --eval-every 500 --seed 3), every
+share not named 0:
 
     sI  --init runs/h1init --steps 3000 --share-keep 0.4 --share-index 0.6   (others 0)
     sR  --init runs/sI/checkpoints/step-00001500/model --steps 3000 --share-refer 0.4
         --share-keep 0.3 --share-index 0.3
     sS  --init runs/sI/final --steps 2000 --refer-keys shape --share-refer 0.5 --share-keep 0.3
         --share-index 0.2
+    sT  --init runs/h1/checkpoints/step-00002000/model --steps 2000 --refer-keys shape
+        --attributes shape --share-refer 0.4 --share-match 0.2 --share-keep 0.2 --share-index 0.2
+    sU  --init runs/sI/final --steps 1500 --share-refer-text 0.5 --share-refer 0.2
+        --share-keep 0.2 --share-index 0.1
+    sV  --init runs/sI/final --steps 2000 --lr 1e-3 --share-refer-text 0.8 --share-keep 0.2
+        --seed 4 --eval-every 1000 --checkpoint-every 250
 """
 
 from __future__ import annotations
@@ -50,8 +60,8 @@ import rgpt_rt.data.tasks as tasks
 import rgpt_rt.train as train
 from rgpt_rt.data.samples import RegionSample, Turn
 
-KINDS = ("refer_scaffold", "refer", "match_scaffold", "match", "keep", "index")
-DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0)
+KINDS = ("refer_scaffold", "refer", "match_scaffold", "match", "keep", "index", "refer_text")
+DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0, 0.0)
 KEEP_TASKS = ("classify", "colour", "brief", "detailed")
 SIZE_QUESTIONS = ("What size is {r}?", "Is {r} small, medium or large?", "How big is {r}?")
 FULL_QUESTIONS = (
@@ -107,9 +117,14 @@ def curriculum_sample(world, index: int, shares, attributes) -> RegionSample:
     if kind == "index":
         attribute = attributes[rng.integers(len(attributes))]
         return world._finish(scene, regions, [index_turn(scene, regions, attribute, rng)], rng)
-    if kind in ("refer", "refer_scaffold"):
+    if kind in ("refer", "refer_scaffold", "refer_text"):
         scene, regions, refer = refer_turn(world, scene, regions, rng)
         if kind == "refer":
+            return world._finish(scene, regions, [refer], rng)
+        if kind == "refer_text":
+            objects = [scene.objects[i] for i in refer.truth["objects"]]
+            text = "; ".join(f"Region [{k}] is {full_answer(o)}" for k, o in enumerate(objects, 1))
+            refer.question = f"{text}. {refer.question}"
             return world._finish(scene, regions, [refer], rng)
         turns = []
         for number, index_ in enumerate(refer.truth["objects"], start=1):

@@ -68,3 +68,20 @@ def test_refer_keys_limit_the_referring_phrases(load_script):
 def test_unknown_refer_keys_are_refused(load_script):
     with pytest.raises(SystemExit, match="--refer-keys takes sets of"):
         load_script("--refer-keys", "shape+weight")
+
+
+def test_refer_text_writes_each_candidates_description_in_order(load_script):
+    script = load_script()
+    world = ShapesWorld(96, seed=5)
+    for index in range(20):
+        shares = only(script, "refer_text")
+        turn = script.curriculum_sample(world, index, shares, script.ATTRIBUTES).turns[0]
+        objects = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
+        written = turn.question.split(". ")[0].split("; ")
+        assert written == [
+            f"Region [{k}] is {script.full_answer(o)}" for k, o in enumerate(objects, 1)
+        ]
+        target = turn.truth["target"]
+        assert turn.answer == script.tasks.refer_answer(target)
+        if target is not None:
+            assert script.tasks.matches(objects[target], turn.truth["values"])
