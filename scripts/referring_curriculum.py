@@ -14,6 +14,9 @@ asked alone beside them. Every sample is one of:
     refer_text      the referring question after a written description of each candidate
                     ('Region [1] is the large red circle at the top left; Region [2] is ...'):
                     referring as text, with no region to match (default share 0)
+    copy            a number to copy, with nothing to match ('The mask you want is Region [3]
+                    of <region1>, <region2> and <region3>. Answer with Region [x].' ->
+                    'Region [3]'; default share 0)
     index           one region read out by its number among 2-5 ('Of <region1>, <region2>
                     and <region3>, what shape is Region [2]?' -> "star"): the reverse of
                     naming a region's number, which referring needs (default share 0)
@@ -47,6 +50,8 @@ share not named 0:
         --share-keep 0.2 --share-index 0.1
     sV  --init runs/sI/final --steps 2000 --lr 1e-3 --share-refer-text 0.8 --share-keep 0.2
         --seed 4 --eval-every 1000 --checkpoint-every 250
+    sW  --init runs/sI/final --steps 1200 --share-copy 0.5 --share-keep 0.5 --seed 5
+        --threads 2 --eval-every 1200 --checkpoint-every 200
 """
 
 from __future__ import annotations
@@ -60,8 +65,17 @@ import rgpt_rt.data.tasks as tasks
 import rgpt_rt.train as train
 from rgpt_rt.data.samples import RegionSample, Turn
 
-KINDS = ("refer_scaffold", "refer", "match_scaffold", "match", "keep", "index", "refer_text")
-DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0, 0.0)
+KINDS = (
+    "refer_scaffold",
+    "refer",
+    "match_scaffold",
+    "match",
+    "keep",
+    "index",
+    "refer_text",
+    "copy",
+)
+DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0, 0.0, 0.0)
 KEEP_TASKS = ("classify", "colour", "brief", "detailed")
 SIZE_QUESTIONS = ("What size is {r}?", "Is {r} small, medium or large?", "How big is {r}?")
 FULL_QUESTIONS = (
@@ -114,9 +128,17 @@ def curriculum_sample(world, index: int, shares, attributes) -> RegionSample:
     if kind == "keep":
         return world.sample(index, tasks=KEEP_TASKS, turns=1)
     scene, regions = world.scene(rng), tasks._Regions()
-    if kind == "index":
+    if kind in ("index", "copy"):
         attribute = attributes[rng.integers(len(attributes))]
-        return world._finish(scene, regions, [index_turn(scene, regions, attribute, rng)], rng)
+        turn = index_turn(scene, regions, attribute, rng)
+        if kind == "copy":
+            count, k = len(turn.truth["objects"]), turn.truth["target"]
+            turn.question = (
+                f"The mask you want is Region [{k + 1}] of {tasks.region_list(count)}. "
+                "Answer with Region [x]."
+            )
+            turn.answer, turn.task = tasks.refer_answer(k), "copy"
+        return world._finish(scene, regions, [turn], rng)
     if kind in ("refer", "refer_scaffold", "refer_text"):
         scene, regions, refer = refer_turn(world, scene, regions, rng)
         if kind == "refer":

@@ -85,3 +85,14 @@ def test_refer_text_writes_each_candidates_description_in_order(load_script):
         assert turn.answer == script.tasks.refer_answer(target)
         if target is not None:
             assert script.tasks.matches(objects[target], turn.truth["values"])
+
+
+def test_copy_asks_for_the_number_it_states(load_script):
+    script = load_script()
+    world = ShapesWorld(96, seed=5)
+    for index in range(20):
+        shares = only(script, "copy")
+        sample = script.curriculum_sample(world, index, shares, script.ATTRIBUTES)
+        turn = sample.turns[0]
+        assert turn.task == "copy" and len(sample.masks) == len(turn.truth["objects"])
+        assert turn.question.startswith(f"The mask you want is {turn.answer} of <region1>")
