@@ -11,20 +11,21 @@ asked alone beside them. Every sample is one of:
     match           a match question alone (one attribute, or the package's `match`)
     keep            one question of the single-region tasks (classify, colour, brief,
                     detailed), so that they are not forgotten
-    refer_text      the referring question after a written description of each candidate
-                    ('Region [1] is the large red circle at the top left; Region [2] is ...'):
-                    referring as text, with no region to match (default share 0)
-    copy            a number to copy, with nothing to match ('The mask you want is Region [3]
-                    of <region1>, <region2> and <region3>. Answer with Region [x].' ->
-                    'Region [3]'; default share 0)
     index           one region read out by its number among 2-5 ('Of <region1>, <region2>
                     and <region3>, what shape is Region [2]?' -> "star"): the reverse of
-                    naming a region's number, which referring needs (default share 0)
+                    naming a region's number, which referring needs
+    refer_text      the referring question after a written description of each candidate
+                    ('Region [1] is the large red circle at the top left; Region [2] is ...'):
+                    referring as text, with no region to match
+    copy            a number to copy, with nothing to match ('The mask you want is Region [3]
+                    of <region1>, <region2> and <region3>. Answer with Region [x].' ->
+                    'Region [3]')
 
-The shares are flags (--share-refer-scaffold 0.2 ...); --refer-keys limits what referring
-phrases name (shape: 'the star' only; colour+shape,shape: 'the red star' or 'the star'). The data is patched for this run only;
-nothing in the package changes. Other arguments go to `python -m rgpt_rt.train` (defaults:
-vision frozen, seed 2, lr 5e-4, 2 threads, evaluation every half run on 64 samples per task).
+The shares are flags (--share-refer-scaffold 0.2 ...; index, refer_text and copy default to
+0); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
+'the red star' or 'the star'). The data is patched for this run only; nothing in the package
+changes. Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2,
+lr 5e-4, 2 threads, evaluation every half run on 64 samples per task).
 
 The runs of the model card (c1 from the shape scaffold's rs2, c2 from the mixed rm):
 
@@ -36,10 +37,10 @@ The runs of the model card (c1 from the shape scaffold's rs2, c2 from the mixed 
     --steps 2000 --seed 4 --eval-every 1000)
 
 From the input word embeddings x65 (runs/h1init, `init_variants.py scale-words --factor 65`),
-one thread each, --eval-every 1000 --checkpoint-every 500 (sR-sU: --eval-every 500 --seed 3), every
-share not named 0:
+one thread each, --eval-every 1000 --checkpoint-every 500 (sR-sU: --eval-every 500 --seed 3),
+every share not named 0:
 
-    sI  --init runs/h1init --steps 3000 --share-keep 0.4 --share-index 0.6   (others 0)
+    sI  --init runs/h1init --steps 3000 --share-keep 0.4 --share-index 0.6
     sR  --init runs/sI/checkpoints/step-00001500/model --steps 3000 --share-refer 0.4
         --share-keep 0.3 --share-index 0.3
     sS  --init runs/sI/final --steps 2000 --refer-keys shape --share-refer 0.5 --share-keep 0.3
