@@ -1,6 +1,7 @@
 """scripts/referring_curriculum.py's samples follow from the scene: an index question's answer is
-the asked attribute of the region with that number, and --refer-keys limits what referring
-phrases name."""
+the asked attribute of the region with that number, refer_text writes each candidate's
+description before a question its answer fits, copy asks for the number it states, and
+--refer-keys limits what referring phrases name."""
 
 import importlib
 import sys
