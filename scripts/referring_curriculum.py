@@ -23,7 +23,8 @@ asked alone beside them. Every sample is one of:
 
 The shares are flags (--share-refer-scaffold 0.2 ...; index, refer_text and copy default to
 0); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
-'the red star' or 'the star'). The data is patched for this run only; nothing in the package
+'the red star' or 'the star'), and --short-text has refer_text describe each candidate by
+those attributes only ('Region [1] is the star; Region [2] is the heart'). The data is patched for this run only; nothing in the package
 changes. Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2,
 lr 5e-4, 2 threads, evaluation every half run on 64 samples per task).
 
@@ -53,6 +54,8 @@ every share not named 0:
         --seed 4 --eval-every 1000 --checkpoint-every 250
     sW  --init runs/sI/final --steps 1200 --share-copy 0.5 --share-keep 0.5 --seed 5
         --threads 2 --eval-every 1200 --checkpoint-every 200
+    sX  --init runs/sI/final --steps 1000 --refer-keys shape --short-text --share-refer-text 0.7
+        --share-keep 0.3 --seed 6 --threads 2 --eval-every 1000 --checkpoint-every 200
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ READOUTS = {
 
 def full_answer(obj) -> str:
     return f"the {obj.size} {obj.colour} {obj.shape} {tasks.POSITION_PHRASE[obj.position]}"
+
+
+def written(obj, keys, rng) -> str:
+    """A candidate's description for refer_text: all of it, or only the attributes in `keys`
+    (those the referring phrase names: 'the star', 'the red one')."""
+    if keys is None:
+        return full_answer(obj)
+    return tasks.expression_text({key: tasks._attributes(obj)[key] for key in keys}, rng)
 
 
 def refer_turn(world, scene, regions, rng):
@@ -146,7 +157,10 @@ def curriculum_sample(world, index: int, shares, attributes) -> RegionSample:
             return world._finish(scene, regions, [refer], rng)
         if kind == "refer_text":
             objects = [scene.objects[i] for i in refer.truth["objects"]]
-            text = "; ".join(f"Region [{k}] is {full_answer(o)}" for k, o in enumerate(objects, 1))
+            keys = refer.truth["values"] if ARGS.short_text else None
+            text = "; ".join(
+                f"Region [{k}] is {written(o, keys, rng)}" for k, o in enumerate(objects, 1)
+            )
             refer.question = f"{text}. {refer.question}"
             return world._finish(scene, regions, [refer], rng)
         turns = []
@@ -174,6 +188,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--refer-keys",
         help="the attribute sets of referring phrases, e.g. shape or shape,colour+shape "
         "(default: the package's EXPRESSION_KEYS)",
+    )
+    parser.add_argument(
+        "--short-text",
+        action="store_true",
+        help="refer_text describes each candidate by the attributes the phrase names only",
     )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)

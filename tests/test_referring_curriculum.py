@@ -97,3 +97,14 @@ def test_copy_asks_for_the_number_it_states(load_script):
         turn = sample.turns[0]
         assert turn.task == "copy" and len(sample.masks) == len(turn.truth["objects"])
         assert turn.question.startswith(f"The mask you want is {turn.answer} of <region1>")
+
+
+def test_short_text_writes_only_what_the_phrase_names(load_script):
+    script = load_script("--refer-keys", "shape", "--short-text")
+    world = ShapesWorld(96, seed=5)
+    for index in range(20):
+        shares = only(script, "refer_text")
+        turn = script.curriculum_sample(world, index, shares, script.ATTRIBUTES).turns[0]
+        objects = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
+        written = turn.question.split(". ")[0].split("; ")
+        assert written == [f"Region [{k}] is the {o.shape}" for k, o in enumerate(objects, 1)]
