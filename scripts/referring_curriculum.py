@@ -108,7 +108,8 @@ def written(obj, keys, rng) -> str:
     (those the referring phrase names: 'the star', 'the red one')."""
     if keys is None:
         return full_answer(obj)
-    return tasks.expression_text({key: tasks._attributes(obj)[key] for key in keys}, rng)
+    attributes = tasks._attributes(obj)
+    return tasks.expression_text({key: attributes[key] for key in keys}, rng)
 
 
 def refer_turn(world, scene, regions, rng):
@@ -122,8 +123,7 @@ def refer_turn(world, scene, regions, rng):
 
 def index_turn(scene, regions, attribute: str, rng) -> Turn:
     """'Of <region1>, <region2> and <region3>, what shape is Region [2]?' -> "star"."""
-    count = len(scene.objects)
-    picked = [int(i) for i in rng.permutation(count)[: int(rng.integers(2, min(count, 5) + 1))]]
+    picked = tasks.pick_candidates(scene, rng)
     for object_index in picked:
         regions.name(object_index)
     k = int(rng.integers(len(picked)))

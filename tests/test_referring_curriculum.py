@@ -34,18 +34,25 @@ def load_script(monkeypatch):
     sys.modules.pop("referring_curriculum", None)
 
 
-def only(script, kind):
+def samples(script, kind, count):
+    """`count` samples of one kind from a fixed world."""
+    world = ShapesWorld(96, seed=5)
     shares = np.zeros(len(script.KINDS))
     shares[script.KINDS.index(kind)] = 1
-    return shares
+    for index in range(count):
+        yield script.curriculum_sample(world, index, shares, script.ATTRIBUTES)
+
+
+def written_descriptions(turn):
+    """A refer_text question's candidates and the description written for each."""
+    objects = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
+    return objects, turn.question.split(". ")[0].split("; ")
 
 
 def test_index_answers_name_the_numbered_regions_attribute(load_script):
     script = load_script()
-    world = ShapesWorld(96, seed=5)
     seen = set()
-    for index in range(40):
-        sample = script.curriculum_sample(world, index, only(script, "index"), script.ATTRIBUTES)
+    for sample in samples(script, "index", 40):
         turn = sample.turns[0]
         picked, k = turn.truth["objects"], turn.truth["target"]
         assert len(sample.masks) == len(picked) >= 2
@@ -60,9 +67,7 @@ def test_index_answers_name_the_numbered_regions_attribute(load_script):
 
 def test_refer_keys_limit_the_referring_phrases(load_script):
     script = load_script("--refer-keys", "shape")
-    world = ShapesWorld(96, seed=5)
-    for index in range(30):
-        sample = script.curriculum_sample(world, index, only(script, "refer"), script.ATTRIBUTES)
+    for sample in samples(script, "refer", 30):
         assert set(sample.turns[0].truth["values"]) == {"shape"}
 
 
@@ -73,12 +78,9 @@ def test_unknown_refer_keys_are_refused(load_script):
 
 def test_refer_text_writes_each_candidates_description_in_order(load_script):
     script = load_script()
-    world = ShapesWorld(96, seed=5)
-    for index in range(20):
-        shares = only(script, "refer_text")
-        turn = script.curriculum_sample(world, index, shares, script.ATTRIBUTES).turns[0]
-        objects = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
-        written = turn.question.split(". ")[0].split("; ")
+    for sample in samples(script, "refer_text", 20):
+        turn = sample.turns[0]
+        objects, written = written_descriptions(turn)
         assert written == [
             f"Region [{k}] is {script.full_answer(o)}" for k, o in enumerate(objects, 1)
         ]
@@ -90,10 +92,7 @@ def test_refer_text_writes_each_candidates_description_in_order(load_script):
 
 def test_copy_asks_for_the_number_it_states(load_script):
     script = load_script()
-    world = ShapesWorld(96, seed=5)
-    for index in range(20):
-        shares = only(script, "copy")
-        sample = script.curriculum_sample(world, index, shares, script.ATTRIBUTES)
+    for sample in samples(script, "copy", 20):
         turn = sample.turns[0]
         assert turn.task == "copy" and len(sample.masks) == len(turn.truth["objects"])
         assert turn.question.startswith(f"The mask you want is {turn.answer} of <region1>")
@@ -101,10 +100,6 @@ def test_copy_asks_for_the_number_it_states(load_script):
 
 def test_short_text_writes_only_what_the_phrase_names(load_script):
     script = load_script("--refer-keys", "shape", "--short-text")
-    world = ShapesWorld(96, seed=5)
-    for index in range(20):
-        shares = only(script, "refer_text")
-        turn = script.curriculum_sample(world, index, shares, script.ATTRIBUTES).turns[0]
-        objects = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
-        written = turn.question.split(". ")[0].split("; ")
+    for sample in samples(script, "refer_text", 20):
+        objects, written = written_descriptions(sample.turns[0])
         assert written == [f"Region [{k}] is the {o.shape}" for k, o in enumerate(objects, 1)]

@@ -379,9 +379,15 @@ def _turn(
     return Turn(template.format(a=first_name, b=second_name), answer, task, truth)
 
 
-def _refer_turn(scene: Scene, regions: _Regions, rng: np.random.Generator) -> Turn | None:
+def pick_candidates(scene: Scene, rng: np.random.Generator) -> list[int]:
+    """The objects a question about several regions names: 2-5 of the scene's, in random
+    order."""
     count = len(scene.objects)
-    picked = [int(i) for i in rng.permutation(count)[: int(rng.integers(2, min(count, 5) + 1))]]
+    return [int(i) for i in rng.permutation(count)[: int(rng.integers(2, min(count, 5) + 1))]]
+
+
+def _refer_turn(scene: Scene, regions: _Regions, rng: np.random.Generator) -> Turn | None:
+    picked = pick_candidates(scene, rng)
     candidates = [scene.objects[i] for i in picked]
     negative = rng.random() < NEGATIVE_RATE
     target = None if negative else int(rng.integers(len(picked)))
