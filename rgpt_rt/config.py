@@ -93,13 +93,22 @@ class RefinementConfig:
 
 @dataclass
 class ConnectorConfig:
-    """The shared connector (LLaVA-1.5 "mlp2x_gelu"): Linear(C, D) - GELU - Linear(D, D)."""
+    """The shared connector (LLaVA-1.5 "mlp2x_gelu"): Linear(C, D) - GELU - Linear(D, D).
+
+    region_numbers: M > 0 adds a learned vector to each region embedding by its number K
+    (<regionK>, K <= M; rgpt_rt/ops/region_numbers.py), so that the decoder need not count
+    region tokens to answer "Region [K]". 0 (RegionGPT): none."""
 
     kind: str = "mlp2x_gelu"
+    region_numbers: int = 0
 
     def __post_init__(self) -> None:
         _require(
             self.kind == "mlp2x_gelu", f"connector kind {self.kind!r} is unknown; use 'mlp2x_gelu'"
+        )
+        _require(
+            0 <= self.region_numbers <= 64,
+            f"connector region_numbers must be 0-64 (0: none); got {self.region_numbers}",
         )
 
 

@@ -12,6 +12,9 @@ guess at why a phrase is not matched to a region:
     grow             the decoder grown without changing what it computes: its KV heads copied
                      (--kv-heads) and new layers (N in --order) whose output projections are
                      zero; e.g. --order 0,1,N,2,N,3
+    number-regions   a table of --numbers region-number vectors in the connector
+                     (connector.region_numbers), row K-1 started at the input word embedding
+                     of the digit K: <regionK>'s embedding says "K" as well as what it shows
 
     python scripts/init_variants.py grow --init runs/d/final --out runs/g6init --order 0,1,N,2,N,3
 """
@@ -120,11 +123,28 @@ def grow(model: RGPT, args) -> RGPT:
     return grown
 
 
+def number_regions(model: RGPT, args) -> RGPT:
+    if not 1 <= args.numbers <= 9:
+        raise SystemExit("--numbers must be 1-9: row K-1 starts at the digit K's embedding")
+    connector = dataclasses.replace(model.config.connector, region_numbers=args.numbers)
+    config = dataclasses.replace(model.config, connector=connector)
+    numbered = RGPT(config, model.tokenizer, vision=model.vision, llm=model.llm)
+    numbered.refinement.load_state_dict(model.refinement.state_dict())
+    missing, _ = numbered.connector.load_state_dict(model.connector.state_dict(), strict=False)
+    if missing != ["region_number"]:
+        raise SystemExit(f"{args.init} already numbers its regions")
+    digits = [model.tokenizer.token_to_id(str(k)) for k in range(1, args.numbers + 1)]
+    with torch.no_grad():
+        numbered.connector.region_number.copy_(model.llm.get_input_embeddings().weight[digits])
+    return numbered
+
+
 VARIANTS = {
     "scale-words": scale_words,
     "align-words": align_words,
     "scale-connector": scale_connector,
     "grow": grow,
+    "number-regions": number_regions,
 }
 
 
@@ -137,6 +157,7 @@ def main() -> None:
     parser.add_argument("--norm", type=float, default=4.0)
     parser.add_argument("--order", default="0,1,N,2,N,3")
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--numbers", type=int, default=9)
     args = parser.parse_args()
     model = VARIANTS[args.variant](RGPT.from_pretrained(args.init), args)
     model.save_pretrained(args.out)

@@ -9,11 +9,14 @@ from torch import nn
 class Connector(nn.Module):
     """Linear(C, D) - GELU - Linear(D, D): vision channels into the LLM's embedding space."""
 
-    def __init__(self, vision_channels: int, llm_hidden: int):
+    def __init__(self, vision_channels: int, llm_hidden: int, region_numbers: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(vision_channels, llm_hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(llm_hidden, llm_hidden)
+        if region_numbers:
+            # row k is added to the embedding of <region{k+1}> (rgpt_rt/ops/region_numbers.py)
+            self.region_number = nn.Parameter(torch.zeros(region_numbers, llm_hidden))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: [..., C] -> [..., D]

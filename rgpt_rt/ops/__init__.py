@@ -4,6 +4,7 @@
     mask_pool_reference(features, masks, batch_index=None, *, mode="area") -> [N, C]   (mask_pool.py)
     int4_linear(x[..., K], w: Int4Weight, bias=None) -> [..., N]                          (int4.py)
     int4_linear_reference(x[..., K], w, bias=None) -> [..., N]
+    add_region_numbers(embeds[N, D], table[M, D], batch_index=None) -> [N, D]   (region_numbers.py)
 
 The references are written to be obviously right, not fast; the kernels in csrc/ are tested
 against them.
@@ -16,8 +17,10 @@ from rgpt_rt.ops.mask_pool import (
     mask_pool,
     mask_pool_reference,
 )
+from rgpt_rt.ops.region_numbers import add_region_numbers
 
 __all__ = [
+    "add_region_numbers",
     "check_mask_pool_args",
     "int4_linear",
     "int4_linear_packed",

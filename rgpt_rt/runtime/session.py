@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.inputs import ImageLike, MaskLike
-from rgpt_rt.ops import mask_pool
+from rgpt_rt.ops import add_region_numbers, mask_pool
 from rgpt_rt.prompts import (
     Conversation,
     classify_prompt,
@@ -147,6 +147,19 @@ class Session:
         self.tokenizer = tokenizer
         self.vision = vision
         self.connector = {f"connector.{k}": v.to(device, self.dtype) for k, v in connector.items()}
+        numbers, table = (
+            config.connector.region_numbers,
+            self.connector.get("connector.region_number"),
+        )
+        if bool(numbers) != (table is not None) or (
+            table is not None and tuple(table.shape) != (numbers, config.llm.hidden_size)
+        ):
+            raise ValueError(
+                f"the config numbers {numbers} regions (connector.region_numbers) but the "
+                f"connector weights hold region_number "
+                f"{None if table is None else tuple(table.shape)}; rebuild the bundle with "
+                "export/build_engine.py"
+            )
         self.decoder = decoder
         self.source = source
         names = config.tokens
@@ -211,7 +224,8 @@ class Session:
         stats["decode_ms"], stats["new_tokens"] = 0.0, 0
         for first in range(0, region_embeds.shape[0], self.max_batch):
             chunk = region_embeds[first : first + self.max_batch]
-            rows = [chunk[i : i + 1][order] for i in range(chunk.shape[0])]  # one region per row
+            # one region per row, each the question's <region1>
+            rows = [self._numbered(chunk[i : i + 1])[order] for i in range(chunk.shape[0])]
             with self._lock:
                 cache, logits = self._prefill(frame, image_embeds, ids, rows, params, stats)
                 stats.setdefault("ttft_ms", _ms(started))
@@ -346,6 +360,12 @@ class Session:
         stats["regions"] = int(prepared.shape[0])
         return embeds
 
+    def _numbered(self, embeds: torch.Tensor) -> torch.Tensor:
+        """One question's region embeddings [N, D] (mask k is <region{k+1}>), each plus its
+        number's vector where the model has them (rgpt_rt/ops/region_numbers.py)."""
+        table = self.connector.get("connector.region_number")
+        return embeds if table is None else add_region_numbers(embeds, table)
+
     def _tokenize(self, conversation: Conversation, num_regions: int, require_all: bool = True):
         tokens = tokenize_conversation(
             self.tokenizer,
@@ -446,7 +466,7 @@ class Session:
         started = time.perf_counter()
         stats: dict[str, Any] = {}
         frame, image_embeds, hires = self._see(image, stats)
-        region_embeds = self._regions(hires, masks, frame, stats)
+        region_embeds = self._numbered(self._regions(hires, masks, frame, stats))
         ids, order = self._tokenize(Conversation.single(question), region_embeds.shape[0])
         with self._lock:
             cache, logits = self._prefill(
@@ -559,7 +579,9 @@ class Chat:
         self.session = session
         self._stats: dict[str, Any] = {}
         self.frame, self.image_embeds, hires = session._see(image, self._stats)
-        self.region_embeds = session._regions(hires, masks, self.frame, self._stats)
+        self.region_embeds = session._numbered(
+            session._regions(hires, masks, self.frame, self._stats)
+        )
         self.conversation = Conversation()
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []

@@ -1,0 +1,132 @@
+"""Region numbers (connector.region_numbers): each region embedding plus its number K's vector.
+The op itself, the reference model that trains them, and the Session on a bundle of a numbered
+model, which must compute what the reference does."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from rgpt_rt.config import RGPTConfig
+from rgpt_rt.export.build import BuildOptions, build_bundle
+from rgpt_rt.model import RGPT
+from rgpt_rt.ops import add_region_numbers
+from rgpt_rt.prompts import Conversation, refer_prompt
+from rgpt_rt.runtime.session import Session
+
+NUMBERS = 3
+
+
+def test_each_mask_gets_its_place_among_its_own_samples_masks():
+    table = torch.arange(NUMBERS, dtype=torch.float32)[:, None] * torch.ones(1, 4)  # row k = k
+    embeds = torch.zeros(6, 4)
+    batch_index = torch.tensor([1, 0, 1, 1, 0, 2])  # masks of three samples, interleaved
+    numbered = add_region_numbers(embeds, table, batch_index)
+    assert numbered[:, 0].tolist() == [0, 0, 1, 2, 1, 0]
+    assert add_region_numbers(embeds[:3], table)[:, 0].tolist() == [0, 1, 2]
+    assert add_region_numbers(embeds[:0], table).shape == (0, 4)
+
+
+def test_more_regions_than_numbers_is_refused_with_the_limit():
+    with pytest.raises(ValueError, match=r"at most 3 regions in one question .* 4 were given"):
+        add_region_numbers(torch.zeros(4, 2), torch.zeros(NUMBERS, 2))
+
+
+def numbered_config() -> RGPTConfig:
+    config = RGPTConfig.from_preset("tiny")
+    connector = dataclasses.replace(config.connector, region_numbers=NUMBERS)
+    return dataclasses.replace(config, connector=connector)
+
+
+@pytest.fixture(scope="module")
+def numbered_checkpoint(tmp_path_factory):
+    torch.manual_seed(5)
+    model = RGPT(numbered_config())
+    with torch.no_grad():  # large enough to change every answer
+        model.connector.region_number.normal_(std=30.0)
+    folder = tmp_path_factory.mktemp("numbered") / "ckpt"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def numbered_bundle(numbered_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("numbered_bundle") / "tiny"
+    build_bundle(
+        BuildOptions(out=out, checkpoint=numbered_checkpoint, quant="none", log=lambda _: None)
+    )
+    return out
+
+
+def scene(seed=0, size=96):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return image, [(5, 5, 40, 40), (50, 10, 90, 45), (20, 55, 70, 90)]
+
+
+def test_the_reference_adds_each_regions_number_and_saves_the_table(numbered_checkpoint):
+    model = RGPT.from_pretrained(numbered_checkpoint).eval()
+    assert model.config.connector.region_numbers == NUMBERS
+    image, masks = scene()
+    prepared = model.prepare(image, masks, refer_prompt("the red star", 3))
+    with torch.no_grad():
+        _, hires = model.encode_image(prepared.pixel_values)
+        plain = model.connector(model.pool_regions(hires, prepared.masks))
+        numbered = model.encode_regions(hires, prepared.masks)
+    torch.testing.assert_close(numbered - plain, model.connector.region_number.detach())
+
+
+def test_the_session_computes_the_references_logits(numbered_checkpoint, numbered_bundle):
+    """Three regions in one question: the Session numbers them 1, 2, 3 as the reference does."""
+    reference = RGPT.from_pretrained(numbered_checkpoint).eval()
+    session = Session(numbered_bundle, device="cpu")
+    image, masks = scene(1)
+    question = refer_prompt("the red star", 3)
+    prepared = reference.prepare(image, masks, question)
+    with torch.no_grad():
+        image_embeds, hires = reference.encode_image(prepared.pixel_values)
+        regions = reference.encode_regions(hires, prepared.masks)[prepared.region_index]
+        embeds = reference.build_inputs_embeds(prepared.input_ids, image_embeds, regions)
+        expected = reference.llm(inputs_embeds=embeds).logits[0, -1]
+    stats = {}
+    frame, image_embeds, hires = session._see(image, stats)
+    region_embeds = session._numbered(session._regions(hires, masks, frame, stats))
+    ids, order = session._tokenize(Conversation.single(question), 3)
+    cache, logits = session._prefill(
+        frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats
+    )
+    session._release(cache)
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+    assert session.ask(image, question, masks, max_new_tokens=8) == reference.answer(
+        image, masks, question, max_new_tokens=8
+    )
+
+
+def test_each_region_of_describe_many_is_the_questions_first(numbered_bundle):
+    session = Session(numbered_bundle, device="cpu")
+    image, masks = scene(2)
+    many = session.describe_many(image, masks, max_new_tokens=6)
+    assert many == [session.describe(image, m, max_new_tokens=6) for m in masks]
+
+
+def test_a_question_with_more_regions_than_numbers_says_so(numbered_bundle):
+    session = Session(numbered_bundle, device="cpu")
+    image, masks = scene(3)
+    four = [*masks, (60, 60, 90, 90)]
+    with pytest.raises(ValueError, match="numbers at most 3 regions"):
+        session.refer(image, "the red star", four)
+
+
+def test_a_bundle_whose_config_and_table_disagree_is_refused(numbered_bundle, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(numbered_bundle, copy)
+    manifest_path = copy / "manifest.json"  # the bundle's config is the manifest's
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["connector"]["region_numbers"] = 0
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="connector weights hold region_number"):
+        Session(copy, device="cpu", verify=False)
