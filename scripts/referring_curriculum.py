@@ -56,6 +56,19 @@ every share not named 0:
         --threads 2 --eval-every 1200 --checkpoint-every 200
     sX  --init runs/sI/final --steps 1000 --refer-keys shape --short-text --share-refer-text 0.7
         --share-keep 0.3 --seed 6 --threads 2 --eval-every 1000 --checkpoint-every 200
+
+With region numbers (connector.region_numbers = 9): `python scripts/init_variants.py
+number-regions --init I --out I+n` first, then --init I+n; one thread each, --eval-every 500
+(nC, nD: 1000) --checkpoint-every 250, every share not named 0:
+
+    nA  --init runs/h1init+n --steps 2000 --share-refer 0.5 --share-keep 0.3 --share-index 0.2
+        --seed 7 (stopped at 1000)
+    nB  --init runs/h1/checkpoints/step-00002000/model+n --steps 2000 --refer-keys shape
+        --attributes shape --share-refer 0.5 --share-match 0.2 --share-keep 0.3 --seed 8
+        (stopped at 1000: runs/nB1000)
+    nC  --init runs/nB1000 --steps 3000 --share-refer 0.5 --share-match 0.2 --share-keep 0.3
+        --seed 9
+    nD  --init runs/nB1000 --steps 3000 --share-refer 0.7 --share-keep 0.3 --seed 10
 """
 
 from __future__ import annotations
