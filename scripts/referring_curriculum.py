@@ -20,9 +20,12 @@ asked alone beside them. Every sample is one of:
     copy            a number to copy, with nothing to match ('The mask you want is Region [3]
                     of <region1>, <region2> and <region3>. Answer with Region [x].' ->
                     'Region [3]')
+    mixed           a sample of the package's own mix: 1-3 questions of any task (what the
+                    shipped model's last phase trained on)
 
-The shares are flags (--share-refer-scaffold 0.2 ...; index, refer_text and copy default to
-0); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
+The shares are flags (--share-refer-scaffold 0.2 ...; index, refer_text, copy and mixed default
+to 0); --negative-rate sets the share of referring phrases that fit no region (the package's
+0.2); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
 'the red star' or 'the star'), and --short-text has refer_text describe each candidate by
 those attributes only ('Region [1] is the star; Region [2] is the heart'). The data is patched for this run only; nothing in the package
 changes. Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2,
@@ -91,8 +94,9 @@ KINDS = (
     "index",
     "refer_text",
     "copy",
+    "mixed",
 )
-DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0, 0.0, 0.0)
+DEFAULT_SHARES = (0.2, 0.2, 0.25, 0.15, 0.2, 0.0, 0.0, 0.0, 0.0)
 KEEP_TASKS = ("classify", "colour", "brief", "detailed")
 SIZE_QUESTIONS = ("What size is {r}?", "Is {r} small, medium or large?", "How big is {r}?")
 FULL_QUESTIONS = (
@@ -152,6 +156,8 @@ def curriculum_sample(world, index: int, shares, attributes) -> RegionSample:
     kind = KINDS[rng.choice(len(KINDS), p=shares)]
     if kind == "keep":
         return world.sample(index, tasks=KEEP_TASKS, turns=1)
+    if kind == "mixed":
+        return world.sample(index)
     scene, regions = world.scene(rng), tasks._Regions()
     if kind in ("index", "copy"):
         attribute = attributes[rng.integers(len(attributes))]
@@ -207,6 +213,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="refer_text describes each candidate by the attributes the phrase names only",
     )
+    parser.add_argument(
+        "--negative-rate",
+        type=float,
+        help="the share of referring phrases that fit none of the regions (package: 0.2)",
+    )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
@@ -216,6 +227,10 @@ SHARES = np.array([getattr(ARGS, f"share_{kind}") for kind in KINDS])
 ATTRIBUTES = ARGS.attributes.split(",")
 if SHARES.min() < 0 or SHARES.sum() <= 0 or set(ATTRIBUTES) - set(READOUTS):
     raise SystemExit(f"shares must be >= 0 with a positive sum; attributes some of {READOUTS}")
+if ARGS.negative_rate is not None:
+    if not 0 <= ARGS.negative_rate <= 1:
+        raise SystemExit("--negative-rate must be between 0 and 1")
+    tasks.NEGATIVE_RATE = ARGS.negative_rate
 if ARGS.refer_keys:
     REFER_KEYS = tuple(tuple(key.split("+")) for key in ARGS.refer_keys.split(","))
     if {name for key in REFER_KEYS for name in key} - set(READOUTS):

@@ -1,7 +1,8 @@
 """scripts/referring_curriculum.py's samples follow from the scene: an index question's answer is
 the asked attribute of the region with that number, refer_text writes each candidate's
-description before a question its answer fits, copy asks for the number it states, and
---refer-keys limits what referring phrases name."""
+description before a question its answer fits, copy asks for the number it states, mixed
+samples are the package's own, --refer-keys limits what referring phrases name and
+--negative-rate how often none fits."""
 
 import importlib
 import sys
@@ -23,6 +24,7 @@ def load_script(monkeypatch):
     it patches, the trainer's data and the referring phrases, is put back afterwards."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     monkeypatch.setattr(tasks, "EXPRESSION_KEYS", tasks.EXPRESSION_KEYS)
+    monkeypatch.setattr(tasks, "NEGATIVE_RATE", tasks.NEGATIVE_RATE)
     monkeypatch.setattr(train.DataSource, "sample", train.DataSource.sample)
 
     def load(*argv):
@@ -69,6 +71,28 @@ def test_refer_keys_limit_the_referring_phrases(load_script):
     script = load_script("--refer-keys", "shape")
     for sample in samples(script, "refer", 30):
         assert set(sample.turns[0].truth["values"]) == {"shape"}
+
+
+def test_negative_rate_sets_how_often_no_region_fits(load_script):
+    from rgpt_rt.prompts import NO_MATCH_ANSWER
+
+    script = load_script("--negative-rate", "1")
+    assert all(s.turns[0].answer == NO_MATCH_ANSWER for s in samples(script, "refer", 20))
+    script = load_script("--negative-rate", "0")
+    assert all(s.turns[0].answer != NO_MATCH_ANSWER for s in samples(script, "refer", 20))
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        load_script("--negative-rate", "1.5")
+
+
+def test_mixed_samples_are_the_packages_own(load_script):
+    script = load_script()
+    world = ShapesWorld(96, seed=5)
+    for index, sample in enumerate(samples(script, "mixed", 10)):
+        own = world.sample(index)
+        assert [(t.question, t.answer) for t in sample.turns] == [
+            (t.question, t.answer) for t in own.turns
+        ]
+        assert np.array_equal(sample.image, own.image)
 
 
 def test_unknown_refer_keys_are_refused(load_script):
