@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
-def region_order(num_masks: int, batch_index: torch.Tensor | None, device) -> torch.Tensor:
+def places_in_sample(num_masks: int, batch_index: torch.Tensor | None, device) -> torch.Tensor:
     """[N] each mask's 0-based place among its own sample's masks (all one sample for None)."""
     if batch_index is None:
         return torch.arange(num_masks, device=device)
@@ -30,7 +30,7 @@ def add_region_numbers(
     sample. batch_index [N]: the sample of each mask (None: one sample)."""
     if embeds.shape[0] == 0:
         return embeds
-    order = region_order(embeds.shape[0], batch_index, embeds.device)
+    order = places_in_sample(embeds.shape[0], batch_index, embeds.device)
     most = int(order.max()) + 1
     if most > table.shape[0]:
         raise ValueError(
