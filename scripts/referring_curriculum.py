@@ -72,6 +72,10 @@ number-regions --init I --out I+n` first, then --init I+n; one thread each, --ev
     nC  --init runs/nB1000 --steps 3000 --share-refer 0.5 --share-match 0.2 --share-keep 0.3
         --seed 9
     nD  --init runs/nB1000 --steps 3000 --share-refer 0.7 --share-keep 0.3 --seed 10
+    nE  --init runs/nD2250 (nD's step 2250) --steps 4000 --share-refer 0.7 --share-mixed 0.1
+        --share-keep 0.2 --negative-rate 0.3 --seed 11 (the shipped model)
+    nF  as nE, --init runs/nD/final --lr 1e-3 --seed 12 (stopped at 1000)
+    nG  as nE, --init runs/nE/final --steps 3000 --seed 13 --checkpoint-every 500
 """
 
 from __future__ import annotations
