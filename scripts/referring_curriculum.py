@@ -73,9 +73,11 @@ number-regions --init I --out I+n` first, then --init I+n; one thread each, --ev
         --seed 9
     nD  --init runs/nB1000 --steps 3000 --share-refer 0.7 --share-keep 0.3 --seed 10
     nE  --init runs/nD2250 (nD's step 2250) --steps 4000 --share-refer 0.7 --share-mixed 0.1
-        --share-keep 0.2 --negative-rate 0.3 --seed 11 (the shipped model)
+        --share-keep 0.2 --negative-rate 0.3 --seed 11
     nF  as nE, --init runs/nD/final --lr 1e-3 --seed 12 (stopped at 1000)
     nG  as nE, --init runs/nE/final --steps 3000 --seed 13 --checkpoint-every 500
+    nH  --init runs/nE/final --steps 2000 --share-refer 0.75 --share-mixed 0.1 --share-keep 0.15
+        --negative-rate 0.4 --seed 14 --checkpoint-every 500 (the shipped model)
 """
 
 from __future__ import annotations
