@@ -78,6 +78,8 @@ number-regions --init I --out I+n` first, then --init I+n; one thread each, --ev
     nG  as nE, --init runs/nE/final --steps 3000 --seed 13 --checkpoint-every 500
     nH  --init runs/nE/final --steps 2000 --share-refer 0.75 --share-mixed 0.1 --share-keep 0.15
         --negative-rate 0.4 --seed 14 --checkpoint-every 500 (the shipped model)
+    nI  as nH, --init runs/nH/final --steps 1200 --lr 3e-4 --seed 15 --threads 2
+        --eval-every 1200 --checkpoint-every 400
 """
 
 from __future__ import annotations
