@@ -7,12 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from prefill_parity import reference_logits, session_logits
 
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.model import RGPT
 from rgpt_rt.ops import add_region_numbers
-from rgpt_rt.prompts import Conversation, refer_prompt
+from rgpt_rt.prompts import refer_prompt
 from rgpt_rt.runtime.session import Session
 
 NUMBERS = 3
@@ -83,21 +84,9 @@ def test_the_session_computes_the_references_logits(numbered_checkpoint, numbere
     session = Session(numbered_bundle, device="cpu")
     image, masks = scene(1)
     question = refer_prompt("the red star", 3)
-    prepared = reference.prepare(image, masks, question)
-    with torch.no_grad():
-        image_embeds, hires = reference.encode_image(prepared.pixel_values)
-        regions = reference.encode_regions(hires, prepared.masks)[prepared.region_index]
-        embeds = reference.build_inputs_embeds(prepared.input_ids, image_embeds, regions)
-        expected = reference.llm(inputs_embeds=embeds).logits[0, -1]
-    stats = {}
-    frame, image_embeds, hires = session._see(image, stats)
-    region_embeds = session._numbered(session._regions(hires, masks, frame, stats))
-    ids, order = session._tokenize(Conversation.single(question), 3)
-    cache, logits = session._prefill(
-        frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats
-    )
-    session._release(cache)
-    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+    expected, _ = reference_logits(reference, image, masks, question)
+    logits, _ = session_logits(session, image, masks, question)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert session.ask(image, question, masks, max_new_tokens=8) == reference.answer(
         image, masks, question, max_new_tokens=8
     )

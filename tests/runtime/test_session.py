@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prefill_parity import reference_logits, session_logits
 
 from rgpt_rt.bundle import BundleError
 from rgpt_rt.export.build import BuildOptions, build_bundle
@@ -148,29 +149,11 @@ def test_session_prefill_matches_the_reference_model(tiny_checkpoint, tiny_bundl
     session = Session(tiny_bundle, device="cpu")
     image, masks = scene(5)
     question = describe_prompt(True)
-    prepared = reference.prepare(image, masks[:1], question)
-    with torch.no_grad():
-        image_embeds, hires = reference.encode_image(prepared.pixel_values)
-        regions = reference.encode_regions(hires, prepared.masks)[prepared.region_index]
-        embeds = reference.build_inputs_embeds(prepared.input_ids, image_embeds, regions)
-        expected = reference.llm(inputs_embeds=embeds).logits[0, -1]
-    stats = {}
-    frame, image_embeds, hires = session._see(image, stats)
-    region_embeds = session._regions(hires, masks[:1], frame, stats)
-    ids, order = session._tokenize(reference_conversation(question), 1)
+    expected, prepared = reference_logits(reference, image, masks[:1], question)
+    logits, ids = session_logits(session, image, masks[:1], question)
     assert ids == prepared.input_ids[0].tolist()
-    cache, logits = session._prefill(
-        frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats
-    )
-    session._release(cache)
     # fp32 on both sides; the paths differ in kernel order (ONNX Runtime, mask-pool kernel, our decoder)
-    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
-
-
-def reference_conversation(question):
-    from rgpt_rt.prompts import Conversation
-
-    return Conversation.single(question)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_threads_share_a_session_correctly(session):
