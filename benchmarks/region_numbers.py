@@ -1,0 +1,52 @@
+"""What region numbers add to a question: `add_region_numbers` on one question's region
+embeddings, beside the regions stage it follows (mask pooling + connector) and the whole
+`Session.refer`, on the embedded default model (CPU).
+
+    python benchmarks/region_numbers.py [--threads 1] [--repeats 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from rgpt_rt.data.tasks import ShapesWorld
+from rgpt_rt.runtime.session import Session
+
+
+def median_us(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    session = Session(device="cpu")
+    world = ShapesWorld(image_size=96, seed=20261127)
+    sample = next(s for i in range(50) if len((s := world.task_sample(i, "refer")).masks) == 5)
+    stats: dict = {}
+    frame, _, hires = session._see(sample.image, stats)
+    embeds = session._regions(hires, sample.masks, frame, stats)
+    regions = median_us(lambda: session._regions(hires, sample.masks, frame, {}), args.repeats)
+    numbers = median_us(lambda: session._numbered(embeds), args.repeats)
+    expression = "the red star"
+    refer = median_us(lambda: session.refer(sample.image, expression, sample.masks), 50)
+    print(f"5 regions, {args.threads} thread(s), median of {args.repeats}:")
+    print("| step | µs |\n|---|---:|")
+    print(f"| add_region_numbers ([5, 256]) | {numbers:.1f} |")
+    print(f"| regions stage (mask pooling + connector) | {regions:.1f} |")
+    print(f"| Session.refer, whole (vision cached; median of 50) | {refer:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
