@@ -11,7 +11,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from rgpt_rt import _C
 from rgpt_rt.config import POOL_MODES
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -200,6 +199,8 @@ def _mask_pool_op(
     else:
         target = dict(device="cpu", device_index=0, num_threads=torch.get_num_threads())
         on_device = contextlib.nullcontext()
+    from rgpt_rt import _C  # here, so the reference model and the trainer need no build
+
     with on_device:  # the CUDA plan reads the current device's properties
         size = _C.mask_pool_workspace_bytes(**shapes, **target)
         workspace = torch.empty(size, dtype=torch.uint8, device=features.device)
