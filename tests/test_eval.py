@@ -1,5 +1,5 @@
-"""The evaluator: the embedded default model passes the thresholds on the quick held-out subset,
-batched answers are the reference pipeline's answers, and scoring reads what it should."""
+"""The evaluator: the embedded default model passes the thresholds on the quick held-out subset
+(referring: on the whole held-out split), batched answers are the reference pipeline's answers, and scoring reads what it should."""
 
 import json
 
@@ -8,9 +8,11 @@ import pytest
 from rgpt_rt import default_checkpoint
 from rgpt_rt.data.samples import Turn
 from rgpt_rt.eval import (
+    FULL_PER_TASK,
     QUICK_PER_TASK,
     THRESHOLDS,
     answer_batch,
+    evaluate_shapes,
     main,
     parse_description,
     score,
@@ -56,9 +58,16 @@ def test_an_evaluation_of_chosen_tasks_reports_those_only(tmp_path):
         main(["--tasks", "colour,rhyme"])
 
 
-# The tasks the shipped model has learned (MODEL_CARD.md: classify 95.5%, colour 99.5%,
-# detailed 94.5% held-out on 200 per task); referring not yet to its threshold (88% of 90%).
+# The tasks whose thresholds the shipped model meets on the quick subset too (MODEL_CARD.md:
+# classify 95.5%, colour 99.5%, detailed 94.5% held-out on 200 per task); referring meets its
+# threshold on the 200 (95.5%) but not on the subset's 24 (20 right).
 LEARNED = ("classify", "colour", "detailed")
+
+
+def test_the_shipped_model_refers_at_its_threshold_on_the_whole_held_out_split(shipped):
+    results = evaluate_shapes(shipped, FULL_PER_TASK, tasks=["refer"])
+    assert results["refer"].total == FULL_PER_TASK
+    assert results["refer"].accuracy >= THRESHOLDS["refer"], results["refer"].failures
 
 
 @pytest.mark.parametrize("task", LEARNED)
@@ -69,8 +78,9 @@ def test_quick_eval_of_the_shipped_model_passes_the_learned_tasks_thresholds(qui
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped tiny model misses referring's threshold (88% held-out of 90%; "
-    "rgpt_rt/assets/MODEL_CARD.md); remove this mark when a model that passes ships",
+    reason="the shipped tiny model meets every threshold on the 200 held-out samples per "
+    "task (referring 95.5%) but not on the quick subset: referring 20 of its first 24 "
+    "(rgpt_rt/assets/MODEL_CARD.md); remove this mark when a model that passes both ships",
 )
 def test_quick_eval_of_the_shipped_model_passes_the_thresholds(quick_eval):
     _, metrics = quick_eval
