@@ -53,11 +53,15 @@ def parse_variant(text: str) -> tuple:
     fields = text.split(":")
     try:
         name, batch, lr, seed, share, negative = fields
-        return name, int(batch), str(float(lr)), int(seed), float(share), float(negative)
+        variant = name, int(batch), str(float(lr)), int(seed), float(share), float(negative)
     except ValueError:
+        variant = None
+    if variant is None or not (variant[1] >= 1 and variant[4] > 0 and 0 <= variant[5] <= 1):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give NAME:BATCH:LR:SEED:SHARE:NEGATIVE_RATE, e.g. b32:32:3e-4:21:1.0:0.4"
-        ) from None
+            f"{text!r}: give NAME:BATCH:LR:SEED:SHARE:NEGATIVE_RATE (batch >= 1, share > 0, "
+            "negative rate 0-1), e.g. b32:32:3e-4:21:1.0:0.4"
+        )
+    return variant
 
 
 def variant_command(name, batch, lr, seed, negative, steps, init, work, args) -> list[str]:
@@ -196,7 +200,7 @@ def main() -> int:
         processes[name] = start(commands[name], work / f"{name}.log")
     started = time.monotonic()
     ended = wait_until(processes, began + args.deadline - PACK_SECONDS)
-    seconds = round(time.monotonic() - started, 1)
+    record["seconds"] = round(time.monotonic() - started, 1)  # the variants side by side
 
     out = Path(args.out) if args.out else None
     if out:
@@ -205,9 +209,14 @@ def main() -> int:
     record["variants"] = []
     for name, *_ in args.variant:
         found = last_model(work / name)
-        losses = [r["loss_smooth"] for r in log_records(work / name) if "loss_smooth" in r]
-        entry = {"variant": name, "command": commands[name][1:], "ended": ended[name],
-                 "seconds": seconds, "losses_every_10": [round(x, 4) for x in losses]}  # fmt: skip
+        steps_logged = [r for r in log_records(work / name) if "loss_smooth" in r]
+        entry = {
+            "variant": name,
+            "command": commands[name][1:],
+            "ended": ended[name],
+            "train_seconds": round(steps_logged[-1]["elapsed_s"], 1) if steps_logged else None,
+            "losses_every_10": [round(r["loss_smooth"], 4) for r in steps_logged],
+        }
         if found:
             model, step = found
             entry |= {"model": str(model), "step": step}
@@ -220,9 +229,9 @@ def main() -> int:
         record["variants"].append(entry)
         print(f"{name}: {ended[name]}, {entry.get('step', 'no model')}", flush=True)
     text = json.dumps(record, indent=1)
-    (work / "finetune.json").write_text(text)
-    if out:
-        (out / "finetune.json").write_text(text)
+    for folder in filter(None, (work, out)):
+        (folder / "finetune.json.tmp").write_text(text)
+        os.replace(folder / "finetune.json.tmp", folder / "finetune.json")
     return 0 if all("model" in v for v in record["variants"]) else 1
 
 

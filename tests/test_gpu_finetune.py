@@ -32,6 +32,7 @@ def test_every_variant_trains_and_comes_back_loadable(tmp_path):
     for name, batch, negative in (("a", "4", "0.4"), ("b", "2", "0.9")):
         entry = variants[name]
         assert entry["ended"] == "finished" and entry["step"] == 2 and entry["vision_unchanged"]
+        assert entry["train_seconds"] > 0
         flags = entry["command"]
         assert flags[flags.index("--batch-size") + 1] == batch
         assert flags[flags.index("--negative-rate") + 1] == negative
@@ -51,6 +52,7 @@ def test_bad_arguments_are_refused(tmp_path):
         "give NAME:BATCH:LR:SEED:SHARE:NEGATIVE_RATE": [
             "--work", str(tmp_path / "new"), "--variant", "a:32:fast:1:1.0:0.4",
         ],
+        "negative rate 0-1": ["--work", str(tmp_path / "new"), "--variant", "a:32:1e-4:1:1:1.5"],
         "--variant names must differ": [
             "--work", str(tmp_path / "new"), "--variant", "a:4:1e-4:1:1:0.4",
             "--variant", "a:4:1e-4:2:1:0.4",
