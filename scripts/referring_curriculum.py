@@ -25,7 +25,8 @@ asked alone beside them. Every sample is one of:
 
 The shares are flags (--share-refer-scaffold 0.2 ...; index, refer_text, copy and mixed default
 to 0); --negative-rate sets the share of referring phrases that fit no region (the package's
-0.2); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
+0.2); --crowded sets the share of those questions that name as many regions as the scene
+allows, up to 5 (the package draws 2-5); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
 'the red star' or 'the star'), and --short-text has refer_text describe each candidate by
 those attributes only ('Region [1] is the star; Region [2] is the heart'). The data is patched for this run only; nothing in the package
 changes. Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2,
@@ -226,6 +227,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         type=float,
         help="the share of referring phrases that fit none of the regions (package: 0.2)",
     )
+    parser.add_argument(
+        "--crowded",
+        type=float,
+        default=0.0,
+        help="the share of questions over several regions that name as many as the scene "
+        "allows (up to 5) rather than 2-5 at random",
+    )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
@@ -239,6 +247,17 @@ if ARGS.negative_rate is not None:
     if not 0 <= ARGS.negative_rate <= 1:
         raise SystemExit("--negative-rate must be between 0 and 1")
     tasks.NEGATIVE_RATE = ARGS.negative_rate
+if not 0 <= ARGS.crowded <= 1:
+    raise SystemExit("--crowded must be between 0 and 1")
+if ARGS.crowded:
+    _package_candidates = tasks.pick_candidates
+
+    def _crowded_candidates(scene, rng: np.random.Generator) -> list[int]:
+        if rng.random() < ARGS.crowded:
+            return [int(i) for i in rng.permutation(len(scene.objects))[:5]]
+        return _package_candidates(scene, rng)
+
+    tasks.pick_candidates = _crowded_candidates
 if ARGS.refer_keys:
     REFER_KEYS = tuple(tuple(key.split("+")) for key in ARGS.refer_keys.split(","))
     if {name for key in REFER_KEYS for name in key} - set(READOUTS):

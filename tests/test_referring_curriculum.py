@@ -1,8 +1,8 @@
 """scripts/referring_curriculum.py's samples follow from the scene: an index question's answer is
 the asked attribute of the region with that number, refer_text writes each candidate's
 description before a question its answer fits, copy asks for the number it states, mixed
-samples are the package's own, --refer-keys limits what referring phrases name and
---negative-rate how often none fits."""
+samples are the package's own, --refer-keys limits what referring phrases name,
+--negative-rate how often none fits and --crowded how often they name all the regions they can."""
 
 import importlib
 import sys
@@ -25,6 +25,7 @@ def load_script(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
     monkeypatch.setattr(tasks, "EXPRESSION_KEYS", tasks.EXPRESSION_KEYS)
     monkeypatch.setattr(tasks, "NEGATIVE_RATE", tasks.NEGATIVE_RATE)
+    monkeypatch.setattr(tasks, "pick_candidates", tasks.pick_candidates)
     monkeypatch.setattr(train.DataSource, "sample", train.DataSource.sample)
 
     def load(*argv):
@@ -82,6 +83,24 @@ def test_negative_rate_sets_how_often_no_region_fits(load_script):
     assert all(s.turns[0].answer != NO_MATCH_ANSWER for s in samples(script, "refer", 20))
     with pytest.raises(SystemExit, match="between 0 and 1"):
         load_script("--negative-rate", "1.5")
+
+
+def test_crowded_names_as_many_regions_as_the_scene_allows(load_script):
+    script = load_script("--crowded", "1")
+    for sample in samples(script, "refer", 20):
+        turn = sample.turns[0]
+        assert len(turn.truth["objects"]) == min(len(turn.truth["scene"].objects), 5)
+    with pytest.raises(SystemExit, match="--crowded must be between 0 and 1"):
+        load_script("--crowded", "2")
+
+
+def test_without_crowded_the_package_draws_the_regions(load_script):
+    script = load_script()
+    fewer = 0
+    for sample in samples(script, "refer", 40):
+        turn = sample.turns[0]
+        fewer += len(turn.truth["objects"]) < min(len(turn.truth["scene"].objects), 5)
+    assert fewer >= 10  # 2-5 at random: often fewer than the scene allows
 
 
 def test_mixed_samples_are_the_packages_own(load_script):
