@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import signal
@@ -31,6 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # importable without an install (a GPU lease's bare checkout)
 sys.path.insert(0, str(ROOT))
+from rgpt_rt.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+
 MIX = [
     "--share-refer-scaffold", "0", "--share-match-scaffold", "0", "--share-match", "0",
     "--share-refer", "0.75", "--share-mixed", "0.1", "--share-keep", "0.15",
@@ -115,11 +118,12 @@ def steps_per_second(run: Path) -> float:
     return (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
 
 
-def last_model(run: Path) -> tuple[Path, int] | None:
-    """The run's final model or its latest complete checkpoint's, with its step."""
+def last_model(run: Path, records: list[dict]) -> tuple[Path, int] | None:
+    """The run's final model or its latest complete checkpoint's, with its step (the final
+    model's from the run's log `records`)."""
     if (run / "final" / "rgpt.safetensors").is_file():
-        records = [r for r in log_records(run) if "step" in r]
-        return run / "final", records[-1]["step"] if records else -1
+        steps = [r["step"] for r in records if "step" in r]
+        return run / "final", steps[-1] if steps else -1
     checkpoints = sorted((run / "checkpoints").glob("step-*/model/rgpt.safetensors"))
     if not checkpoints:
         return None
@@ -132,17 +136,16 @@ def digest(path: Path) -> str:
 
 
 def pack(model: Path, target: Path) -> int:
-    """`model` less its vision tower as one tar at `target` (written under a temporary name)."""
-    temporary = target.with_name(target.name + ".tmp")
-    with tarfile.open(temporary, "w") as tar:
+    """`model` less its vision tower as one tar at `target`, written whole or not at all."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
         for item in sorted(model.iterdir()):
             if item.name != "vision":
                 tar.add(item, arcname=f"final/{item.name}")
-    size = temporary.stat().st_size
+    size = buffer.getbuffer().nbytes
     if size > PART_LIMIT:
-        temporary.unlink()
         raise SystemExit(f"{model} packs to {size} bytes, over the {PART_LIMIT} a file may be")
-    os.replace(temporary, target)
+    atomic_write_bytes(target, buffer.getvalue())
     return size
 
 
@@ -208,8 +211,9 @@ def main() -> int:
     vision = digest(init / "vision" / "model.safetensors")
     record["variants"] = []
     for name, *_ in args.variant:
-        found = last_model(work / name)
-        steps_logged = [r for r in log_records(work / name) if "loss_smooth" in r]
+        records = log_records(work / name)
+        found = last_model(work / name, records)
+        steps_logged = [r for r in records if "loss_smooth" in r]
         entry = {
             "variant": name,
             "command": commands[name][1:],
@@ -230,8 +234,7 @@ def main() -> int:
         print(f"{name}: {ended[name]}, {entry.get('step', 'no model')}", flush=True)
     text = json.dumps(record, indent=1)
     for folder in filter(None, (work, out)):
-        (folder / "finetune.json.tmp").write_text(text)
-        os.replace(folder / "finetune.json.tmp", folder / "finetune.json")
+        atomic_write_text(folder / "finetune.json", text)
     return 0 if all("model" in v for v in record["variants"]) else 1
 
 

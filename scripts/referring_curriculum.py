@@ -254,7 +254,7 @@ if ARGS.crowded:
 
     def _crowded_candidates(scene, rng: np.random.Generator) -> list[int]:
         if rng.random() < ARGS.crowded:
-            return [int(i) for i in rng.permutation(len(scene.objects))[:5]]
+            return [int(i) for i in rng.permutation(len(scene.objects))[: tasks.MAX_CANDIDATES]]
         return _package_candidates(scene, rng)
 
     tasks.pick_candidates = _crowded_candidates

@@ -92,6 +92,7 @@ NAMED_TASK_WEIGHTS = {
 VOCABULARY = "shape"  # classify_prompt: "Answer the question using shape category names."
 BOX_RATE = 0.2
 NEGATIVE_RATE = 0.2  # referring expressions that fit none of the regions
+MAX_CANDIDATES = 5  # the most regions a question over several regions names
 MATCH_RATE = 0.5  # match questions whose phrase fits the region
 ABOVE_MARGIN = 0.12  # `above` is asked only when the centres differ by this much of the image
 TURN_COUNTS = (1, 2, 3)
@@ -380,10 +381,11 @@ def _turn(
 
 
 def pick_candidates(scene: Scene, rng: np.random.Generator) -> list[int]:
-    """The objects a question about several regions names: 2-5 of the scene's, in random
-    order."""
+    """The objects a question about several regions names: 2-5 (MAX_CANDIDATES) of the
+    scene's, in random order."""
     count = len(scene.objects)
-    return [int(i) for i in rng.permutation(count)[: int(rng.integers(2, min(count, 5) + 1))]]
+    most = min(count, MAX_CANDIDATES)
+    return [int(i) for i in rng.permutation(count)[: int(rng.integers(2, most + 1))]]
 
 
 def _refer_turn(scene: Scene, regions: _Regions, rng: np.random.Generator) -> Turn | None:
