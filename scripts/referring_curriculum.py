@@ -25,12 +25,16 @@ asked alone beside them. Every sample is one of:
 
 The shares are flags (--share-refer-scaffold 0.2 ...; index, refer_text, copy and mixed default
 to 0); --negative-rate sets the share of referring phrases that fit no region (the package's
-0.2); --crowded sets the share of those questions that name as many regions as the scene
-allows, up to 5 (the package draws 2-5); --refer-keys limits what referring phrases name (shape: 'the star' only; colour+shape,shape:
-'the red star' or 'the star'), and --short-text has refer_text describe each candidate by
-those attributes only ('Region [1] is the star; Region [2] is the heart'). The data is patched for this run only; nothing in the package
-changes. Other arguments go to `python -m rgpt_rt.train` (defaults: vision frozen, seed 2,
-lr 5e-4, 2 threads, evaluation every half run on 64 samples per task).
+0.2); --crowded sets the share of those questions that name as many regions as the scene allows,
+up to 5 (the package draws 2-5); --decisive-share sets the share of referring questions that one
+attribute of --decisive (default position) decides: a near miss in that attribute alone, or a
+target that the phrase's other attributes do not single out ('the cross at the bottom left'
+among three crosses); --refer-keys limits what referring phrases name (shape: 'the star' only;
+colour+shape,shape: 'the red star' or 'the star'), and --short-text has refer_text describe each
+candidate by those attributes only ('Region [1] is the star; Region [2] is the heart'). The data
+is patched for this run only; nothing in the package changes. Other arguments go to `python -m
+rgpt_rt.train` (defaults: vision frozen, seed 2, lr 5e-4, 2 threads, evaluation every half run
+on 64 samples per task).
 
 The runs of the model card (c1 from the shape scaffold's rs2, c2 from the mixed rm):
 
@@ -138,10 +142,51 @@ def written(obj, keys, rng) -> str:
     return tasks.expression_text({key: attributes[key] for key in keys}, rng)
 
 
+def decisive_values(candidates, target, attribute: str, rng) -> dict[str, str] | None:
+    """A referring phrase's attribute values in which `attribute` decides: for a target, the
+    other values it names fit more than one candidate; for none (target None), a candidate's
+    values with `attribute` changed. None when the candidates allow neither."""
+    key_sets = [keys for keys in tasks.EXPRESSION_KEYS if attribute in keys and len(keys) > 1]
+    for k in rng.permutation(len(key_sets)):
+        keys = key_sets[k]
+        if target is None:
+            base = tasks._attributes(candidates[rng.integers(len(candidates))])
+            others = [v for v in tasks.ATTRIBUTES[attribute] if v != base[attribute]]
+            values = {key: base[key] for key in keys}
+            values[attribute] = others[rng.integers(len(others))]
+            if not any(tasks.matches(c, values) for c in candidates):
+                return values
+            continue
+        values = {key: tasks._attributes(candidates[target])[key] for key in keys}
+        rest = {key: value for key, value in values.items() if key != attribute}
+        fits = sum(tasks.matches(c, values) for c in candidates)
+        if fits == 1 and sum(tasks.matches(c, rest) for c in candidates) > 1:
+            return values
+    return None
+
+
+def decisive_turn(scene, regions, negative: bool, rng) -> Turn | None:
+    """A referring question that one of DECISIVE's attributes decides (decisive_values)."""
+    attribute = DECISIVE[rng.integers(len(DECISIVE))]
+    picked = tasks.pick_candidates(scene, rng)
+    target = None if negative else int(rng.integers(len(picked)))
+    values = decisive_values([scene.objects[i] for i in picked], target, attribute, rng)
+    if values is None:
+        return None
+    return tasks.refer_question(picked, target, values, regions, rng)
+
+
 def refer_turn(world, scene, regions, rng):
-    """A referring question about `scene`, or about another scene where it has none."""
+    """A referring question about `scene`, or about another scene where it has none;
+    --decisive-share of them decided by one attribute (decisive_turn)."""
+    decisive = ARGS.decisive_share > 0 and rng.random() < ARGS.decisive_share
+    # drawn once: a positive question that an attribute decides needs more tries of a scene
+    negative = decisive and rng.random() < tasks.NEGATIVE_RATE
     while True:
-        turn = tasks._refer_turn(scene, regions, rng)
+        if decisive:
+            turn = decisive_turn(scene, regions, negative, rng)
+        else:
+            turn = tasks._refer_turn(scene, regions, rng)
         if turn is not None:
             return scene, regions, turn
         scene, regions = world.scene(rng), tasks._Regions()
@@ -234,6 +279,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="the share of questions over several regions that name as many as the scene "
         "allows (up to 5) rather than 2-5 at random",
     )
+    parser.add_argument(
+        "--decisive-share",
+        type=float,
+        default=0.0,
+        help="the share of referring questions that one attribute of --decisive decides: a "
+        "near miss in it, or a target the other named attributes do not single out",
+    )
+    parser.add_argument("--decisive", default="position", help="e.g. position or position,shape")
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
@@ -258,6 +311,9 @@ if ARGS.crowded:
         return _package_candidates(scene, rng)
 
     tasks.pick_candidates = _crowded_candidates
+DECISIVE = ARGS.decisive.split(",")
+if not 0 <= ARGS.decisive_share <= 1 or set(DECISIVE) - set(READOUTS):
+    raise SystemExit(f"--decisive-share must be between 0 and 1; --decisive some of {READOUTS}")
 if ARGS.refer_keys:
     REFER_KEYS = tuple(tuple(key.split("+")) for key in ARGS.refer_keys.split(","))
     if {name for key in REFER_KEYS for name in key} - set(READOUTS):

@@ -2,7 +2,8 @@
 the asked attribute of the region with that number, refer_text writes each candidate's
 description before a question its answer fits, copy asks for the number it states, mixed
 samples are the package's own, --refer-keys limits what referring phrases name,
---negative-rate how often none fits and --crowded how often they name all the regions they can."""
+--negative-rate how often none fits, --crowded how often they name all the regions they can
+and --decisive-share how often one attribute decides."""
 
 import importlib
 import sys
@@ -101,6 +102,29 @@ def test_without_crowded_the_package_draws_the_regions(load_script):
         turn = sample.turns[0]
         fewer += len(turn.truth["objects"]) < min(len(turn.truth["scene"].objects), 5)
     assert fewer >= 10  # 2-5 at random: often fewer than the scene allows
+
+
+@pytest.mark.parametrize("attribute", ["position", "shape"])
+def test_decisive_questions_turn_on_the_named_attribute(load_script, attribute):
+    script = load_script("--decisive-share", "1", "--decisive", attribute)
+    kinds = set()
+    for sample in samples(script, "refer", 30):
+        turn = sample.turns[0]
+        candidates = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
+        values, target = turn.truth["values"], turn.truth["target"]
+        rest = {key: value for key, value in values.items() if key != attribute}
+        assert attribute in values and rest
+        fits = [tasks.matches(c, values) for c in candidates]
+        if target is None:  # a near miss: some candidate differs in `attribute` alone
+            assert not any(fits)
+            assert any(tasks.matches(c, rest) for c in candidates)
+        else:  # the target alone fits, and without `attribute` another would too
+            assert fits == [k == target for k in range(len(candidates))]
+            assert sum(tasks.matches(c, rest) for c in candidates) >= 2
+        kinds.add(target is None)
+    assert kinds == {True, False}
+    with pytest.raises(SystemExit, match="--decisive some of"):
+        load_script("--decisive-share", "0.5", "--decisive", "weight")
 
 
 def test_mixed_samples_are_the_packages_own(load_script):

@@ -399,6 +399,18 @@ def _refer_turn(scene: Scene, regions: _Regions, rng: np.random.Generator) -> Tu
         values = unique_description(candidates, target, rng)
     if values is None:
         return None
+    return refer_question(picked, target, values, regions, rng)
+
+
+def refer_question(
+    picked: list[int],
+    target: int | None,
+    values: dict[str, str],
+    regions: _Regions,
+    rng: np.random.Generator,
+) -> Turn:
+    """The referring turn naming the objects `picked` as regions, asking for the one that
+    `values` describes: picked[target], or none (target None)."""
     for index in picked:
         regions.name(index)
     expression = expression_text(values, rng)
