@@ -12,8 +12,10 @@ from another seed than training's (EVAL_SEED; training uses seed 0).
 
 A task is scored by exact match of the answer (case and a final full stop ignored), except
 `detailed`, scored by whether the colour, shape and position it names are all right (the exact
-sentence, neighbour included, is reported as `detailed_exact`). The exit status is 1 when a
-task falls short of its THRESHOLDS.
+sentence, neighbour included, is reported as `detailed_exact`). Referring is also reported by
+what decides each question (`tasks.refer_decider`: "near miss in position", "shape decides",
+...), so that a weak attribute shows. The exit status is 1 when a task falls short of its
+THRESHOLDS.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from rgpt_rt.data.samples import RegionSample, Turn, collate
 from rgpt_rt.data.shapes import COLOURS, SHAPES
-from rgpt_rt.data.tasks import POSITION_PHRASE, TASKS, ShapesWorld, task_names
+from rgpt_rt.data.tasks import POSITION_PHRASE, TASKS, ShapesWorld, refer_decider, task_names
 
 EVAL_SEED = 1
 FULL_PER_TASK = 200
@@ -130,6 +132,8 @@ class TaskResult:
     total: int = 0
     correct: int = 0
     extra: dict[str, int] = field(default_factory=dict)  # counts of other measures
+    # refer: [correct, total] by what decides the question (tasks.refer_decider)
+    by_decider: dict[str, list[int]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)  # a few, to read
 
     @property
@@ -153,11 +157,22 @@ def evaluate_samples(
             for key, value in marks.items():
                 if key != "correct":
                     result.extra[key] = result.extra.get(key, 0) + int(value)
+            if turn.task == "refer" and "scene" in turn.truth:
+                counts = result.by_decider.setdefault(decider(turn), [0, 0])
+                counts[0] += int(marks["correct"])
+                counts[1] += 1
             if not marks["correct"] and len(result.failures) < keep_failures:
                 result.failures.append(
                     {"question": turn.question, "expected": turn.answer, "answer": text}
                 )
     return results
+
+
+def decider(turn: Turn) -> str:
+    """What a shapes-world referring question turns on ('near miss in position', ...)."""
+    truth = turn.truth
+    candidates = [truth["scene"].objects[i] for i in truth["objects"]]
+    return refer_decider(candidates, truth["values"], truth["target"])
 
 
 def shapes_eval_samples(
@@ -203,6 +218,8 @@ def markdown_table(results: dict[str, TaskResult]) -> str:
         lines.append(f"| {task} | {result.total} | {result.accuracy:.1%} | {bar} |")
         for key, count in result.extra.items():
             lines.append(f"| {task} ({key}) | {result.total} | {count / result.total:.1%} | - |")
+        for key, (correct, total) in sorted(result.by_decider.items()):
+            lines.append(f"| {task}: {key} | {total} | {correct / total:.1%} | - |")
     return "\n".join(lines)
 
 
@@ -264,6 +281,14 @@ def run(args: argparse.Namespace) -> int:
             "per_task": per_task,
             "seconds": seconds,
             "metrics": summary(results),
+            "refer_by_decider": (
+                {
+                    key: {"correct": c, "total": t}
+                    for key, (c, t) in results["refer"].by_decider.items()
+                }
+                if "refer" in results
+                else {}
+            ),
             "thresholds": THRESHOLDS,
             "passed": not short,
         }

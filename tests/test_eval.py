@@ -1,5 +1,6 @@
 """The evaluator: the embedded default model passes the thresholds on the quick held-out subset
-(referring: on the whole held-out split), batched answers are the reference pipeline's answers, and scoring reads what it should."""
+(referring: on the whole held-out split), batched answers are the reference pipeline's answers,
+scoring reads what it should, and referring is reported by what decides each question."""
 
 import json
 
@@ -7,6 +8,8 @@ import pytest
 
 from rgpt_rt import default_checkpoint
 from rgpt_rt.data.samples import Turn
+from rgpt_rt.data.shapes import ShapeObject
+from rgpt_rt.data.tasks import refer_decider
 from rgpt_rt.eval import (
     FULL_PER_TASK,
     QUICK_PER_TASK,
@@ -46,6 +49,35 @@ def test_quick_eval_reports_every_task_of_the_shipped_model(quick_eval):
     assert metrics["per_task"] == QUICK_PER_TASK
     assert set(THRESHOLDS) <= set(metrics["metrics"])
     assert status == (0 if metrics["passed"] else 1)
+
+
+def test_quick_eval_reports_referring_by_what_decides_it(quick_eval):
+    _, metrics = quick_eval
+    breakdown = metrics["refer_by_decider"]
+    assert sum(counts["total"] for counts in breakdown.values()) == QUICK_PER_TASK
+    right = sum(counts["correct"] for counts in breakdown.values())
+    assert right == round(metrics["metrics"]["refer"] * QUICK_PER_TASK)
+
+
+def test_referring_questions_are_told_apart_by_what_decides_them():
+    def obj(shape, colour, size, position):
+        return ShapeObject(shape, colour, size, position, 0.0, 0.0, 10.0, 0.0, (0, 0, 0))
+
+    candidates = [
+        obj("circle", "red", "small", "top left"),
+        obj("circle", "red", "small", "bottom"),
+        obj("star", "blue", "large", "center"),
+    ]
+    cases = [
+        ({"shape": "circle", "position": "top left"}, 0, "position decides"),
+        ({"shape": "circle", "position": "center"}, None, "near miss in position"),
+        ({"colour": "blue"}, 2, "colour decides"),
+        ({"shape": "star", "colour": "blue"}, 2, "any attribute"),
+        ({"shape": "hexagon"}, None, "near miss in shape"),
+        ({"shape": "hexagon", "colour": "green"}, None, "far miss"),
+    ]
+    for values, target, expected in cases:
+        assert refer_decider(candidates, values, target) == expected, values
 
 
 def test_an_evaluation_of_chosen_tasks_reports_those_only(tmp_path):

@@ -279,6 +279,27 @@ def absent_description(
     return None
 
 
+# the order in which refer_decider names the attribute that decides a referring question
+DECIDERS = ("position", "shape", "colour", "size")
+
+
+def refer_decider(candidates: list[ShapeObject], values: dict[str, str], target: int | None) -> str:
+    """What a referring question turns on: with no fit (target None), 'near miss in position'
+    when a candidate differs from the phrase in position alone; with one, 'position decides'
+    when without position another candidate would fit too, else 'any attribute' (each named
+    attribute could be left out). The first of DECIDERS that applies is named."""
+    for key in DECIDERS:
+        if key not in values:
+            continue
+        rest = {k: v for k, v in values.items() if k != key}
+        fits = sum(matches(c, rest) for c in candidates)
+        if target is None and fits:
+            return f"near miss in {key}"
+        if target is not None and fits > 1:
+            return f"{key} decides"
+    return "far miss" if target is None else "any attribute"
+
+
 def near_miss(values: dict[str, str], rng: np.random.Generator) -> dict[str, str]:
     """`values` with one of them (drawn at random) changed to another value of its attribute."""
     changed = tuple(values)[rng.integers(len(values))]
