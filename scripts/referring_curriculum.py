@@ -82,9 +82,20 @@ number-regions --init I --out I+n` first, then --init I+n; one thread each, --ev
     nF  as nE, --init runs/nD/final --lr 1e-3 --seed 12 (stopped at 1000)
     nG  as nE, --init runs/nE/final --steps 3000 --seed 13 --checkpoint-every 500
     nH  --init runs/nE/final --steps 2000 --share-refer 0.75 --share-mixed 0.1 --share-keep 0.15
-        --negative-rate 0.4 --seed 14 --checkpoint-every 500 (the shipped model)
+        --negative-rate 0.4 --seed 14 --checkpoint-every 500 (shipped before pB)
     nI  as nH, --init runs/nH/final --steps 1200 --lr 3e-4 --seed 15 --threads 2
         --eval-every 1200 --checkpoint-every 400
+
+Questions that position decides (--decisive), from pB (rgpt_rt/assets/tiny as shipped on
+2026-11-28), as nH with --steps 1500 --warmup-steps 30 --eval-every 1500 --eval-per-task 0
+--checkpoint-every 300 and:
+
+    qA  --lr 1.5e-4 --decisive-share 0.3 --seed 41
+    qB  --lr 1.5e-4 --decisive position,shape --decisive-share 0.4 --seed 42
+    rA  --lr 4e-4 --warmup-steps 50 --decisive-share 0.5 --seed 51
+    rB  --lr 2.5e-4 --warmup-steps 50 --decisive-share 0.35 --seed 52
+    tA  --init runs/rB/final --lr 1e-4 --decisive-share 0.35 --seed 61
+    tB  --init runs/rB/final --lr 1.5e-4 --decisive-share 0.5 --negative-rate 0.3 --seed 62
 """
 
 from __future__ import annotations
