@@ -12,7 +12,9 @@ running at the deadline is stopped and ends at its last checkpoint. What comes b
     python scripts/gpu_finetune.py --work /tmp/ft --device cpu --steps 2  # a smoke run
 
 Every variant trains what nH and nI trained (rgpt_rt/assets/MODEL_CARD.md): referring 75% (40%
-of its phrases fit no region), the package's own samples 10%, one-region questions 15%.
+of its phrases fit no region), the package's own samples 10%, one-region questions 15%;
+--decisive-share makes that share of the referring questions ones that position decides (near
+misses in position, and targets only their position singles out), for every variant.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def variant_command(name, batch, lr, seed, negative, steps, init, work, args) ->
         "--threads", str(args.threads), "--log-every", "10",
         "--checkpoint-every", str(max(1, steps // 5)), "--keep-checkpoints", "1",
         "--eval-every", str(steps), "--eval-per-task", "0",
+        "--decisive-share", str(args.decisive_share),
     ]  # fmt: skip
 
 
@@ -165,8 +168,17 @@ def main() -> int:
         type=parse_variant,
         help="NAME:BATCH:LR:SEED:SHARE:NEGATIVE_RATE, repeated (default: VARIANTS)",
     )
+    parser.add_argument(
+        "--decisive-share",
+        type=float,
+        default=0.0,
+        help="every variant's share of referring questions that position decides "
+        "(referring_curriculum.py --decisive-share; default 0)",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="(default $OUT)")
     args = parser.parse_args()
+    if not 0 <= args.decisive_share <= 1:
+        raise SystemExit("--decisive-share must be between 0 and 1")
     args.variant = args.variant or list(VARIANTS)
     if len({v[0] for v in args.variant}) < len(args.variant):
         raise SystemExit("--variant names must differ")
