@@ -96,6 +96,8 @@ Questions that position decides (--decisive), from pB (rgpt_rt/assets/tiny as sh
     rB  --lr 2.5e-4 --warmup-steps 50 --decisive-share 0.35 --seed 52
     tA  --init runs/rB/final --lr 1e-4 --decisive-share 0.35 --seed 61
     tB  --init runs/rB/final --lr 1.5e-4 --decisive-share 0.5 --negative-rate 0.3 --seed 62
+    uA  --init runs/tB/final --steps 2000 --lr 1e-4 --decisive-share 0.5 --seed 71
+        --eval-every 2000 --checkpoint-every 500 (stopped at 1500)
 """
 
 from __future__ import annotations
