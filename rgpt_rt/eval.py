@@ -132,8 +132,8 @@ class TaskResult:
     total: int = 0
     correct: int = 0
     extra: dict[str, int] = field(default_factory=dict)  # counts of other measures
-    # refer: [correct, total] by what decides the question (tasks.refer_decider)
-    by_decider: dict[str, list[int]] = field(default_factory=dict)
+    # refer: the same counts by what decides the question (tasks.refer_decider)
+    by_decider: dict[str, TaskResult] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)  # a few, to read
 
     @property
@@ -158,9 +158,10 @@ def evaluate_samples(
                 if key != "correct":
                     result.extra[key] = result.extra.get(key, 0) + int(value)
             if turn.task == "refer" and "scene" in turn.truth:
-                counts = result.by_decider.setdefault(decider(turn), [0, 0])
-                counts[0] += int(marks["correct"])
-                counts[1] += 1
+                kind = decider(turn)
+                part = result.by_decider.setdefault(kind, TaskResult(kind))
+                part.total += 1
+                part.correct += int(marks["correct"])
             if not marks["correct"] and len(result.failures) < keep_failures:
                 result.failures.append(
                     {"question": turn.question, "expected": turn.answer, "answer": text}
@@ -218,8 +219,8 @@ def markdown_table(results: dict[str, TaskResult]) -> str:
         lines.append(f"| {task} | {result.total} | {result.accuracy:.1%} | {bar} |")
         for key, count in result.extra.items():
             lines.append(f"| {task} ({key}) | {result.total} | {count / result.total:.1%} | - |")
-        for key, (correct, total) in sorted(result.by_decider.items()):
-            lines.append(f"| {task}: {key} | {total} | {correct / total:.1%} | - |")
+        for key, part in sorted(result.by_decider.items()):
+            lines.append(f"| {task}: {key} | {part.total} | {part.accuracy:.1%} | - |")
     return "\n".join(lines)
 
 
@@ -281,14 +282,10 @@ def run(args: argparse.Namespace) -> int:
             "per_task": per_task,
             "seconds": seconds,
             "metrics": summary(results),
-            "refer_by_decider": (
-                {
-                    key: {"correct": c, "total": t}
-                    for key, (c, t) in results["refer"].by_decider.items()
-                }
-                if "refer" in results
-                else {}
-            ),
+            "refer_by_decider": {
+                key: {"correct": part.correct, "total": part.total}
+                for key, part in (results["refer"].by_decider if "refer" in results else {}).items()
+            },
             "thresholds": THRESHOLDS,
             "passed": not short,
         }

@@ -164,16 +164,13 @@ def decisive_values(candidates, target, attribute: str, rng) -> dict[str, str] |
         keys = key_sets[k]
         if target is None:
             base = tasks._attributes(candidates[rng.integers(len(candidates))])
-            others = [v for v in tasks.ATTRIBUTES[attribute] if v != base[attribute]]
-            values = {key: base[key] for key in keys}
-            values[attribute] = others[rng.integers(len(others))]
+            values = tasks.near_miss({key: base[key] for key in keys}, rng, changed=attribute)
             if not any(tasks.matches(c, values) for c in candidates):
                 return values
             continue
         values = {key: tasks._attributes(candidates[target])[key] for key in keys}
-        rest = {key: value for key, value in values.items() if key != attribute}
         fits = sum(tasks.matches(c, values) for c in candidates)
-        if fits == 1 and sum(tasks.matches(c, rest) for c in candidates) > 1:
+        if fits == 1 and tasks.fits_without(candidates, values, attribute) > 1:
             return values
     return None
 

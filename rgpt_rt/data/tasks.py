@@ -279,6 +279,11 @@ def absent_description(
     return None
 
 
+def fits_without(candidates: list[ShapeObject], values: dict[str, str], key: str) -> int:
+    """How many candidates `values` would fit without its `key`."""
+    return sum(matches(c, {k: v for k, v in values.items() if k != key}) for c in candidates)
+
+
 # the order in which refer_decider names the attribute that decides a referring question
 DECIDERS = ("position", "shape", "colour", "size")
 
@@ -291,8 +296,7 @@ def refer_decider(candidates: list[ShapeObject], values: dict[str, str], target:
     for key in DECIDERS:
         if key not in values:
             continue
-        rest = {k: v for k, v in values.items() if k != key}
-        fits = sum(matches(c, rest) for c in candidates)
+        fits = fits_without(candidates, values, key)
         if target is None and fits:
             return f"near miss in {key}"
         if target is not None and fits > 1:
@@ -300,9 +304,13 @@ def refer_decider(candidates: list[ShapeObject], values: dict[str, str], target:
     return "far miss" if target is None else "any attribute"
 
 
-def near_miss(values: dict[str, str], rng: np.random.Generator) -> dict[str, str]:
-    """`values` with one of them (drawn at random) changed to another value of its attribute."""
-    changed = tuple(values)[rng.integers(len(values))]
+def near_miss(
+    values: dict[str, str], rng: np.random.Generator, changed: str | None = None
+) -> dict[str, str]:
+    """`values` with one of them (`changed`, else drawn at random) changed to another value of
+    its attribute."""
+    if changed is None:
+        changed = tuple(values)[rng.integers(len(values))]
     options = [v for v in ATTRIBUTES[changed] if v != values[changed]]
     return {**values, changed: options[rng.integers(len(options))]}
 
