@@ -183,22 +183,47 @@ def decisive_turn(scene, regions, negative: bool, rng) -> Turn | None:
     values = decisive_values([scene.objects[i] for i in picked], target, attribute, rng)
     if values is None:
         return None
-    return tasks.refer_question(picked, target, values, regions, rng)
+    turn = tasks.refer_question(picked, target, values, regions, rng)
+    turn.truth["decided_by"] = attribute
+    return turn
 
 
-def refer_turn(world, scene, regions, rng):
+def twin_turn(scene, decisive: Turn, regions, rng) -> Turn | None:
+    """The decisive question's twin: the same regions and phrase with the deciding attribute
+    changed so that the answer changes (a near miss's twin fits one region; a target's fits
+    another region or none). None when no value of that attribute does so."""
+    truth = decisive.truth
+    picked, target, values = truth["objects"], truth["target"], truth["values"]
+    candidates = [scene.objects[i] for i in picked]
+    attribute = truth["decided_by"]
+    options = [v for v in tasks.ATTRIBUTES[attribute] if v != values[attribute]]
+    for k in rng.permutation(len(options)):
+        twin = {**values, attribute: options[k]}
+        fits = [i for i, c in enumerate(candidates) if tasks.matches(c, twin)]
+        if len(fits) == 1 and fits[0] != target:
+            return tasks.refer_question(picked, fits[0], twin, regions, rng)
+        if not fits and target is not None:
+            return tasks.refer_question(picked, None, twin, regions, rng)
+    return None
+
+
+def refer_turns(world, scene, regions, rng, twins: float = 0.0):
     """A referring question about `scene`, or about another scene where it has none;
-    --decisive-share of them decided by one attribute (decisive_turn)."""
+    --decisive-share of them decided by one attribute (decisive_turn), and a share `twins` of
+    those asked beside their twin (twin_turn), in random order."""
     decisive = ARGS.decisive_share > 0 and rng.random() < ARGS.decisive_share
     # drawn once: a positive question that an attribute decides needs more tries of a scene
     negative = decisive and rng.random() < tasks.NEGATIVE_RATE
+    paired = decisive and twins > 0 and rng.random() < twins
     while True:
         if decisive:
             turn = decisive_turn(scene, regions, negative, rng)
         else:
             turn = tasks._refer_turn(scene, regions, rng)
-        if turn is not None:
-            return scene, regions, turn
+        twin = turn and paired and twin_turn(scene, turn, regions, rng)
+        if turn is not None and (twin or not paired):
+            turns = [turn, twin] if twin else [turn]
+            return scene, regions, [turns[i] for i in rng.permutation(len(turns))]
         scene, regions = world.scene(rng), tasks._Regions()
 
 
@@ -235,9 +260,11 @@ def curriculum_sample(world, index: int, shares, attributes) -> RegionSample:
             turn.answer, turn.task = tasks.refer_answer(k), "copy"
         return world._finish(scene, regions, [turn], rng)
     if kind in ("refer", "refer_scaffold", "refer_text"):
-        scene, regions, refer = refer_turn(world, scene, regions, rng)
+        twins = ARGS.twins if kind == "refer" else 0.0
+        scene, regions, refers = refer_turns(world, scene, regions, rng, twins)
         if kind == "refer":
-            return world._finish(scene, regions, [refer], rng)
+            return world._finish(scene, regions, refers, rng)
+        refer = refers[0]
         if kind == "refer_text":
             objects = [scene.objects[i] for i in refer.truth["objects"]]
             keys = refer.truth["values"] if ARGS.short_text else None
@@ -297,6 +324,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "near miss in it, or a target the other named attributes do not single out",
     )
     parser.add_argument("--decisive", default="position", help="e.g. position or position,shape")
+    parser.add_argument(
+        "--twins",
+        type=float,
+        default=0.0,
+        help="the share of decisive questions (referring alone) asked beside their twin: the "
+        "same regions and phrase with the deciding attribute changed so that the answer does",
+    )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
@@ -324,6 +358,8 @@ if ARGS.crowded:
 DECISIVE = ARGS.decisive.split(",")
 if not 0 <= ARGS.decisive_share <= 1 or set(DECISIVE) - set(READOUTS):
     raise SystemExit(f"--decisive-share must be between 0 and 1; --decisive some of {READOUTS}")
+if not 0 <= ARGS.twins <= 1:
+    raise SystemExit("--twins must be between 0 and 1")
 if ARGS.refer_keys:
     REFER_KEYS = tuple(tuple(key.split("+")) for key in ARGS.refer_keys.split(","))
     if {name for key in REFER_KEYS for name in key} - set(READOUTS):

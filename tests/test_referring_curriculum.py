@@ -3,7 +3,8 @@ the asked attribute of the region with that number, refer_text writes each candi
 description before a question its answer fits, copy asks for the number it states, mixed
 samples are the package's own, --refer-keys limits what referring phrases name,
 --negative-rate how often none fits, --crowded how often they name all the regions they can
-and --decisive-share how often one attribute decides."""
+--decisive-share how often one attribute decides and --twins how often such a question comes
+beside its twin."""
 
 import importlib
 import sys
@@ -125,6 +126,28 @@ def test_decisive_questions_turn_on_the_named_attribute(load_script, attribute):
     assert kinds == {True, False}
     with pytest.raises(SystemExit, match="--decisive some of"):
         load_script("--decisive-share", "0.5", "--decisive", "weight")
+
+
+def test_twins_share_regions_and_differ_in_the_deciding_attribute_and_the_answer(load_script):
+    script = load_script("--decisive-share", "1", "--twins", "1")
+    orders = set()
+    for sample in samples(script, "refer", 30):
+        assert len(sample.turns) == 2
+        first, second = (turn.truth for turn in sample.turns)
+        assert first["objects"] == second["objects"]
+        assert first["scene"] is second["scene"]
+        decisive, twin = (first, second) if "decided_by" in first else (second, first)
+        attribute = decisive["decided_by"]
+        changed = {k for k in decisive["values"] if decisive["values"][k] != twin["values"][k]}
+        assert changed == {attribute} and set(twin["values"]) == set(decisive["values"])
+        assert twin["target"] != decisive["target"]
+        candidates = [decisive["scene"].objects[i] for i in twin["objects"]]
+        fits = [k for k, c in enumerate(candidates) if tasks.matches(c, twin["values"])]
+        assert fits == ([] if twin["target"] is None else [twin["target"]])
+        orders.add(decisive is first)
+    assert orders == {True, False}
+    with pytest.raises(SystemExit, match="--twins"):
+        load_script("--twins", "1.5")
 
 
 def test_mixed_samples_are_the_packages_own(load_script):
