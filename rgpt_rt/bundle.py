@@ -8,6 +8,7 @@
       vision.safetensors   CLIP + refinement weights for the torch vision backend (no ONNX Runtime / TensorRT)
       connector.safetensors   the connector, for region embeddings (and the torch backend), with
                            its region-number table where config.connector.region_numbers > 0
+                           and its centroid projection where config.connector.region_positions > 0
       llm.safetensors      the LLM: INT4 linears (the project's layout) + fp16 embeddings, norms, lm_head
       vision.<gpu>.trt<version>.engine   when TensorRT built one (device-specific)
 

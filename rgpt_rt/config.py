@@ -97,10 +97,13 @@ class ConnectorConfig:
 
     region_numbers: M > 0 adds a learned vector to each region embedding by its number K
     (<regionK>, K <= M; rgpt_rt/ops/region_numbers.py), so that the decoder need not count
-    region tokens to answer "Region [K]". 0 (RegionGPT): none."""
+    region tokens to answer "Region [K]". 0 (RegionGPT): none.
+    region_positions: F > 0 adds a learned projection of 4F sin/cos features of each mask's
+    centroid to its region embedding (rgpt_rt/ops/region_positions.py). 0 (RegionGPT): none."""
 
     kind: str = "mlp2x_gelu"
     region_numbers: int = 0
+    region_positions: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -109,6 +112,10 @@ class ConnectorConfig:
         _require(
             0 <= self.region_numbers <= 64,
             f"connector region_numbers must be 0-64 (0: none); got {self.region_numbers}",
+        )
+        _require(
+            0 <= self.region_positions <= 16,
+            f"connector region_positions must be 0-16 (0: none); got {self.region_positions}",
         )
 
 

@@ -15,6 +15,10 @@ guess at why a phrase is not matched to a region:
     number-regions   a table of --numbers region-number vectors in the connector
                      (connector.region_numbers), row K-1 started at the input word embedding
                      of the digit K: <regionK>'s embedding says "K" as well as what it shows
+    position-regions a projection of each mask's centroid (connector.region_positions =
+                     --frequencies), started at --factor times the least-squares map from the
+                     centroid features to the centred region embeddings: at first it adds
+                     that much again of what the embedding says about where the region is
 
     python scripts/init_variants.py grow --init runs/d/final --out runs/g6init --order 0,1,N,2,N,3
 """
@@ -31,6 +35,7 @@ from rgpt_rt.data.samples import collate
 from rgpt_rt.data.shapes import ATTRIBUTES
 from rgpt_rt.data.tasks import ShapesWorld
 from rgpt_rt.model.rgpt import RGPT
+from rgpt_rt.ops.region_positions import mask_centroids, position_features
 
 ALIGN_SEED = 7  # neither training's seed (0) nor the held-out one (1)
 ALIGN_REGIONS = 1500
@@ -139,12 +144,40 @@ def number_regions(model: RGPT, args) -> RGPT:
     return numbered
 
 
+def position_regions(model: RGPT, args) -> RGPT:
+    if not 1 <= args.frequencies <= 16:
+        raise SystemExit("--frequencies must be 1-16")
+    connector = dataclasses.replace(model.config.connector, region_positions=args.frequencies)
+    config = dataclasses.replace(model.config, connector=connector)
+    placed = RGPT(config, model.tokenizer, vision=model.vision, llm=model.llm)
+    placed.refinement.load_state_dict(model.refinement.state_dict())
+    missing, _ = placed.connector.load_state_dict(model.connector.state_dict(), strict=False)
+    if missing != ["region_position.weight"]:
+        raise SystemExit(f"{args.init} already projects its regions' positions")
+    world = ShapesWorld(model.config.vision.image_size, seed=ALIGN_SEED)
+    samples = [world.task_sample(i, "brief") for i in range(ALIGN_REGIONS)]
+    embeds, features = [], []
+    with torch.no_grad():
+        for start in range(0, len(samples), 100):
+            chunk = samples[start : start + 100]
+            batch = collate(chunk, model.config, model.tokenizer, model.pad_token_id)
+            _, hires = model.encode_image(batch.pixel_values)
+            embeds.append(model.encode_regions(hires, batch.masks, batch.batch_index))
+            centroids = mask_centroids(batch.masks)
+            features.append(position_features(centroids, args.frequencies))
+        embeds, features = torch.cat(embeds), torch.cat(features)
+        fit = torch.linalg.lstsq(features, embeds - embeds.mean(dim=0)).solution  # [4F, D]
+        placed.connector.region_position.weight.copy_(args.factor * fit.T)
+    return placed
+
+
 VARIANTS = {
     "scale-words": scale_words,
     "align-words": align_words,
     "scale-connector": scale_connector,
     "grow": grow,
     "number-regions": number_regions,
+    "position-regions": position_regions,
 }
 
 
@@ -158,6 +191,7 @@ def main() -> None:
     parser.add_argument("--order", default="0,1,N,2,N,3")
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--numbers", type=int, default=9)
+    parser.add_argument("--frequencies", type=int, default=4)
     args = parser.parse_args()
     model = VARIANTS[args.variant](RGPT.from_pretrained(args.init), args)
     model.save_pretrained(args.out)

@@ -98,6 +98,12 @@ Questions that position decides (--decisive), from pB (rgpt_rt/assets/tiny as sh
     tB  --init runs/rB/final --lr 1.5e-4 --decisive-share 0.5 --negative-rate 0.3 --seed 62
     uA  --init runs/tB/final --steps 2000 --lr 1e-4 --decisive-share 0.5 --seed 71
         --eval-every 2000 --checkpoint-every 500 (stopped at 1500)
+
+Longer, from pB, as nH with --warmup-steps 30 --eval-per-task 0 --checkpoint-every 500
+--decisive-share 0.35 --lr 1e-4 and (vB: every decisive question beside its twin, --twins):
+
+    vA  --steps 4500 --eval-every 4500 --keep-checkpoints 9 --seed 81
+    vB  --steps 4000 --eval-every 4000 --keep-checkpoints 8 --twins 1 --seed 82
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """scripts/init_variants.py number-regions: a checkpoint gains a region-number table whose row
-K-1 is the digit K's input word embedding, and computes what it did apart from that table."""
+K-1 is the digit K's input word embedding, and computes what it did apart from that table;
+position-regions: it gains a centroid projection started at a least-squares fit."""
 
 import argparse
 import importlib
@@ -31,3 +32,28 @@ def test_number_regions_starts_each_row_at_its_digit(monkeypatch):
         init_variants.number_regions(numbered, argparse.Namespace(numbers=5, init="m"))
     with pytest.raises(SystemExit, match="1-9"):
         init_variants.number_regions(model, argparse.Namespace(numbers=12, init="m"))
+
+
+def test_position_regions_starts_at_the_fit_of_the_embeddings_to_the_centroids(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    init_variants = importlib.import_module("init_variants")
+    monkeypatch.setattr(init_variants, "ALIGN_REGIONS", 200)
+    torch.manual_seed(0)
+    model = RGPT(RGPTConfig.from_preset("tiny")).eval()
+    args = argparse.Namespace(frequencies=2, factor=1.0, init="m")
+    placed = init_variants.position_regions(model, args)
+    assert placed.config.connector.region_positions == 2
+    weight = placed.connector.region_position.weight
+    assert weight.shape == (model.config.llm.hidden_size, 8) and weight.any()
+    doubled = init_variants.position_regions(
+        model, argparse.Namespace(**{**vars(args), "factor": 2.0})
+    )
+    torch.testing.assert_close(doubled.connector.region_position.weight, 2 * weight)
+    state, before = placed.connector.state_dict(), model.connector.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in before.items())
+    with pytest.raises(SystemExit, match="already projects"):
+        init_variants.position_regions(placed, args)
+    with pytest.raises(SystemExit, match="1-16"):
+        init_variants.position_regions(
+            model, argparse.Namespace(**{**vars(args), "frequencies": 0})
+        )

@@ -9,7 +9,13 @@ from torch import nn
 class Connector(nn.Module):
     """Linear(C, D) - GELU - Linear(D, D): vision channels into the LLM's embedding space."""
 
-    def __init__(self, vision_channels: int, llm_hidden: int, region_numbers: int = 0):
+    def __init__(
+        self,
+        vision_channels: int,
+        llm_hidden: int,
+        region_numbers: int = 0,
+        region_positions: int = 0,
+    ):
         super().__init__()
         self.fc1 = nn.Linear(vision_channels, llm_hidden)
         self.act = nn.GELU()
@@ -17,6 +23,10 @@ class Connector(nn.Module):
         if region_numbers:
             # row k is added to the embedding of <region{k+1}> (rgpt_rt/ops/region_numbers.py)
             self.region_number = nn.Parameter(torch.zeros(region_numbers, llm_hidden))
+        if region_positions:
+            # the region's centroid features -> its embedding (rgpt_rt/ops/region_positions.py)
+            self.region_position = nn.Linear(4 * region_positions, llm_hidden, bias=False)
+            nn.init.zeros_(self.region_position.weight)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: [..., C] -> [..., D]

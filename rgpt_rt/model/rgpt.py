@@ -33,7 +33,7 @@ from rgpt_rt.model.connector import Connector
 from rgpt_rt.model.llm import build_llm, hf_from_pretrained, read_llama_config
 from rgpt_rt.model.region import Refinement, patch_merge
 from rgpt_rt.model.vision import VisionTower, read_clip_vision_config
-from rgpt_rt.ops import add_region_numbers, mask_pool_reference
+from rgpt_rt.ops import add_region_numbers, add_region_positions, mask_pool_reference
 from rgpt_rt.prompts import Conversation, tokenize_conversation
 from rgpt_rt.tokenizer import default_tokenizer, ensure_special_tokens, load_tokenizer
 
@@ -79,7 +79,9 @@ class RGPT(nn.Module):
         channels, hidden = config.vision.hidden_size, config.llm.hidden_size
         self.vision = vision if vision is not None else VisionTower(config.vision)
         self.refinement = Refinement(channels, config.refinement.layer_norm_eps)
-        self.connector = Connector(channels, hidden, config.connector.region_numbers)
+        self.connector = Connector(
+            channels, hidden, config.connector.region_numbers, config.connector.region_positions
+        )
         self.llm = llm if llm is not None else build_llm(config.llm)
         self.tokenizer = ensure_special_tokens(
             tokenizer or default_tokenizer(tokens=config.tokens), config.tokens
@@ -126,8 +128,11 @@ class RGPT(nn.Module):
         self, hires: torch.Tensor, masks: torch.Tensor, batch_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """As pool_regions, then the connector -> region embeddings [N, D], each with its
-        number's vector where the model has them (the k-th mask of a sample is <region{k+1}>)."""
+        number's vector where the model has them (the k-th mask of a sample is <region{k+1}>)
+        and its centroid's projection where it has that."""
         embeds = self.connector(self.pool_regions(hires, masks, batch_index))
+        if self.config.connector.region_positions:
+            embeds = add_region_positions(embeds, masks, self.connector.region_position.weight)
         if self.config.connector.region_numbers:
             embeds = add_region_numbers(embeds, self.connector.region_number, batch_index)
         return embeds

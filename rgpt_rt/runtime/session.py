@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.inputs import ImageLike, MaskLike
-from rgpt_rt.ops import add_region_numbers, mask_pool
+from rgpt_rt.ops import add_region_numbers, add_region_positions, mask_pool
 from rgpt_rt.prompts import (
     Conversation,
     classify_prompt,
@@ -159,6 +159,18 @@ class Session:
                 f"connector weights hold region_number "
                 f"{None if table is None else tuple(table.shape)}; rebuild the bundle with "
                 "export/build_engine.py"
+            )
+        frequencies = config.connector.region_positions
+        projection = self.connector.get("connector.region_position.weight")
+        if bool(frequencies) != (projection is not None) or (
+            projection is not None
+            and tuple(projection.shape) != (config.llm.hidden_size, 4 * frequencies)
+        ):
+            raise ValueError(
+                f"the config projects {frequencies} frequencies of region positions "
+                f"(connector.region_positions) but the connector weights hold region_position "
+                f"{None if projection is None else tuple(projection.shape)}; rebuild the bundle "
+                "with export/build_engine.py"
             )
         self.decoder = decoder
         self.source = source
@@ -349,12 +361,16 @@ class Session:
     def _regions(
         self, hires: torch.Tensor, masks, frame: Frame, stats: dict[str, Any]
     ) -> torch.Tensor:
-        """Mask pooling on the hi-res map, then the connector: [N, D]."""
+        """Mask pooling on the hi-res map, then the connector (plus each mask's centroid
+        projection where the model has one): [N, D]."""
         start = time.perf_counter()
         prepared = prepare_masks(_as_list(masks), frame).to(self.device)  # [N, S', S']
         with self._lock:
             pooled = mask_pool(hires, prepared, mode=self.config.pool_mode)  # [N, C]
             embeds = connect(pooled, self.connector)  # [N, D]
+            projection = self.connector.get("connector.region_position.weight")
+            if projection is not None:
+                embeds = add_region_positions(embeds, prepared, projection)
         _sync(self.device)
         stats["regions_ms"] = _ms(start)
         stats["regions"] = int(prepared.shape[0])

@@ -1,0 +1,124 @@
+"""Region positions (connector.region_positions): each region embedding plus a projection of its
+mask's centroid. The op itself, the reference model that trains the projection, and the Session
+on a bundle of such a model, which must compute what the reference does."""
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from prefill_parity import reference_logits, session_logits
+
+from rgpt_rt.config import RGPTConfig
+from rgpt_rt.export.build import BuildOptions, build_bundle
+from rgpt_rt.model import RGPT
+from rgpt_rt.ops import add_region_positions
+from rgpt_rt.ops.region_positions import mask_centroids, position_features
+from rgpt_rt.prompts import refer_prompt
+from rgpt_rt.runtime.session import Session
+
+FREQUENCIES = 3
+
+
+def test_centroids_are_image_relative_centres_of_mass():
+    masks = torch.zeros(3, 8, 16, dtype=torch.bool)
+    masks[0, 0:2, 0:4] = True  # top left block: x (0..4) / 16, y (0..2) / 8
+    masks[1, 4:8, 8:16] = True  # bottom right quarter
+    weights = torch.zeros(1, 8, 16)
+    weights[0, :, 0] = 1.0
+    weights[0, :, 15] = 3.0  # soft weights pull the centre towards the heavier column
+    found = mask_centroids(torch.cat([masks.float(), weights]))
+    expected = [[2 / 16, 1 / 8], [12 / 16, 6 / 8], [0.5, 0.5], [(0.5 + 3 * 15.5) / 4 / 16, 0.5]]
+    torch.testing.assert_close(found, torch.tensor(expected))  # the empty mask: the centre
+
+
+def test_features_are_sines_and_cosines_of_doubling_frequencies():
+    features = position_features(torch.tensor([[0.25, 0.5]]), FREQUENCIES)
+    assert features.shape == (1, 4 * FREQUENCIES)
+    angles = [math.pi * 2**k * v for v in (0.25, 0.5) for k in range(FREQUENCIES)]
+    expected = [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+    order = [0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]  # x's sines, x's cosines, then y's
+    torch.testing.assert_close(features[0], torch.tensor(expected)[order])
+
+
+def test_a_mask_count_unlike_the_embeddings_is_refused():
+    with pytest.raises(ValueError, match="2 masks for 3 region embeddings"):
+        add_region_positions(torch.zeros(3, 4), torch.ones(2, 8, 8), torch.zeros(4, 12))
+
+
+def placed_config() -> RGPTConfig:
+    config = RGPTConfig.from_preset("tiny")
+    connector = dataclasses.replace(config.connector, region_positions=FREQUENCIES)
+    return dataclasses.replace(config, connector=connector)
+
+
+@pytest.fixture(scope="module")
+def placed_checkpoint(tmp_path_factory):
+    torch.manual_seed(6)
+    model = RGPT(placed_config())
+    with torch.no_grad():  # large enough to change every answer
+        model.connector.region_position.weight.normal_(std=30.0)
+    folder = tmp_path_factory.mktemp("placed") / "ckpt"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def placed_bundle(placed_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("placed_bundle") / "tiny"
+    build_bundle(
+        BuildOptions(out=out, checkpoint=placed_checkpoint, quant="none", log=lambda _: None)
+    )
+    return out
+
+
+def scene(seed=0, size=96):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return image, [(5, 5, 40, 40), (50, 10, 90, 45), (20, 55, 70, 90)]
+
+
+def test_a_new_projection_starts_at_zero():
+    assert not RGPT(placed_config()).connector.region_position.weight.any()
+
+
+def test_the_reference_adds_each_masks_projection_and_saves_it(placed_checkpoint):
+    model = RGPT.from_pretrained(placed_checkpoint).eval()
+    assert model.config.connector.region_positions == FREQUENCIES
+    image, masks = scene()
+    prepared = model.prepare(image, masks, refer_prompt("the red star", 3))
+    with torch.no_grad():
+        _, hires = model.encode_image(prepared.pixel_values)
+        plain = model.connector(model.pool_regions(hires, prepared.masks))
+        placed = model.encode_regions(hires, prepared.masks)
+    centres = torch.tensor([[22.5, 22.5], [70.0, 27.5], [45.0, 72.5]]) / 96  # the boxes' centres
+    features = position_features(centres, FREQUENCIES)
+    expected = features @ model.connector.region_position.weight.detach().T
+    torch.testing.assert_close(placed - plain, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_the_session_computes_the_references_logits(placed_checkpoint, placed_bundle):
+    reference = RGPT.from_pretrained(placed_checkpoint).eval()
+    session = Session(placed_bundle, device="cpu")
+    image, masks = scene(1)
+    question = refer_prompt("the red star", 3)
+    expected, _ = reference_logits(reference, image, masks, question)
+    logits, _ = session_logits(session, image, masks, question)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert session.ask(image, question, masks, max_new_tokens=8) == reference.answer(
+        image, masks, question, max_new_tokens=8
+    )
+
+
+def test_a_bundle_whose_config_and_projection_disagree_is_refused(placed_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(placed_bundle, copy)
+    manifest_path = copy / "manifest.json"  # the bundle's config is the manifest's
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["connector"]["region_positions"] = 0
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="connector weights hold region_position"):
+        Session(copy, device="cpu", verify=False)
