@@ -102,8 +102,15 @@ Questions that position decides (--decisive), from pB (rgpt_rt/assets/tiny as sh
 Longer, from pB, as nH with --warmup-steps 30 --eval-per-task 0 --checkpoint-every 500
 --decisive-share 0.35 --lr 1e-4 and (vB: every decisive question beside its twin, --twins):
 
-    vA  --steps 4500 --eval-every 4500 --keep-checkpoints 9 --seed 81
-    vB  --steps 4000 --eval-every 4000 --keep-checkpoints 8 --twins 1 --seed 82
+    vA  --steps 4500 --eval-every 4500 --keep-checkpoints 9 --seed 81 (stopped at 2000)
+    vB  --steps 4000 --eval-every 4000 --keep-checkpoints 8 --twins 1 --seed 82 (stopped at 2000)
+
+With each region's centroid projected into its embedding (connector.region_positions = 4):
+`python scripts/init_variants.py position-regions --init rgpt_rt/assets/tiny --out runs/pBpos
+--frequencies 4` first, then as vB with --init runs/pBpos and:
+
+    wA  --steps 2500 --eval-every 2500 --keep-checkpoints 5 --seed 91
+    wB  --steps 2000 --lr 2e-4 --eval-every 2000 --keep-checkpoints 4 --seed 92
 """
 
 from __future__ import annotations
