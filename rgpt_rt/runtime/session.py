@@ -147,31 +147,12 @@ class Session:
         self.tokenizer = tokenizer
         self.vision = vision
         self.connector = {f"connector.{k}": v.to(device, self.dtype) for k, v in connector.items()}
-        numbers, table = (
-            config.connector.region_numbers,
-            self.connector.get("connector.region_number"),
+        hidden = config.llm.hidden_size
+        numbers, frequencies = config.connector.region_numbers, config.connector.region_positions
+        self._check_connector_part("region_numbers", numbers, "region_number", (numbers, hidden))
+        self._check_connector_part(
+            "region_positions", frequencies, "region_position.weight", (hidden, 4 * frequencies)
         )
-        if bool(numbers) != (table is not None) or (
-            table is not None and tuple(table.shape) != (numbers, config.llm.hidden_size)
-        ):
-            raise ValueError(
-                f"the config numbers {numbers} regions (connector.region_numbers) but the "
-                f"connector weights hold region_number "
-                f"{None if table is None else tuple(table.shape)}; rebuild the bundle with "
-                "export/build_engine.py"
-            )
-        frequencies = config.connector.region_positions
-        projection = self.connector.get("connector.region_position.weight")
-        if bool(frequencies) != (projection is not None) or (
-            projection is not None
-            and tuple(projection.shape) != (config.llm.hidden_size, 4 * frequencies)
-        ):
-            raise ValueError(
-                f"the config projects {frequencies} frequencies of region positions "
-                f"(connector.region_positions) but the connector weights hold region_position "
-                f"{None if projection is None else tuple(projection.shape)}; rebuild the bundle "
-                "with export/build_engine.py"
-            )
         self.decoder = decoder
         self.source = source
         names = config.tokens
@@ -357,6 +338,19 @@ class Session:
         _sync(self.device)
         stats["vision_ms"] = _ms(start)
         return frame, cached[0], cached[1]
+
+    def _check_connector_part(self, field: str, size: int, name: str, shape: tuple) -> None:
+        """The connector weights hold `name` with `shape` when config.connector.`field` > 0,
+        and do not hold it when it is 0."""
+        weight = self.connector.get(f"connector.{name}")
+        if bool(size) != (weight is not None) or (
+            weight is not None and tuple(weight.shape) != shape
+        ):
+            held = None if weight is None else tuple(weight.shape)
+            raise ValueError(
+                f"the config sets connector.{field} = {size} but the connector weights hold "
+                f"{name} {held}; rebuild the bundle with export/build_engine.py"
+            )
 
     def _regions(
         self, hires: torch.Tensor, masks, frame: Frame, stats: dict[str, Any]
