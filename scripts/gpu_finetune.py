@@ -14,7 +14,8 @@ running at the deadline is stopped and ends at its last checkpoint. What comes b
 Every variant trains what nH and nI trained (rgpt_rt/assets/MODEL_CARD.md): referring 75% (40%
 of its phrases fit no region), the package's own samples 10%, one-region questions 15%;
 --decisive-share makes that share of the referring questions ones that position decides (near
-misses in position, and targets only their position singles out), for every variant.
+misses in position, and targets only their position singles out), for every variant, and
+--twins asks that share of those beside their twin (the answer changed by the position).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def variant_command(name, batch, lr, seed, negative, steps, init, work, args) ->
         "--threads", str(args.threads), "--log-every", "10",
         "--checkpoint-every", str(max(1, steps // 5)), "--keep-checkpoints", "1",
         "--eval-every", str(steps), "--eval-per-task", "0",
-        "--decisive-share", str(args.decisive_share),
+        "--decisive-share", str(args.decisive_share), "--twins", str(args.twins),
     ]  # fmt: skip
 
 
@@ -175,10 +176,17 @@ def main() -> int:
         help="every variant's share of referring questions that position decides "
         "(referring_curriculum.py --decisive-share; default 0)",
     )
+    parser.add_argument(
+        "--twins",
+        type=float,
+        default=0.0,
+        help="the share of those asked beside their twin (referring_curriculum.py --twins)",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="(default $OUT)")
     args = parser.parse_args()
-    if not 0 <= args.decisive_share <= 1:
-        raise SystemExit("--decisive-share must be between 0 and 1")
+    for name in ("decisive_share", "twins"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be between 0 and 1")
     args.variant = args.variant or list(VARIANTS)
     if len({v[0] for v in args.variant}) < len(args.variant):
         raise SystemExit("--variant names must differ")

@@ -22,7 +22,7 @@ def test_every_variant_trains_and_comes_back_loadable(tmp_path):
         sys.executable, SCRIPT, "--work", str(tmp_path / "ft"), "--device", "cpu",
         "--steps", "2", "--data-workers", "0", "--threads", "1", "--out", str(out),
         "--variant", "a:4:3e-4:1:1.0:0.4", "--variant", "b:2:1e-4:2:1.0:0.9",
-        "--decisive-share", "0.35",
+        "--decisive-share", "0.35", "--twins", "1",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,6 +38,7 @@ def test_every_variant_trains_and_comes_back_loadable(tmp_path):
         assert flags[flags.index("--batch-size") + 1] == batch
         assert flags[flags.index("--negative-rate") + 1] == negative
         assert flags[flags.index("--decisive-share") + 1] == "0.35"
+        assert flags[flags.index("--twins") + 1] == "1.0"
         assert (out / f"{name}.tar").stat().st_size == entry["packed_bytes"] <= 16 * 2**20
         with tarfile.open(out / f"{name}.tar") as tar:
             assert "final/vision" not in tar.getnames()
@@ -58,6 +59,7 @@ def test_bad_arguments_are_refused(tmp_path):
         "--decisive-share must be between 0 and 1": [
             "--work", str(tmp_path / "new"), "--decisive-share", "1.5",
         ],
+        "--twins must be between 0 and 1": ["--work", str(tmp_path / "new"), "--twins", "-1"],
         "--variant names must differ": [
             "--work", str(tmp_path / "new"), "--variant", "a:4:1e-4:1:1:0.4",
             "--variant", "a:4:1e-4:2:1:0.4",
