@@ -111,6 +111,13 @@ With each region's centroid projected into its embedding (connector.region_posit
 
     wA  --steps 2500 --eval-every 2500 --keep-checkpoints 5 --seed 91
     wB  --steps 2000 --lr 2e-4 --eval-every 2000 --keep-checkpoints 4 --seed 92
+
+A deeper decoder: `python scripts/init_variants.py grow --init rgpt_rt/assets/tiny --out
+runs/pBgrow --order 0,1,N,2,N,3 --kv-heads 2` (6 layers, the 2 new ones adding nothing yet),
+then as vB with --init runs/pBgrow and:
+
+    xA  --steps 1800 --lr 2e-4 --eval-every 1800 --checkpoint-every 300 --keep-checkpoints 6
+        --seed 101 (stopped at 1200)
 """
 
 from __future__ import annotations
