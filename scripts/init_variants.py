@@ -128,16 +128,25 @@ def grow(model: RGPT, args) -> RGPT:
     return grown
 
 
+def with_connector_part(model: RGPT, part: str, refusal: str, **connector) -> RGPT:
+    """`model` with the connector fields `connector` changed, which add the parameter `part`
+    (every other weight kept, shared with `model`); refused with `refusal` when it has `part`."""
+    config = dataclasses.replace(
+        model.config, connector=dataclasses.replace(model.config.connector, **connector)
+    )
+    changed = RGPT(config, model.tokenizer, vision=model.vision, llm=model.llm)
+    changed.refinement.load_state_dict(model.refinement.state_dict())
+    missing, _ = changed.connector.load_state_dict(model.connector.state_dict(), strict=False)
+    if missing != [part]:
+        raise SystemExit(refusal)
+    return changed
+
+
 def number_regions(model: RGPT, args) -> RGPT:
     if not 1 <= args.numbers <= 9:
         raise SystemExit("--numbers must be 1-9: row K-1 starts at the digit K's embedding")
-    connector = dataclasses.replace(model.config.connector, region_numbers=args.numbers)
-    config = dataclasses.replace(model.config, connector=connector)
-    numbered = RGPT(config, model.tokenizer, vision=model.vision, llm=model.llm)
-    numbered.refinement.load_state_dict(model.refinement.state_dict())
-    missing, _ = numbered.connector.load_state_dict(model.connector.state_dict(), strict=False)
-    if missing != ["region_number"]:
-        raise SystemExit(f"{args.init} already numbers its regions")
+    refusal = f"{args.init} already numbers its regions"
+    numbered = with_connector_part(model, "region_number", refusal, region_numbers=args.numbers)
     digits = [model.tokenizer.token_to_id(str(k)) for k in range(1, args.numbers + 1)]
     with torch.no_grad():
         numbered.connector.region_number.copy_(model.llm.get_input_embeddings().weight[digits])
@@ -147,13 +156,10 @@ def number_regions(model: RGPT, args) -> RGPT:
 def position_regions(model: RGPT, args) -> RGPT:
     if not 1 <= args.frequencies <= 16:
         raise SystemExit("--frequencies must be 1-16")
-    connector = dataclasses.replace(model.config.connector, region_positions=args.frequencies)
-    config = dataclasses.replace(model.config, connector=connector)
-    placed = RGPT(config, model.tokenizer, vision=model.vision, llm=model.llm)
-    placed.refinement.load_state_dict(model.refinement.state_dict())
-    missing, _ = placed.connector.load_state_dict(model.connector.state_dict(), strict=False)
-    if missing != ["region_position.weight"]:
-        raise SystemExit(f"{args.init} already projects its regions' positions")
+    refusal = f"{args.init} already projects its regions' positions"
+    placed = with_connector_part(
+        model, "region_position.weight", refusal, region_positions=args.frequencies
+    )
     world = ShapesWorld(model.config.vision.image_size, seed=ALIGN_SEED)
     samples = [world.task_sample(i, "brief") for i in range(ALIGN_REGIONS)]
     embeds, features = [], []

@@ -2,15 +2,12 @@
 The op itself, the reference model that trains them, and the Session on a bundle of a numbered
 model, which must compute what the reference does."""
 
-import dataclasses
-
-import numpy as np
 import pytest
 import torch
+from connector_variants import bundle_of, saved_variant, scene, variant_config
 from prefill_parity import reference_logits, session_logits
 
 from rgpt_rt.config import RGPTConfig
-from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.model import RGPT
 from rgpt_rt.ops import add_region_numbers
 from rgpt_rt.prompts import refer_prompt
@@ -35,35 +32,17 @@ def test_more_regions_than_numbers_is_refused_with_the_limit():
 
 
 def numbered_config() -> RGPTConfig:
-    config = RGPTConfig.from_preset("tiny")
-    connector = dataclasses.replace(config.connector, region_numbers=NUMBERS)
-    return dataclasses.replace(config, connector=connector)
+    return variant_config(region_numbers=NUMBERS)
 
 
 @pytest.fixture(scope="module")
 def numbered_checkpoint(tmp_path_factory):
-    torch.manual_seed(5)
-    model = RGPT(numbered_config())
-    with torch.no_grad():  # large enough to change every answer
-        model.connector.region_number.normal_(std=30.0)
-    folder = tmp_path_factory.mktemp("numbered") / "ckpt"
-    model.save_pretrained(folder)
-    return folder
+    return saved_variant(numbered_config(), "region_number", 5, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def numbered_bundle(numbered_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("numbered_bundle") / "tiny"
-    build_bundle(
-        BuildOptions(out=out, checkpoint=numbered_checkpoint, quant="none", log=lambda _: None)
-    )
-    return out
-
-
-def scene(seed=0, size=96):
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return image, [(5, 5, 40, 40), (50, 10, 90, 45), (20, 55, 70, 90)]
+    return bundle_of(numbered_checkpoint, tmp_path_factory)
 
 
 def test_the_reference_adds_each_regions_number_and_saves_the_table(numbered_checkpoint):

@@ -2,18 +2,16 @@
 mask's centroid. The op itself, the reference model that trains the projection, and the Session
 on a bundle of such a model, which must compute what the reference does."""
 
-import dataclasses
 import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
+from connector_variants import bundle_of, saved_variant, scene, variant_config
 from prefill_parity import reference_logits, session_logits
 
 from rgpt_rt.config import RGPTConfig
-from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.model import RGPT
 from rgpt_rt.ops import add_region_positions
 from rgpt_rt.ops.region_positions import mask_centroids, position_features
@@ -50,35 +48,17 @@ def test_a_mask_count_unlike_the_embeddings_is_refused():
 
 
 def placed_config() -> RGPTConfig:
-    config = RGPTConfig.from_preset("tiny")
-    connector = dataclasses.replace(config.connector, region_positions=FREQUENCIES)
-    return dataclasses.replace(config, connector=connector)
+    return variant_config(region_positions=FREQUENCIES)
 
 
 @pytest.fixture(scope="module")
 def placed_checkpoint(tmp_path_factory):
-    torch.manual_seed(6)
-    model = RGPT(placed_config())
-    with torch.no_grad():  # large enough to change every answer
-        model.connector.region_position.weight.normal_(std=30.0)
-    folder = tmp_path_factory.mktemp("placed") / "ckpt"
-    model.save_pretrained(folder)
-    return folder
+    return saved_variant(placed_config(), "region_position.weight", 6, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def placed_bundle(placed_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("placed_bundle") / "tiny"
-    build_bundle(
-        BuildOptions(out=out, checkpoint=placed_checkpoint, quant="none", log=lambda _: None)
-    )
-    return out
-
-
-def scene(seed=0, size=96):
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return image, [(5, 5, 40, 40), (50, 10, 90, 45), (20, 55, 70, 90)]
+    return bundle_of(placed_checkpoint, tmp_path_factory)
 
 
 def test_a_new_projection_starts_at_zero():
