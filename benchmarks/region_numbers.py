@@ -1,6 +1,7 @@
-"""What region numbers add to a question: `add_region_numbers` on one question's region
-embeddings, beside the regions stage it follows (mask pooling + connector) and the whole
-`Session.refer`, on the embedded default model (CPU).
+"""What region numbers and region positions add to a question: `add_region_numbers` and
+`add_region_positions` (F = 4, a random projection: the shipped model has none) on one
+question's region embeddings and prepared masks, beside the regions stage they join (mask
+pooling + connector) and the whole `Session.refer`, on the embedded default model (CPU).
 
     python benchmarks/region_numbers.py [--threads 1] [--repeats 2000]
 """
@@ -13,7 +14,11 @@ import time
 import torch
 
 from rgpt_rt.data.tasks import ShapesWorld
+from rgpt_rt.ops import add_region_positions
+from rgpt_rt.runtime.preprocess import prepare_masks
 from rgpt_rt.runtime.session import Session
+
+POSITION_FREQUENCIES = 4  # what runs wA and wB used (MODEL_CARD.md)
 
 
 def median_us(fn, repeats: int) -> float:
@@ -39,11 +44,16 @@ def main() -> None:
     embeds = session._regions(hires, sample.masks, frame, stats)
     regions = median_us(lambda: session._regions(hires, sample.masks, frame, {}), args.repeats)
     numbers = median_us(lambda: session._numbered(embeds), args.repeats)
+    prepared = prepare_masks(list(sample.masks), frame)  # what _regions pools
+    projection = torch.randn(embeds.shape[1], 4 * POSITION_FREQUENCIES)
+    positions = median_us(lambda: add_region_positions(embeds, prepared, projection), args.repeats)
     expression = "the red star"
     refer = median_us(lambda: session.refer(sample.image, expression, sample.masks), 50)
     print(f"5 regions, {args.threads} thread(s), median of {args.repeats}:")
     print("| step | µs |\n|---|---:|")
     print(f"| add_region_numbers ([5, 256]) | {numbers:.1f} |")
+    side = "x".join(map(str, prepared.shape[1:]))
+    print(f"| add_region_positions ([5, 256], {side} masks, F=4) | {positions:.1f} |")
     print(f"| regions stage (mask pooling + connector) | {regions:.1f} |")
     print(f"| Session.refer, whole (vision cached; median of 50) | {refer:.1f} |")
 
