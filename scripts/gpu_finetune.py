@@ -15,7 +15,10 @@ Every variant trains what nH and nI trained (rgpt_rt/assets/MODEL_CARD.md): refe
 of its phrases fit no region), the package's own samples 10%, one-region questions 15%;
 --decisive-share makes that share of the referring questions ones that position decides (near
 misses in position, and targets only their position singles out), for every variant, and
---twins asks that share of those beside their twin (the answer changed by the position).
+--twins asks that share of those beside their twin (the answer changed by the position). A
+--variant may set its own start, --decisive, --decisive-share or --twins with KEY=VALUE fields:
+
+    --variant p:64:3e-4:44:1.0:0.5:init=runs/pBpos:decisive-share=0.5:twins=0.5
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ MIX = [
 ]  # fmt: skip
 # name, batch size, learning rate, seed, steps as a share of the calibrated, negative rate
 VARIANTS = (
-    ("b16-lr3", 16, "3e-4", 16, 1.3, 0.4),  # half the samples a step: faster
-    ("b32-lr5", 32, "5e-4", 17, 1.0, 0.4),
-    ("b32-lr3", 32, "3e-4", 18, 1.0, 0.4),
+    ("b16-lr3", 16, "3e-4", 16, 1.3, 0.4, {}),  # half the samples a step: faster
+    ("b32-lr5", 32, "5e-4", 17, 1.0, 0.4, {}),
+    ("b32-lr3", 32, "3e-4", 18, 1.0, 0.4, {}),
 )
 CALIBRATION_STEPS = 40
 SHARED_GPU = 0.75  # each variant's speed beside two others (0.77 on an H200 with 4 workers)
@@ -54,33 +57,54 @@ PACK_SECONDS = 20
 PART_LIMIT = 16 * 2**20  # a device call brings back files of at most 16 MiB
 
 
+EXTRAS = ("init", "decisive", "decisive-share", "twins")  # a variant's own, over the flags
+
+
 def parse_variant(text: str) -> tuple:
-    """'b32-n5:32:3e-4:21:1.0:0.5' -> ("b32-n5", 32, "3e-4", 21, 1.0, 0.5)."""
+    """'b32-n5:32:3e-4:21:1.0:0.5' -> ("b32-n5", 32, "3e-4", 21, 1.0, 0.5, {}); fields after
+    the sixth are KEY=VALUE, KEY one of EXTRAS, and set that flag for this variant alone:
+    'p:64:3e-4:44:1.0:0.5:init=runs/pBpos:twins=0.5' -> (..., {"init": "runs/pBpos", ...})."""
     fields = text.split(":")
     try:
-        name, batch, lr, seed, share, negative = fields
+        name, batch, lr, seed, share, negative = fields[:6]
+        extras = dict(field.split("=", 1) for field in fields[6:])
         variant = name, int(batch), str(float(lr)), int(seed), float(share), float(negative)
+        for key in ("decisive-share", "twins"):
+            if key in extras and not 0 <= float(extras[key]) <= 1:
+                variant = None
     except ValueError:
         variant = None
-    if variant is None or not (variant[1] >= 1 and variant[4] > 0 and 0 <= variant[5] <= 1):
+    if (
+        variant is None
+        or not (variant[1] >= 1 and variant[4] > 0 and 0 <= variant[5] <= 1)
+        or not set(extras) <= set(EXTRAS)
+    ):
         raise argparse.ArgumentTypeError(
             f"{text!r}: give NAME:BATCH:LR:SEED:SHARE:NEGATIVE_RATE (batch >= 1, share > 0, "
-            "negative rate 0-1), e.g. b32:32:3e-4:21:1.0:0.4"
+            "negative rate 0-1), e.g. b32:32:3e-4:21:1.0:0.4, then optionally KEY=VALUE "
+            f"fields, KEY one of {', '.join(EXTRAS)} (shares 0-1)"
         )
-    return variant
+    return (*variant, extras)
 
 
-def variant_command(name, batch, lr, seed, negative, steps, init, work, args) -> list[str]:
+def variant_command(variant, steps, init, work, args) -> list[str]:
+    name, batch, lr, seed, _, negative, extras = variant
+    flags = {
+        "decisive-share": str(args.decisive_share), "twins": str(args.twins),
+        "init": str(init), **extras,
+    }  # fmt: skip
+    if "decisive" in flags:
+        flags = {"decisive": flags.pop("decisive"), **flags}
     return [
         sys.executable, str(HERE / "referring_curriculum.py"), *MIX,
         "--negative-rate", str(negative),
-        "--out", str(work / name), "--init", str(init), "--steps", str(steps),
+        "--out", str(work / name), "--steps", str(steps),
         "--batch-size", str(batch), "--lr", lr, "--seed", str(seed),
         "--device", args.device, "--data-workers", str(args.data_workers),
         "--threads", str(args.threads), "--log-every", "10",
         "--checkpoint-every", str(max(1, steps // 5)), "--keep-checkpoints", "1",
         "--eval-every", str(steps), "--eval-per-task", "0",
-        "--decisive-share", str(args.decisive_share), "--twins", str(args.twins),
+        *(item for key, value in flags.items() for item in (f"--{key}", value)),
     ]  # fmt: skip
 
 
@@ -164,6 +188,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="every variant's steps (default: calibrated)")
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument(
+        "--shared",
+        type=float,
+        default=SHARED_GPU,
+        help="each variant's speed beside the others, as a share of the calibration's alone "
+        f"(default {SHARED_GPU}, for three variants)",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         type=parse_variant,
@@ -203,23 +234,21 @@ def main() -> int:
 
     steps = args.steps
     if steps is None:
-        name, batch, lr, seed, _, negative = args.variant[-1]
-        command = variant_command(
-            name, batch, lr, seed, negative, CALIBRATION_STEPS, init, work, args
-        )
+        command = variant_command(args.variant[-1], CALIBRATION_STEPS, init, work, args)
         command[command.index("--out") + 1] = str(work / "calibration")
         process = start(command, work / "calibration.log")
         ended = wait_until({"calibration": process}, began + args.deadline / 4)
         rate = steps_per_second(work / "calibration")
         left = args.deadline - (time.monotonic() - began) - START_SECONDS - PACK_SECONDS
-        steps = int(min(args.max_steps, max(10, rate * SHARED_GPU * left)))
+        steps = int(min(args.max_steps, max(10, rate * args.shared * left)))
         record["calibration"] = {"steps_per_s": round(rate, 2), "ended": ended["calibration"]}
         print(f"calibration: {rate:.1f} steps/s alone; {steps} steps a variant", flush=True)
 
     processes, commands = {}, {}
-    for name, batch, lr, seed, share, negative in args.variant:
+    for variant in args.variant:
+        name, share = variant[0], variant[4]
         mine = steps if args.steps else max(10, round(steps * share))
-        commands[name] = variant_command(name, batch, lr, seed, negative, mine, init, work, args)
+        commands[name] = variant_command(variant, mine, init, work, args)
         processes[name] = start(commands[name], work / f"{name}.log")
     started = time.monotonic()
     ended = wait_until(processes, began + args.deadline - PACK_SECONDS)
@@ -228,9 +257,9 @@ def main() -> int:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    vision = digest(init / "vision" / "model.safetensors")
     record["variants"] = []
-    for name, *_ in args.variant:
+    for name, *_, extras in args.variant:
+        start_from = Path(extras.get("init", init))
         records = log_records(work / name)
         found = last_model(work / name, records)
         steps_logged = [r for r in records if "loss_smooth" in r]
@@ -243,8 +272,9 @@ def main() -> int:
         }
         if found:
             model, step = found
-            entry |= {"model": str(model), "step": step}
-            entry["vision_unchanged"] = digest(model / "vision" / "model.safetensors") == vision
+            entry |= {"model": str(model), "step": step, "init": str(start_from)}
+            towers = [folder / "vision" / "model.safetensors" for folder in (model, start_from)]
+            entry["vision_unchanged"] = digest(towers[0]) == digest(towers[1])
             if out:
                 entry["packed_bytes"] = pack(model, out / f"{name}.tar")
         else:

@@ -21,7 +21,8 @@ def test_every_variant_trains_and_comes_back_loadable(tmp_path):
     command = [
         sys.executable, SCRIPT, "--work", str(tmp_path / "ft"), "--device", "cpu",
         "--steps", "2", "--data-workers", "0", "--threads", "1", "--out", str(out),
-        "--variant", "a:4:3e-4:1:1.0:0.4", "--variant", "b:2:1e-4:2:1.0:0.9",
+        "--variant", "a:4:3e-4:1:1.0:0.4",
+        "--variant", "b:2:1e-4:2:1.0:0.9:twins=0.5:decisive=position,shape",
         "--decisive-share", "0.35", "--twins", "1",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -30,7 +31,7 @@ def test_every_variant_trains_and_comes_back_loadable(tmp_path):
     record = json.loads((out / "finetune.json").read_text())
     variants = {v["variant"]: v for v in record["variants"]}
     assert set(variants) == {"a", "b"}
-    for name, batch, negative in (("a", "4", "0.4"), ("b", "2", "0.9")):
+    for name, batch, negative, twins in (("a", "4", "0.4", "1.0"), ("b", "2", "0.9", "0.5")):
         entry = variants[name]
         assert entry["ended"] == "finished" and entry["step"] == 2 and entry["vision_unchanged"]
         assert entry["train_seconds"] > 0
@@ -38,7 +39,8 @@ def test_every_variant_trains_and_comes_back_loadable(tmp_path):
         assert flags[flags.index("--batch-size") + 1] == batch
         assert flags[flags.index("--negative-rate") + 1] == negative
         assert flags[flags.index("--decisive-share") + 1] == "0.35"
-        assert flags[flags.index("--twins") + 1] == "1.0"
+        assert flags[flags.index("--twins") + 1] == twins
+        assert ("--decisive" in flags) == (name == "b")
         assert (out / f"{name}.tar").stat().st_size == entry["packed_bytes"] <= 16 * 2**20
         with tarfile.open(out / f"{name}.tar") as tar:
             assert "final/vision" not in tar.getnames()
@@ -56,6 +58,12 @@ def test_bad_arguments_are_refused(tmp_path):
             "--work", str(tmp_path / "new"), "--variant", "a:32:fast:1:1.0:0.4",
         ],
         "negative rate 0-1": ["--work", str(tmp_path / "new"), "--variant", "a:32:1e-4:1:1:1.5"],
+        "KEY one of init, decisive": [
+            "--work", str(tmp_path / "new"), "--variant", "a:32:1e-4:1:1:0.4:steps=9",
+        ],
+        "(shares 0-1)": [
+            "--work", str(tmp_path / "new"), "--variant", "a:32:1e-4:1:1:0.4:twins=2",
+        ],
         "--decisive-share must be between 0 and 1": [
             "--work", str(tmp_path / "new"), "--decisive-share", "1.5",
         ],
