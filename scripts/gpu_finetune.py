@@ -16,7 +16,8 @@ of its phrases fit no region), the package's own samples 10%, one-region questio
 --decisive-share makes that share of the referring questions ones that position decides (near
 misses in position, and targets only their position singles out), for every variant, and
 --twins asks that share of those beside their twin (the answer changed by the position). A
---variant may set its own start, --decisive, --decisive-share or --twins with KEY=VALUE fields:
+--variant may set its own start, --decisive, --decisive-share, --twins or --same-row with
+KEY=VALUE fields:
 
     --variant p:64:3e-4:44:1.0:0.5:init=runs/pBpos:decisive-share=0.5:twins=0.5
 """
@@ -57,7 +58,7 @@ PACK_SECONDS = 20
 PART_LIMIT = 16 * 2**20  # a device call brings back files of at most 16 MiB
 
 
-EXTRAS = ("init", "decisive", "decisive-share", "twins")  # a variant's own, over the flags
+EXTRAS = ("init", "decisive", "decisive-share", "twins", "same-row")  # a variant's own flags
 
 
 def parse_variant(text: str) -> tuple:
@@ -69,7 +70,7 @@ def parse_variant(text: str) -> tuple:
         name, batch, lr, seed, share, negative = fields[:6]
         extras = dict(field.split("=", 1) for field in fields[6:])
         variant = name, int(batch), str(float(lr)), int(seed), float(share), float(negative)
-        for key in ("decisive-share", "twins"):
+        for key in ("decisive-share", "twins", "same-row"):
             if key in extras and not 0 <= float(extras[key]) <= 1:
                 variant = None
     except ValueError:

@@ -129,6 +129,7 @@ import numpy as np
 
 import rgpt_rt.data.tasks as tasks
 import rgpt_rt.train as train
+from rgpt_rt.data import shapes
 from rgpt_rt.data.samples import RegionSample, Turn
 
 KINDS = (
@@ -175,6 +176,18 @@ def written(obj, keys, rng) -> str:
     return tasks.expression_text({key: attributes[key] for key in keys}, rng)
 
 
+def row_mates(position: str) -> list[str]:
+    """The other positions in `position`'s row of the 3x3 grid: "top" -> top left, top right."""
+    row = shapes.POSITIONS.index(position) // 3
+    return [p for p in shapes.POSITIONS[3 * row : 3 * row + 3] if p != position]
+
+
+def in_row(attribute: str, rng) -> bool:
+    """Whether this question's position, when position decides, moves within its row alone
+    (--same-row); draws nothing while --same-row is 0, so earlier commands sample the same."""
+    return attribute == "position" and ARGS.same_row > 0 and rng.random() < ARGS.same_row
+
+
 def decisive_values(candidates, target, attribute: str, rng) -> dict[str, str] | None:
     """A referring phrase's attribute values in which `attribute` decides: for a target, the
     other values it names fit more than one candidate; for none (target None), a candidate's
@@ -184,7 +197,12 @@ def decisive_values(candidates, target, attribute: str, rng) -> dict[str, str] |
         keys = key_sets[k]
         if target is None:
             base = tasks._attributes(candidates[rng.integers(len(candidates))])
-            values = tasks.near_miss({key: base[key] for key in keys}, rng, changed=attribute)
+            values = {key: base[key] for key in keys}
+            if in_row(attribute, rng):
+                mates = row_mates(values["position"])
+                values["position"] = mates[rng.integers(len(mates))]
+            else:
+                values = tasks.near_miss(values, rng, changed=attribute)
             if not any(tasks.matches(c, values) for c in candidates):
                 return values
             continue
@@ -217,8 +235,11 @@ def twin_turn(scene, decisive: Turn, regions, rng) -> Turn | None:
     candidates = [scene.objects[i] for i in picked]
     attribute = truth["decided_by"]
     options = [v for v in tasks.ATTRIBUTES[attribute] if v != values[attribute]]
-    for k in rng.permutation(len(options)):
-        twin = {**values, attribute: options[k]}
+    options = [options[k] for k in rng.permutation(len(options))]
+    if in_row(attribute, rng):  # the same row's positions first
+        options.sort(key=lambda v: v not in row_mates(values[attribute]))
+    for option in options:
+        twin = {**values, attribute: option}
         fits = [i for i, c in enumerate(candidates) if tasks.matches(c, twin)]
         if len(fits) == 1 and fits[0] != target:
             return tasks.refer_question(picked, fits[0], twin, regions, rng)
@@ -351,6 +372,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="the share of decisive questions (referring alone) asked beside their twin: the "
         "same regions and phrase with the deciding attribute changed so that the answer does",
     )
+    parser.add_argument(
+        "--same-row",
+        type=float,
+        default=0.0,
+        help="the share of position-decided questions whose phrase moves the position within "
+        "its row of the grid alone ('on the left' for an object on the right; twins first "
+        "try the row's other positions)",
+    )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
 
@@ -378,8 +407,9 @@ if ARGS.crowded:
 DECISIVE = ARGS.decisive.split(",")
 if not 0 <= ARGS.decisive_share <= 1 or set(DECISIVE) - set(READOUTS):
     raise SystemExit(f"--decisive-share must be between 0 and 1; --decisive some of {READOUTS}")
-if not 0 <= ARGS.twins <= 1:
-    raise SystemExit("--twins must be between 0 and 1")
+for name in ("twins", "same_row"):
+    if not 0 <= getattr(ARGS, name) <= 1:
+        raise SystemExit(f"--{name.replace('_', '-')} must be between 0 and 1")
 if ARGS.refer_keys:
     REFER_KEYS = tuple(tuple(key.split("+")) for key in ARGS.refer_keys.split(","))
     if {name for key in REFER_KEYS for name in key} - set(READOUTS):

@@ -3,8 +3,8 @@ the asked attribute of the region with that number, refer_text writes each candi
 description before a question its answer fits, copy asks for the number it states, mixed
 samples are the package's own, --refer-keys limits what referring phrases name,
 --negative-rate how often none fits, --crowded how often they name all the regions they can
---decisive-share how often one attribute decides and --twins how often such a question comes
-beside its twin."""
+--decisive-share how often one attribute decides, --twins how often such a question comes
+beside its twin and --same-row how often a position near miss stays in the object's row."""
 
 import importlib
 import sys
@@ -15,6 +15,7 @@ import pytest
 
 import rgpt_rt.data.tasks as tasks
 import rgpt_rt.train as train
+from rgpt_rt.data import shapes
 from rgpt_rt.data.tasks import ShapesWorld
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -148,6 +149,28 @@ def test_twins_share_regions_and_differ_in_the_deciding_attribute_and_the_answer
     assert orders == {True, False}
     with pytest.raises(SystemExit, match="--twins"):
         load_script("--twins", "1.5")
+
+
+def test_same_row_near_misses_move_the_position_within_its_row(load_script):
+    script = load_script("--decisive-share", "1", "--negative-rate", "1", "--same-row", "1")
+    for sample in samples(script, "refer", 30):
+        turn = sample.turns[0]
+        values = turn.truth["values"]
+        assert turn.truth["target"] is None and turn.truth["decided_by"] == "position"
+        candidates = [turn.truth["scene"].objects[i] for i in turn.truth["objects"]]
+        rest = {key: value for key, value in values.items() if key != "position"}
+        missed = [c for c in candidates if tasks.matches(c, rest)]
+        assert missed and not any(tasks.matches(c, values) for c in candidates)
+        # the phrase's position shares a row with a candidate that it misses by position alone
+        row = [
+            shapes.POSITIONS.index(p) // 3
+            for p in (values["position"], *(c.position for c in missed))
+        ]
+        assert row[0] in row[1:]
+    assert script.row_mates("top") == ["top left", "top right"]
+    assert script.row_mates("bottom right") == ["bottom left", "bottom"]
+    with pytest.raises(SystemExit, match="--same-row"):
+        load_script("--same-row", "2")
 
 
 def test_mixed_samples_are_the_packages_own(load_script):
