@@ -1,0 +1,97 @@
+"""Which positions a checkpoint confuses when position alone decides a referring question
+(rgpt_rt/assets/MODEL_CARD.md). For each referring sample of a world, every shape among its
+regions is asked at each of the 9 positions over the same regions ("the star on the right"),
+skipping phrases that fit more than one region; the answer is the region whose object has that
+shape and position, or none. Printed per phrase position: targets found, "none" said where no
+region fits, and the true positions of the regions picked wrongly.
+
+    python scripts/position_probe.py rgpt_rt/assets/tiny runs/g3-A-lr5/final --scenes 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+
+import torch
+
+from rgpt_rt.data import shapes, tasks
+from rgpt_rt.eval import answer_batch
+from rgpt_rt.model import RGPT
+
+NONE = "No corresponding options found."
+
+
+def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
+    """(sample, expected answer, phrase position, the regions' objects) for every shape among
+    each sample's regions at each position."""
+    items = []
+    for index in range(scenes):
+        sample = world.task_sample(index, "refer")
+        turn = sample.turns[0]
+        objects = [turn.truth["scene"].objects[i] for i in turn.truth["region_objects"]]
+        start = turn.question.index('"') + 1
+        end = turn.question.index('"', start)
+        for shape in sorted({o.shape for o in objects}):
+            for position in shapes.POSITIONS:
+                fits = [
+                    k for k, o in enumerate(objects) if (o.shape, o.position) == (shape, position)
+                ]
+                if len(fits) > 1:
+                    continue
+                phrase = f"the {shape} {tasks.POSITION_PHRASE[position]}"
+                asked = turn.question[:start] + phrase + turn.question[end:]
+                asked_turn = dataclasses.replace(turn, question=asked)
+                expected = f"Region [{fits[0] + 1}]" if fits else NONE
+                items.append(
+                    (dataclasses.replace(sample, turns=[asked_turn]), expected, position, objects)
+                )
+    return items
+
+
+def confusion(model: RGPT, items: list[tuple], batch: int = 64) -> dict:
+    """Per phrase position: [targets right, targets], [none right, none asked], and a Counter of
+    the wrong picks' true positions ("none" where a target was missed)."""
+    answers = []
+    for start in range(0, len(items), batch):
+        answers += answer_batch(model, [item[0] for item in items[start : start + batch]])
+    table = {p: ([0, 0], [0, 0], collections.Counter()) for p in shapes.POSITIONS}
+    for (_, expected, position, objects), answer in zip(items, answers):
+        targets, nones, wrong = table[position]
+        counts = nones if expected == NONE else targets
+        counts[0] += answer == expected
+        counts[1] += 1
+        if answer != expected:
+            picked = answer.removeprefix("Region [").removesuffix("]")
+            known = picked.isdigit() and 1 <= int(picked) <= len(objects)
+            wrong[objects[int(picked) - 1].position if known else "none"] += 1
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=9, help="the world's (default 9: unseen)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    items = None
+    for checkpoint in args.checkpoints:
+        model = RGPT.from_pretrained(checkpoint).eval()
+        if items is None:
+            world = tasks.ShapesWorld(model.config.vision.image_size, seed=args.seed)
+            items = questions(world, args.scenes)
+        table = confusion(model, items)
+        right = sum(t[0] + n[0] for t, n, _ in table.values())
+        print(f"{checkpoint}: {right} / {len(items)} right")
+        for position, ((t_right, t_all), (n_right, n_all), wrong) in table.items():
+            picks = ", ".join(f"{p} {c}" for p, c in wrong.most_common())
+            print(
+                f"  {position:13s} targets {t_right}/{t_all}  none {n_right}/{n_all}  wrong: {picks}"
+            )
+
+
+if __name__ == "__main__":
+    main()
