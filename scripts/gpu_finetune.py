@@ -94,8 +94,6 @@ def variant_command(variant, steps, init, work, args) -> list[str]:
         "decisive-share": str(args.decisive_share), "twins": str(args.twins),
         "init": str(init), **extras,
     }  # fmt: skip
-    if "decisive" in flags:
-        flags = {"decisive": flags.pop("decisive"), **flags}
     return [
         sys.executable, str(HERE / "referring_curriculum.py"), *MIX,
         "--negative-rate", str(negative),
@@ -228,6 +226,9 @@ def main() -> int:
 
         args.init = str(default_checkpoint())
     init, work = Path(args.init), Path(args.work)
+    for start_from in {init, *(Path(v[-1]["init"]) for v in args.variant if "init" in v[-1])}:
+        if not (start_from / "config.json").is_file():
+            raise SystemExit(f"{start_from}: no checkpoint there (no config.json); check --init")
     if work.exists():
         raise SystemExit(f"{work} exists; give a new --work folder")
     work.mkdir(parents=True)

@@ -118,6 +118,15 @@ then as vB with --init runs/pBgrow and:
 
     xA  --steps 1800 --lr 2e-4 --eval-every 1800 --checkpoint-every 300 --keep-checkpoints 6
         --seed 101 (stopped at 1200)
+
+On a GPU (g3, benchmarks/RESULTS.md): four variants from pB through scripts/gpu_finetune.py,
+batch 64, 1525 steps each. Then here, position moved within its row (--same-row), from g3's
+A-lr5 (cA) and B-t1 (cB), as nH with --steps 3000 --batch-size 16 --warmup-steps 30
+--eval-every 3000 --eval-per-task 0 --checkpoint-every 500 --keep-checkpoints 10
+--decisive-share 0.5 --twins 0.5 --same-row 0.6 and:
+
+    cA  --init runs/g3-A-lr5/final --lr 1.5e-4 --negative-rate 0.5 --seed 101
+    cB  --init runs/g3-B-t1/final --lr 2e-4 --negative-rate 0.45 --seed 102
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ def test_bad_arguments_are_refused(tmp_path):
         "KEY one of init, decisive": [
             "--work", str(tmp_path / "new"), "--variant", "a:32:1e-4:1:1:0.4:steps=9",
         ],
+        "no checkpoint there": [
+            "--work", str(tmp_path / "new"), "--variant", f"a:4:1e-4:1:1:0.4:init={tmp_path}",
+        ],
         "(shares 0-1)": [
             "--work", str(tmp_path / "new"), "--variant", "a:32:1e-4:1:1:0.4:twins=2",
         ],
