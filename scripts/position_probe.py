@@ -3,7 +3,8 @@
 regions is asked at each of the 9 positions over the same regions ("the star on the right"),
 skipping phrases that fit more than one region; the answer is the region whose object has that
 shape and position, or none. Printed per phrase position: targets found, "none" said where no
-region fits, and the true positions of the regions picked wrongly.
+region fits, and the true positions of the regions picked wrongly; then, for shapes that one
+region alone has, accuracy by that region's place in the list (<region1> is place 1).
 
     python scripts/position_probe.py rgpt_rt/assets/tiny runs/g3-A-lr5/final --scenes 60
 """
@@ -24,8 +25,9 @@ NONE = "No corresponding options found."
 
 
 def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
-    """(sample, expected answer, phrase position, the regions' objects) for every shape among
-    each sample's regions at each position."""
+    """(sample, expected answer, phrase position, the regions' objects, place) for every shape
+    among each sample's regions at each position; place is the 1-based place in the list of
+    the one region with that shape (None when several have it)."""
     items = []
     for index in range(scenes):
         sample = world.task_sample(index, "refer")
@@ -34,6 +36,8 @@ def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
         start = turn.question.index('"') + 1
         end = turn.question.index('"', start)
         for shape in sorted({o.shape for o in objects}):
+            having = [k for k, o in enumerate(objects) if o.shape == shape]
+            place = having[0] + 1 if len(having) == 1 else None
             for position in shapes.POSITIONS:
                 fits = [
                     k for k, o in enumerate(objects) if (o.shape, o.position) == (shape, position)
@@ -44,20 +48,23 @@ def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
                 asked = turn.question[:start] + phrase + turn.question[end:]
                 asked_turn = dataclasses.replace(turn, question=asked)
                 expected = f"Region [{fits[0] + 1}]" if fits else NONE
-                items.append(
-                    (dataclasses.replace(sample, turns=[asked_turn]), expected, position, objects)
-                )
+                asked_sample = dataclasses.replace(sample, turns=[asked_turn])
+                items.append((asked_sample, expected, position, objects, place))
     return items
 
 
-def confusion(model: RGPT, items: list[tuple], batch: int = 64) -> dict:
+def answers(model: RGPT, items: list[tuple], batch: int = 64) -> list[str]:
+    found = []
+    for start in range(0, len(items), batch):
+        found += answer_batch(model, [item[0] for item in items[start : start + batch]])
+    return found
+
+
+def confusion(items: list[tuple], answers: list[str]) -> dict:
     """Per phrase position: [targets right, targets], [none right, none asked], and a Counter of
     the wrong picks' true positions ("none" where a target was missed)."""
-    answers = []
-    for start in range(0, len(items), batch):
-        answers += answer_batch(model, [item[0] for item in items[start : start + batch]])
     table = {p: ([0, 0], [0, 0], collections.Counter()) for p in shapes.POSITIONS}
-    for (_, expected, position, objects), answer in zip(items, answers):
+    for (_, expected, position, objects, _), answer in zip(items, answers):
         targets, nones, wrong = table[position]
         counts = nones if expected == NONE else targets
         counts[0] += answer == expected
@@ -67,6 +74,16 @@ def confusion(model: RGPT, items: list[tuple], batch: int = 64) -> dict:
             known = picked.isdigit() and 1 <= int(picked) <= len(objects)
             wrong[objects[int(picked) - 1].position if known else "none"] += 1
     return table
+
+
+def by_place(items: list[tuple], answers: list[str]) -> dict[int, list[int]]:
+    """Per place in the list of the region the phrase's shape singles out: [right, asked]."""
+    table = collections.defaultdict(lambda: [0, 0])
+    for (_, expected, _, _, place), answer in zip(items, answers):
+        if place is not None:
+            table[place][0] += answer == expected
+            table[place][1] += 1
+    return dict(sorted(table.items()))
 
 
 def main() -> None:
@@ -83,7 +100,8 @@ def main() -> None:
         if items is None:
             world = tasks.ShapesWorld(model.config.vision.image_size, seed=args.seed)
             items = questions(world, args.scenes)
-        table = confusion(model, items)
+        found = answers(model, items)
+        table = confusion(items, found)
         right = sum(t[0] + n[0] for t, n, _ in table.values())
         print(f"{checkpoint}: {right} / {len(items)} right")
         for position, ((t_right, t_all), (n_right, n_all), wrong) in table.items():
@@ -91,6 +109,8 @@ def main() -> None:
             print(
                 f"  {position:13s} targets {t_right}/{t_all}  none {n_right}/{n_all}  wrong: {picks}"
             )
+        places = by_place(items, found)
+        print("  by place: " + ", ".join(f"{k}: {r}/{n}" for k, (r, n) in places.items()))
 
 
 if __name__ == "__main__":
