@@ -127,6 +127,9 @@ A-lr5 (cA) and B-t1 (cB), as nH with --steps 3000 --batch-size 16 --warmup-steps
 
     cA  --init runs/g3-A-lr5/final --lr 1.5e-4 --negative-rate 0.5 --seed 101
     cB  --init runs/g3-B-t1/final --lr 2e-4 --negative-rate 0.45 --seed 102
+    cC  --init runs/cA/checkpoints/step-00001000/model --steps 2000 --eval-every 2000
+        --checkpoint-every 250 --keep-checkpoints 12 --crowded 0.6 --lr 1.5e-4
+        --negative-rate 0.5 --seed 103 (shipped: its checkpoint at step 250)
 """
 
 from __future__ import annotations
@@ -385,9 +388,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--same-row",
         type=float,
         default=0.0,
-        help="the share of position-decided questions whose phrase moves the position within "
-        "its row of the grid alone ('on the left' for an object on the right; twins first "
-        "try the row's other positions)",
+        help="the share of near misses in position whose phrase moves the position within its "
+        "row of the grid ('on the left' for an object on the right), and of twins that try "
+        "the row's other positions first",
     )
     parser.add_argument("--steps", type=int, default=1000)
     return parser.parse_known_args(argv)
