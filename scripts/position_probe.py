@@ -20,8 +20,9 @@ import torch
 from rgpt_rt.data import shapes, tasks
 from rgpt_rt.eval import answer_batch
 from rgpt_rt.model import RGPT
+from rgpt_rt.prompts import NO_MATCH_ANSWER
 
-NONE = "No corresponding options found."
+NONE = NO_MATCH_ANSWER
 
 
 def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
