@@ -141,31 +141,37 @@ class TaskResult:
         return self.correct / self.total if self.total else 0.0
 
 
+def answer_samples(model, samples: Sequence[RegionSample], batch_size: int = 32) -> list[str]:
+    """Greedy answers to the first question of each sample, `batch_size` at a time."""
+    answers: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        answers += answer_batch(model, samples[start : start + batch_size])
+    return answers
+
+
 def evaluate_samples(
     model, samples: Sequence[RegionSample], batch_size: int = 32, keep_failures: int = 3
 ) -> dict[str, TaskResult]:
     """Accuracy per task of the first turn of each sample."""
     results: dict[str, TaskResult] = {}
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        for sample, text in zip(chunk, answer_batch(model, chunk)):
-            turn = sample.turns[0]
-            result = results.setdefault(turn.task, TaskResult(turn.task))
-            marks = score(turn, text)
-            result.total += 1
-            result.correct += int(marks["correct"])
-            for key, value in marks.items():
-                if key != "correct":
-                    result.extra[key] = result.extra.get(key, 0) + int(value)
-            if turn.task == "refer" and "scene" in turn.truth:
-                kind = decider(turn)
-                part = result.by_decider.setdefault(kind, TaskResult(kind))
-                part.total += 1
-                part.correct += int(marks["correct"])
-            if not marks["correct"] and len(result.failures) < keep_failures:
-                result.failures.append(
-                    {"question": turn.question, "expected": turn.answer, "answer": text}
-                )
+    for sample, text in zip(samples, answer_samples(model, samples, batch_size)):
+        turn = sample.turns[0]
+        result = results.setdefault(turn.task, TaskResult(turn.task))
+        marks = score(turn, text)
+        result.total += 1
+        result.correct += int(marks["correct"])
+        for key, value in marks.items():
+            if key != "correct":
+                result.extra[key] = result.extra.get(key, 0) + int(value)
+        if turn.task == "refer" and "scene" in turn.truth:
+            kind = decider(turn)
+            part = result.by_decider.setdefault(kind, TaskResult(kind))
+            part.total += 1
+            part.correct += int(marks["correct"])
+        if not marks["correct"] and len(result.failures) < keep_failures:
+            result.failures.append(
+                {"question": turn.question, "expected": turn.answer, "answer": text}
+            )
     return results
 
 

@@ -88,12 +88,10 @@ def parse_variant(text: str) -> tuple:
     return (*variant, extras)
 
 
-def variant_command(variant, steps, init, work, args) -> list[str]:
+def variant_command(variant, steps, work, args) -> list[str]:
+    """The variant's referring_curriculum.py command; its extras hold its start ("init")."""
     name, batch, lr, seed, _, negative, extras = variant
-    flags = {
-        "decisive-share": str(args.decisive_share), "twins": str(args.twins),
-        "init": str(init), **extras,
-    }  # fmt: skip
+    flags = {"decisive-share": str(args.decisive_share), "twins": str(args.twins), **extras}
     return [
         sys.executable, str(HERE / "referring_curriculum.py"), *MIX,
         "--negative-rate", str(negative),
@@ -226,7 +224,10 @@ def main() -> int:
 
         args.init = str(default_checkpoint())
     init, work = Path(args.init), Path(args.work)
-    for start_from in {init, *(Path(v[-1]["init"]) for v in args.variant if "init" in v[-1])}:
+    # each variant's start, resolved once: its own init= or --init
+    args.variant = [(*v[:-1], {"init": str(init), **v[-1]}) for v in args.variant]
+    starts = {Path(extras["init"]) for *_, extras in args.variant}
+    for start_from in starts:
         if not (start_from / "config.json").is_file():
             raise SystemExit(f"{start_from}: no checkpoint there (no config.json); check --init")
     if work.exists():
@@ -236,7 +237,7 @@ def main() -> int:
 
     steps = args.steps
     if steps is None:
-        command = variant_command(args.variant[-1], CALIBRATION_STEPS, init, work, args)
+        command = variant_command(args.variant[-1], CALIBRATION_STEPS, work, args)
         command[command.index("--out") + 1] = str(work / "calibration")
         process = start(command, work / "calibration.log")
         ended = wait_until({"calibration": process}, began + args.deadline / 4)
@@ -250,7 +251,7 @@ def main() -> int:
     for variant in args.variant:
         name, share = variant[0], variant[4]
         mine = steps if args.steps else max(10, round(steps * share))
-        commands[name] = variant_command(variant, mine, init, work, args)
+        commands[name] = variant_command(variant, mine, work, args)
         processes[name] = start(commands[name], work / f"{name}.log")
     started = time.monotonic()
     ended = wait_until(processes, began + args.deadline - PACK_SECONDS)
@@ -259,9 +260,10 @@ def main() -> int:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+    towers = {folder: digest(folder / "vision" / "model.safetensors") for folder in starts}
     record["variants"] = []
     for name, *_, extras in args.variant:
-        start_from = Path(extras.get("init", init))
+        start_from = Path(extras["init"])
         records = log_records(work / name)
         found = last_model(work / name, records)
         steps_logged = [r for r in records if "loss_smooth" in r]
@@ -275,8 +277,8 @@ def main() -> int:
         if found:
             model, step = found
             entry |= {"model": str(model), "step": step, "init": str(start_from)}
-            towers = [folder / "vision" / "model.safetensors" for folder in (model, start_from)]
-            entry["vision_unchanged"] = digest(towers[0]) == digest(towers[1])
+            tower = digest(model / "vision" / "model.safetensors")
+            entry["vision_unchanged"] = tower == towers[start_from]
             if out:
                 entry["packed_bytes"] = pack(model, out / f"{name}.tar")
         else:

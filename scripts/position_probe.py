@@ -18,11 +18,9 @@ import dataclasses
 import torch
 
 from rgpt_rt.data import shapes, tasks
-from rgpt_rt.eval import answer_batch
+from rgpt_rt.eval import answer_samples
 from rgpt_rt.model import RGPT
-from rgpt_rt.prompts import NO_MATCH_ANSWER
-
-NONE = NO_MATCH_ANSWER
+from rgpt_rt.prompts import NO_MATCH_ANSWER, parse_refer_answer, refer_answer
 
 
 def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
@@ -48,17 +46,10 @@ def questions(world: tasks.ShapesWorld, scenes: int) -> list[tuple]:
                 phrase = f"the {shape} {tasks.POSITION_PHRASE[position]}"
                 asked = turn.question[:start] + phrase + turn.question[end:]
                 asked_turn = dataclasses.replace(turn, question=asked)
-                expected = f"Region [{fits[0] + 1}]" if fits else NONE
+                expected = refer_answer(fits[0] if fits else None)
                 asked_sample = dataclasses.replace(sample, turns=[asked_turn])
                 items.append((asked_sample, expected, position, objects, place))
     return items
-
-
-def answers(model: RGPT, items: list[tuple], batch: int = 64) -> list[str]:
-    found = []
-    for start in range(0, len(items), batch):
-        found += answer_batch(model, [item[0] for item in items[start : start + batch]])
-    return found
 
 
 def confusion(items: list[tuple], answers: list[str]) -> dict:
@@ -67,13 +58,12 @@ def confusion(items: list[tuple], answers: list[str]) -> dict:
     table = {p: ([0, 0], [0, 0], collections.Counter()) for p in shapes.POSITIONS}
     for (_, expected, position, objects, _), answer in zip(items, answers):
         targets, nones, wrong = table[position]
-        counts = nones if expected == NONE else targets
+        counts = nones if expected == NO_MATCH_ANSWER else targets
         counts[0] += answer == expected
         counts[1] += 1
         if answer != expected:
-            picked = answer.removeprefix("Region [").removesuffix("]")
-            known = picked.isdigit() and 1 <= int(picked) <= len(objects)
-            wrong[objects[int(picked) - 1].position if known else "none"] += 1
+            picked = parse_refer_answer(answer, len(objects))
+            wrong["none" if picked is None else objects[picked].position] += 1
     return table
 
 
@@ -101,7 +91,7 @@ def main() -> None:
         if items is None:
             world = tasks.ShapesWorld(model.config.vision.image_size, seed=args.seed)
             items = questions(world, args.scenes)
-        found = answers(model, items)
+        found = answer_samples(model, [item[0] for item in items], batch_size=64)
         table = confusion(items, found)
         right = sum(t[0] + n[0] for t, n, _ in table.values())
         print(f"{checkpoint}: {right} / {len(items)} right")

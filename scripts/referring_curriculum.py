@@ -249,7 +249,8 @@ def twin_turn(scene, decisive: Turn, regions, rng) -> Turn | None:
     options = [v for v in tasks.ATTRIBUTES[attribute] if v != values[attribute]]
     options = [options[k] for k in rng.permutation(len(options))]
     if in_row(attribute, rng):  # the same row's positions first
-        options.sort(key=lambda v: v not in row_mates(values[attribute]))
+        mates = row_mates(values[attribute])
+        options.sort(key=lambda v: v not in mates)
     for option in options:
         twin = {**values, attribute: option}
         fits = [i for i, c in enumerate(candidates) if tasks.matches(c, twin)]

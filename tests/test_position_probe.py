@@ -3,17 +3,24 @@ objects, and the tables count an answer by the phrase's position, the pick's tru
 place in the list of the region the phrase's shape singles out."""
 
 import importlib
-import sys
 from pathlib import Path
+
+import pytest
 
 from rgpt_rt.data import shapes, tasks
 from rgpt_rt.data.tasks import ShapesWorld
+from rgpt_rt.prompts import NO_MATCH_ANSWER
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-position_probe = importlib.import_module("position_probe")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def test_questions_expect_the_region_of_that_shape_and_position_or_none():
+@pytest.fixture
+def position_probe(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    return importlib.import_module("position_probe")
+
+
+def test_questions_expect_the_region_of_that_shape_and_position_or_none(position_probe):
     items = position_probe.questions(ShapesWorld(96, seed=9), scenes=4)
     assert {position for _, _, position, _, _ in items} == set(shapes.POSITIONS)
     for sample, expected, position, objects, place in items:
@@ -22,17 +29,17 @@ def test_questions_expect_the_region_of_that_shape_and_position_or_none():
         fits = [k for k, o in enumerate(objects) if (o.shape, o.position) == (shape, position)]
         having = [k + 1 for k, o in enumerate(objects) if o.shape == shape]
         assert phrase.endswith(tasks.POSITION_PHRASE[position])
-        assert expected == (f"Region [{fits[0] + 1}]" if fits else position_probe.NONE)
+        assert expected == (f"Region [{fits[0] + 1}]" if fits else NO_MATCH_ANSWER)
         assert place == (having[0] if len(having) == 1 else None)
 
 
-def test_the_tables_count_each_answer_by_position_and_by_place():
+def test_the_tables_count_each_answer_by_position_and_by_place(position_probe):
     items = position_probe.questions(ShapesWorld(96, seed=9), scenes=3)
     answers = ["Region [1]"] * len(items)
     table = position_probe.confusion(items, answers)
     for position, ((t_right, t_all), (n_right, n_all), wrong) in table.items():
         mine = [(e, objects) for _, e, p, objects, _ in items if p == position]
-        assert t_all == sum(e != position_probe.NONE for e, _ in mine) and n_right == 0
+        assert t_all == sum(e != NO_MATCH_ANSWER for e, _ in mine) and n_right == 0
         assert n_all == len(mine) - t_all and t_right == sum(e == "Region [1]" for e, _ in mine)
         assert sum(wrong.values()) == len(mine) - t_right
         assert set(wrong) <= {objects[0].position for _, objects in mine}
