@@ -28,6 +28,7 @@ from transformers import GenerationConfig
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.model.llm import build_llm
 from rgpt_rt.runtime import LlamaDecoder, SamplingParams, decode
+from rgpt_rt.runtime.loading import decoder_from_state
 
 
 def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
@@ -212,7 +213,7 @@ def build(args) -> tuple[torch.nn.Module, LlamaDecoder, str]:
                 raise
         else:
             quant = "int4"
-    decoder = LlamaDecoder.from_state(
+    decoder = decoder_from_state(
         cfg, model.state_dict(), dtype=dtype, device=args.device, quant=quant,
         group_size=args.group_size,
     )  # fmt: skip

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rgpt_rt.ops import int4_linear
-from rgpt_rt.quant import Int4Weight
+from rgpt_rt.ops.int4_format import Int4Weight
 
 SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
     "q/k/v/o 4096→4096": (4096, 4096),

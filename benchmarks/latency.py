@@ -57,7 +57,7 @@ def scene(size: int, regions: int, seed: int = 7) -> tuple[np.ndarray, list[np.n
     """An image and `regions` masks from the shapes world when it is installed (so the default
     model sees what it knows), else random blocks."""
     try:
-        from rgpt_rt.data.shapes import render_scene
+        from rgpt_rt.training.data.shapes import render_scene
 
         image, masks = render_scene(seed, size, min_objects=regions)
         return image, masks[:regions] + masks[: max(0, regions - len(masks))]
@@ -240,7 +240,7 @@ def load_session(args):
     # memory (a 7B bundle is never written): torch vision + INT4 decoder.
     from rgpt_rt.export.build import vision_tensors
     from rgpt_rt.export.llm import llm_tensors, resolve_group_size
-    from rgpt_rt.runtime.decoder import LlamaDecoder
+    from rgpt_rt.runtime.loading import decoder_from_state
     from rgpt_rt.runtime.vision import TorchVision
 
     model = load_reference(args)
@@ -249,7 +249,7 @@ def load_session(args):
     weights = vision_tensors(model) | {f"connector.{k}": v for k, v in connector.items()}
     vision = TorchVision(config, torch.device(args.device), weights)
     group = resolve_group_size(config.llm, None)
-    decoder = LlamaDecoder.from_state(
+    decoder = decoder_from_state(
         config.llm,
         llm_tensors(model.llm),
         dtype=torch.float16,

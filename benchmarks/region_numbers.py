@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from rgpt_rt.data.tasks import ShapesWorld
 from rgpt_rt.ops import add_region_positions
 from rgpt_rt.runtime.preprocess import prepare_masks
 from rgpt_rt.runtime.session import Session
+from rgpt_rt.training.data.tasks import ShapesWorld
 
 POSITION_FREQUENCIES = 4  # what runs wA and wB used (MODEL_CARD.md)
 

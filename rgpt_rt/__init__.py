@@ -26,7 +26,7 @@ def default_checkpoint() -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"the embedded default model is missing from {folder}; reinstall rgpt_rt, or train "
-            "one with `python -m rgpt_rt.train` and pass its folder instead"
+            "one with `python -m rgpt_rt.training.train` and pass its folder instead"
         )
     return folder
 

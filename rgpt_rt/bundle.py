@@ -30,12 +30,14 @@ from rgpt_rt.config import RGPTConfig
 BUNDLE_FORMAT = "rgpt_rt.bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
+# The LLM file of a bundle, and of a quantized LLM folder (rgpt_rt/quant/checkpoint.py).
+LLM_FILE = "llm.safetensors"
 REQUIRED_FILES = (
     "config.json",
     "tokenizer.json",
     "vision.onnx",
     "connector.safetensors",
-    "llm.safetensors",
+    LLM_FILE,
 )
 
 

@@ -4,8 +4,8 @@
     rgpt-rt classify IMAGE --box 10,20,60,80                name its category
     rgpt-rt refer IMAGE "the red star" --mask a.png --mask b.png
     rgpt-rt ask IMAGE "Is <region1> above <region2>?" --box ... --box ...
-    rgpt-rt train ...                                       python -m rgpt_rt.train ...
-    rgpt-rt eval ...                                        python -m rgpt_rt.eval ...
+    rgpt-rt train ...                                       python -m rgpt_rt.training.train ...
+    rgpt-rt eval ...                                        python -m rgpt_rt.training.eval ...
     rgpt-rt serve [--host 127.0.0.1] [--port 8080]          HTTP API, OpenAI endpoint, page at /
     rgpt-rt info                                            what this install holds
 Regions (--mask / --box) are numbered in the order given: <region1>, <region2>, ...
@@ -251,21 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="what this install holds: kernels, CUDA, versions")
     info.set_defaults(run=cmd_info)
     # train and eval take their own options (and import the trainer, transformers included,
-    # only when they run)
+    # only when they run); no prefix character of their own, so that every argument, options
+    # included, reaches the delegate's parser (with "-" argparse kept "--out x" for itself)
     train = commands.add_parser(
         "train",
         add_help=False,
+        prefix_chars="\0",
         help="train tiny on the shapes world, or fine-tune on COCO-format region data (--help for options)",
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
-    train.set_defaults(run=lambda a: _delegate("rgpt_rt.train", a.args))
+    train.set_defaults(run=lambda a: _delegate("rgpt_rt.training.train", a.args))
     evaluate = commands.add_parser(
         "eval",
         add_help=False,
+        prefix_chars="\0",
         help="per-task held-out accuracy of a checkpoint (--help for options)",
     )
     evaluate.add_argument("args", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(run=lambda a: _delegate("rgpt_rt.eval", a.args))
+    evaluate.set_defaults(run=lambda a: _delegate("rgpt_rt.training.eval", a.args))
     return parser
 
 

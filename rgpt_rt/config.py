@@ -176,6 +176,9 @@ class RGPTConfig:
     tokens: TokenConfig = field(default_factory=TokenConfig)
     pool_mode: str = "area"
     name: str = "custom"
+    # What classify() asks the model to answer in: "Answer the question using {vocabulary}
+    # category names." RegionGPT was taught COCO-80; the embedded tiny model, shape names.
+    vocabulary: str = "COCO-80"
 
     def __post_init__(self) -> None:
         _require(
@@ -266,6 +269,7 @@ def _tiny() -> RGPTConfig:
             tie_word_embeddings=False,
         ),
         name="tiny",
+        vocabulary="shape",
     )
 
 

@@ -22,7 +22,7 @@ PYTHONPATH="$work/site:$site_packages" "$PY" -S - <<'PY'
 import torch
 
 from rgpt_rt import _C
-from rgpt_rt.quant.format import Int4Weight, dequantize
+from rgpt_rt.ops.int4_format import Int4Weight, dequantize
 
 assert _C.__file__.startswith(__import__("os").getcwd()), _C.__file__  # the sanitized build
 torch.manual_seed(0)

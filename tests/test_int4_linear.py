@@ -11,7 +11,9 @@ from rgpt_rt import _C
 from rgpt_rt.ops import int4 as int4_ops
 from rgpt_rt.ops import int4_linear, int4_linear_reference
 from rgpt_rt.ops.int4 import linear_cpu
-from rgpt_rt.quant import Int4Linear, Int4Weight, dequantize, load_int4_linears, quantize_linears
+from rgpt_rt.ops.int4_format import Int4Weight, dequantize
+from rgpt_rt.quant import load_int4_linears, quantize_linears
+from rgpt_rt.runtime.int4_linear import Int4Linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PATHS = (

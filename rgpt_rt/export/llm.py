@@ -3,7 +3,7 @@
     info = write_llm(model, path, quant="rtn" | "awq" | "none", group_size=128)
 
 "none": every tensor as the checkpoint holds it (unquantized). "rtn" / "awq": the seven linears of each decoder layer as INT4
-(the project's layout, rgpt_rt/quant/format.py), embeddings, norms and lm_head in fp16. AWQ
+(the project's layout, rgpt_rt/ops/int4_format.py), embeddings, norms and lm_head in fp16. AWQ
 calibrates on the model's own inputs: images through the vision stages, a region, and the
 task prompts (or the questions of --calib), so the activations are the ones it will see.
 """
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from rgpt_rt.prompts import classify_prompt, describe_prompt, refer_prompt
-from rgpt_rt.quant import quantize_llama_layer_awq, quantize_rtn, save_int4
+from rgpt_rt.ops.int4_format import save_int4
+from rgpt_rt.quant.awq_llama import quantize_llama_layer_awq
+from rgpt_rt.quant.rtn import quantize_rtn
 
 QUANT_METHODS = ("rtn", "awq", "none")
 # The linears that become INT4: attention and MLP projections of every decoder layer.

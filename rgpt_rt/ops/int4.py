@@ -1,4 +1,4 @@
-"""W4A16 linear: x @ W.T with W an INT4 weight in layout nk8i (rgpt_rt/quant/format.py).
+"""W4A16 linear: x @ W.T with W an INT4 weight in layout nk8i (rgpt_rt/ops/int4_format.py).
 
     int4_linear(x[..., K], w: Int4Weight, bias=None, *, num_threads=None) -> [..., N]
     int4_linear_reference(x[..., K], w, bias=None) -> [..., N]     (dequantize, matmul in fp64)
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from rgpt_rt.quant.format import Int4Weight
+    from rgpt_rt.ops.int4_format import Int4Weight
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # int4.h Int4DType
@@ -291,7 +291,7 @@ def int4_linear_reference(
     x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The plain torch reference: dequantize(w) (exact fp16 values), matmul in float64, x's dtype out."""
-    from rgpt_rt.quant.format import dequantize
+    from rgpt_rt.ops.int4_format import dequantize
 
     out = x.to(torch.float64) @ dequantize(w).to(x.device, torch.float64).T
     if bias is not None:

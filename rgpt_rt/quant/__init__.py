@@ -1,63 +1,45 @@
-"""INT4 weight-only quantization (DESIGN.md §2): the format, quantizers, importers, checkpoints.
+"""INT4 quantisation, the offline tools (the runtime never imports this package):
 
-    format.py      Int4Weight (layout "nk8i"), dequantize, save_int4 / load_int4
     rtn.py         quantize_rtn(w, group_size=128)
     awq.py         quantize_awq(weights, x, ...), fold_into_norm / fold_into_linear
     awq_llama.py   quantize_llama_layer_awq(layer weights, captured inputs): AWQ for a LLaMA layer
     importers.py   from_awq, from_gptq, load_quantized_folder (HF AWQ/GPTQ folders)
     checkpoint.py  quantize_checkpoint (streaming), load_int4_checkpoint, convert_quantized_folder
-    linear.py      Int4Linear, quantize_linears, load_int4_linears
-The matmul itself is rgpt_rt.ops.int4_linear.
+    linear.py      quantize_linears, load_int4_linears (swap a model's nn.Linear layers in place)
+
+The format they write (Int4Weight, layout "nk8i", save_int4 / load_int4) is the kernels' and
+lives in rgpt_rt/ops/int4_format.py; the module that runs it is rgpt_rt/runtime/int4_linear.py.
+Names below are imported from their modules on first use, so `import rgpt_rt.quant` stays cheap.
 """
 
-from rgpt_rt.quant.awq import (
-    AwqResult,
-    AwqScales,
-    awq_search_clip,
-    awq_search_scales,
-    fold_into_linear,
-    fold_into_norm,
-    quantize_awq,
-)
-from rgpt_rt.quant.awq_llama import AwqLayer, quantize_llama_layer_awq
-from rgpt_rt.quant.checkpoint import (
-    INT4_FILE,
-    Int4Checkpoint,
-    convert_quantized_folder,
-    load_int4_checkpoint,
-    quantize_checkpoint,
-)
-from rgpt_rt.quant.format import LAYOUT, Int4Weight, dequantize, load_int4, save_int4
-from rgpt_rt.quant.importers import QuantizedFolder, from_awq, from_gptq, load_quantized_folder
-from rgpt_rt.quant.linear import Int4Linear, load_int4_linears, quantize_linears
-from rgpt_rt.quant.rtn import quantize_rtn
+from importlib import import_module
 
-__all__ = [
-    "INT4_FILE",
-    "LAYOUT",
-    "AwqLayer",
-    "AwqResult",
-    "AwqScales",
-    "Int4Checkpoint",
-    "Int4Linear",
-    "Int4Weight",
-    "QuantizedFolder",
-    "awq_search_clip",
-    "awq_search_scales",
-    "convert_quantized_folder",
-    "dequantize",
-    "fold_into_linear",
-    "fold_into_norm",
-    "from_awq",
-    "from_gptq",
-    "load_int4",
-    "load_int4_checkpoint",
-    "load_int4_linears",
-    "load_quantized_folder",
-    "quantize_awq",
-    "quantize_checkpoint",
-    "quantize_linears",
-    "quantize_llama_layer_awq",
-    "quantize_rtn",
-    "save_int4",
-]
+_WHERE = {
+    "quantize_rtn": "rtn",
+    "AwqResult": "awq",
+    "AwqScales": "awq",
+    "awq_search_clip": "awq",
+    "awq_search_scales": "awq",
+    "fold_into_linear": "awq",
+    "fold_into_norm": "awq",
+    "quantize_awq": "awq",
+    "AwqLayer": "awq_llama",
+    "quantize_llama_layer_awq": "awq_llama",
+    "Int4Checkpoint": "checkpoint",
+    "convert_quantized_folder": "checkpoint",
+    "load_int4_checkpoint": "checkpoint",
+    "quantize_checkpoint": "checkpoint",
+    "QuantizedFolder": "importers",
+    "from_awq": "importers",
+    "from_gptq": "importers",
+    "load_quantized_folder": "importers",
+    "load_int4_linears": "linear",
+    "quantize_linears": "linear",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'rgpt_rt.quant' has no attribute {name!r}")
+    return getattr(import_module(f"rgpt_rt.quant.{_WHERE[name]}"), name)

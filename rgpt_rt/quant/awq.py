@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rgpt_rt.quant.format import Int4Weight
+from rgpt_rt.ops.int4_format import Int4Weight
 from rgpt_rt.quant.rtn import fake_quantize, quantize_rtn
 
 TOKEN_CHUNK = 2048  # tokens per matmul of the quantized outputs in the loss

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rgpt_rt.ops.int4_format import Int4Weight
 from rgpt_rt.quant.awq import AwqScales, fold_into_linear, fold_into_norm, quantize_awq
-from rgpt_rt.quant.format import Int4Weight
 
 LINEARS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
     f"mlp.{p}_proj" for p in ("gate", "up", "down")

@@ -1,4 +1,4 @@
-"""Quantize a large HF LLaMA checkpoint to `llm.int4.safetensors`, streaming one tensor at a time.
+"""Quantize a large HF LLaMA checkpoint to `llm.safetensors`, streaming one tensor at a time.
 
     quantize_checkpoint(src_folder, dst_folder, group_size=128) -> Path to dst_folder
     load_int4_checkpoint(dst_folder) -> Int4Checkpoint(int4={...}, tensors={...}, config={...})
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from rgpt_rt.atomic import atomic_directory
-from rgpt_rt.quant.format import (
+from rgpt_rt.bundle import LLM_FILE
+from rgpt_rt.ops.int4_format import (
     LAYOUT,
     QWEIGHT_SUFFIX,
     Int4Weight,
@@ -39,9 +40,8 @@ from rgpt_rt.quant.format import (
     pack_nk8i,
 )
 from rgpt_rt.quant.rtn import rtn_codes
-from rgpt_rt.quant.safetensors_io import SafetensorsWriter, TensorEntry, read_header, read_tensor
+from rgpt_rt.safetensors_io import SafetensorsWriter, TensorEntry, read_header, read_tensor
 
-INT4_FILE = "llm.int4.safetensors"
 KEEP_FP16 = ("embed_tokens", "lm_head")
 ROWS_PER_BLOCK = 512  # rows quantized at once: bounds the fp32 temporaries
 
@@ -87,7 +87,7 @@ def quantize_checkpoint(
     keep_fp16: Iterable[str] = KEEP_FP16,
 ) -> Path:
     """Quantize the LLaMA checkpoint in folder `src` by RTN into folder `dst`:
-    dst/llm.int4.safetensors (INT4 linears in layout nk8i + fp16 rest) and dst/config.json
+    dst/llm.safetensors (INT4 linears in layout nk8i + fp16 rest) and dst/config.json
     (the source config plus "rgpt_quantization"). Streams one tensor at a time (module docstring).
     For AWQ, quantize with quantize_awq layer by layer and write the result with save_int4."""
     src, dst = Path(src), Path(dst)
@@ -124,7 +124,7 @@ def quantize_checkpoint(
     metadata = int4_metadata({linear: (shape, group_size) for linear, shape in quantized.items()})
 
     with atomic_directory(dst) as tmp:
-        with SafetensorsWriter(tmp / INT4_FILE, entries, metadata) as writer:
+        with SafetensorsWriter(tmp / LLM_FILE, entries, metadata) as writer:
             for name in names:
                 path, entry, data_start = source[name]
                 tensor = read_tensor(path, entry, data_start)
@@ -174,11 +174,11 @@ class Int4Checkpoint:
 
 
 def load_int4_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Int4Checkpoint:
-    """Read dst/llm.int4.safetensors + dst/config.json (as written by quantize_checkpoint)."""
+    """Read dst/llm.safetensors + dst/config.json (as written by quantize_checkpoint)."""
     folder = Path(folder)
-    path = folder / INT4_FILE
+    path = folder / LLM_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {INT4_FILE}; write one with quantize_checkpoint")
+        raise FileNotFoundError(f"{folder} has no {LLM_FILE}; write one with quantize_checkpoint")
     int4, tensors = load_int4(path, device)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -186,9 +186,9 @@ def load_int4_checkpoint(folder: str | Path, device: str | torch.device = "cpu")
 
 
 def convert_quantized_folder(src: str | Path, dst: str | Path) -> Path:
-    """An HF AWQ/GPTQ folder -> dst/llm.int4.safetensors + config.json in rgpt_rt's layout
+    """An HF AWQ/GPTQ folder -> dst/llm.safetensors + config.json in rgpt_rt's layout
     (bit-exact import; fp16 tensors kept; linear biases stored as {name}.bias)."""
-    from rgpt_rt.quant.format import save_int4
+    from rgpt_rt.ops.int4_format import save_int4
     from rgpt_rt.quant.importers import load_quantized_folder
 
     folder = load_quantized_folder(src)
@@ -204,6 +204,6 @@ def convert_quantized_folder(src: str | Path, dst: str | Path) -> Path:
         "method": f"import:{folder.quant_method}", "source_quantization_config": config.pop("quantization_config"),
     }  # fmt: skip
     with atomic_directory(dst) as tmp:
-        save_int4(tmp / INT4_FILE, folder.int4, tensors)
+        save_int4(tmp / LLM_FILE, folder.int4, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(dst)

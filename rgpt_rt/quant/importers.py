@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from rgpt_rt.quant.format import Int4Weight, pack_nk8i
+from rgpt_rt.ops.int4_format import Int4Weight, pack_nk8i
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble position p holds output 8j + AWQ_ORDER[p]
 PROJ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rgpt_rt.quant.format import Int4Weight, check_group_shape, pack_nk8i
+from rgpt_rt.ops.int4_format import Int4Weight, check_group_shape, pack_nk8i
 
 MIN_RANGE = 1e-5  # an all-zero group still gets a positive scale
 

@@ -21,7 +21,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from rgpt_rt.runtime.decoder import KVCache, LlamaDecoder
+from rgpt_rt.runtime.kv_cache import KVCache
+from rgpt_rt.runtime.model import LlamaDecoder
 
 
 @dataclass

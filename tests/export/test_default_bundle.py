@@ -12,7 +12,8 @@ import rgpt_rt
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.export.build import check_bundle
 from rgpt_rt.model import RGPT
-from rgpt_rt.quant import load_int4, quantize_rtn
+from rgpt_rt.ops.int4_format import load_int4
+from rgpt_rt.quant import quantize_rtn
 from rgpt_rt.runtime.session import default_bundle
 
 

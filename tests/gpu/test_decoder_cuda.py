@@ -5,17 +5,16 @@ batched rows on the device; the INT4 decoder under graphs when rgpt_rt.quant exi
 from __future__ import annotations
 
 import gc
-import importlib.util
 
 import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from rgpt_rt.runtime import LlamaDecoder, SamplingParams, decode, generate, generate_batch
-from rgpt_rt.runtime.decoder import GRAPH_KV_BUCKET
+from rgpt_rt.runtime import SamplingParams, decode, generate, generate_batch
+from rgpt_rt.runtime.graphs import GRAPH_KV_BUCKET
+from rgpt_rt.runtime.loading import load_decoder
 
 VOCAB = 256
-HAVE_QUANT = importlib.util.find_spec("rgpt_rt.quant") is not None
 
 
 def _hf(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -71,7 +70,7 @@ def _greedy_logits(decoder, ids, steps, max_len, graphs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_graph_decode_equals_eager_across_buckets(llama_folder, dtype, rows):
-    decoder = LlamaDecoder.from_pretrained(llama_folder[1], dtype=dtype, device="cuda")
+    decoder = load_decoder(llama_folder[1], dtype=dtype, device="cuda")
     ids = _ids(GRAPH_KV_BUCKET - 8, rows)  # the decode crosses the first bucket's end
     graphed, cache = _greedy_logits(decoder, ids, 24, 300, graphs=True)
     eager, _ = _greedy_logits(decoder, ids, 24, 300, graphs=False)
@@ -83,7 +82,7 @@ def test_graph_decode_equals_eager_across_buckets(llama_folder, dtype, rows):
 
 
 def test_graphs_per_batch_size_interleaved(llama_folder):
-    decoder = LlamaDecoder.from_pretrained(llama_folder[1], device="cuda")
+    decoder = load_decoder(llama_folder[1], device="cuda")
     one, four = decoder.new_cache(1, 64), decoder.new_cache(4, 64)
     ids1, ids4 = _ids(10, 1, seed=2), _ids(10, 4, seed=3)
     l1, l4 = decoder.prefill(one, input_ids=ids1), decoder.prefill(four, input_ids=ids4)
@@ -103,7 +102,7 @@ def test_graphs_per_batch_size_interleaved(llama_folder):
 def test_graphs_of_a_new_cache_after_the_last_one_was_freed(llama_folder):
     # the decoder benchmark's pattern: a fresh cache per answer, the previous one (and its
     # graphs) gone. A graph pool shared past its last graph tripped torch's allocator here.
-    decoder = LlamaDecoder.from_pretrained(llama_folder[1], dtype=torch.float16, device="cuda")
+    decoder = load_decoder(llama_folder[1], dtype=torch.float16, device="cuda")
     ids = _ids(12, seed=7)
     first, cache = _greedy_logits(decoder, ids, 8, 64, graphs=True)
     assert cache.graphs
@@ -119,7 +118,7 @@ def test_graphs_of_a_new_cache_after_the_last_one_was_freed(llama_folder):
 def test_cuda_logits_and_greedy_match_transformers(llama_folder):
     model, folder = llama_folder
     model = model.cuda()
-    decoder = LlamaDecoder.from_pretrained(folder, device="cuda")
+    decoder = load_decoder(folder, device="cuda")
     ids = _ids(40).cuda()
     with torch.no_grad():
         ref = model(ids).logits[0]  # [40, V]
@@ -140,7 +139,7 @@ def test_cuda_logits_and_greedy_match_transformers(llama_folder):
 def test_prefix_copy_and_batched_regions_on_cuda(llama_folder):
     """describe_many's pattern: one shared prefix, 16 rows that prefill only their suffixes and
     decode as one graphed batch, each equal to its own full run."""
-    decoder = LlamaDecoder.from_pretrained(llama_folder[1], device="cuda")
+    decoder = load_decoder(llama_folder[1], device="cuda")
     prefix = torch.randn(1, 80, 128, device="cuda")  # system + image embeddings
     first = decoder.new_cache(1, 96)
     decoder.prefill(first, inputs_embeds=prefix)
@@ -160,7 +159,7 @@ def test_prefix_copy_and_batched_regions_on_cuda(llama_folder):
 
 
 def test_sampling_on_cuda_is_deterministic(llama_folder):
-    decoder = LlamaDecoder.from_pretrained(llama_folder[1], dtype=torch.float16, device="cuda")
+    decoder = load_decoder(llama_folder[1], dtype=torch.float16, device="cuda")
     rows = [_ids(n, seed=n)[0].tolist() for n in (5, 9)]
     kwargs = dict(max_new_tokens=32, temperature=0.9, top_p=0.9, top_k=50, seed=4)
     assert generate_batch(decoder, input_ids=rows, **kwargs) == generate_batch(
@@ -168,9 +167,8 @@ def test_sampling_on_cuda_is_deterministic(llama_folder):
     )
 
 
-@pytest.mark.skipif(not HAVE_QUANT, reason="rgpt_rt.quant (the INT4 half of issue 5) is not merged")
 def test_int4_decoder_graphs_equal_eager(llama_folder):
-    decoder = LlamaDecoder.from_pretrained(
+    decoder = load_decoder(
         llama_folder[1], dtype=torch.float16, quant="int4", group_size=64, device="cuda"
     )
     ids = _ids(20, 2, seed=5)
@@ -184,7 +182,7 @@ def test_int4_decoder_graphs_equal_eager(llama_folder):
 def test_fused_projections_on_cuda_equal_unfused(llama_folder, quant):
     # what the Session runs: q/k/v and gate/up stacked, under CUDA graphs
     def load():
-        return LlamaDecoder.from_pretrained(
+        return load_decoder(
             llama_folder[1], dtype=torch.float16, quant=quant, group_size=64, device="cuda"
         )
 

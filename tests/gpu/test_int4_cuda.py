@@ -11,7 +11,9 @@ import torch
 from rgpt_rt import _C
 from rgpt_rt.ops import int4_linear
 from rgpt_rt.ops.int4 import DTYPE_TAGS, _cuda
-from rgpt_rt.quant import Int4Linear, Int4Weight, dequantize, quantize_rtn
+from rgpt_rt.ops.int4_format import Int4Weight, dequantize
+from rgpt_rt.quant import quantize_rtn
+from rgpt_rt.runtime.int4_linear import Int4Linear
 
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

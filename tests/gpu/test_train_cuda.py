@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rgpt_rt.model.rgpt import RGPT
-from rgpt_rt.train import TrainConfig, train
+from rgpt_rt.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SMALL = dict(batch_size=4, lr=2e-3, warmup_steps=5, progress=False, threads=1)

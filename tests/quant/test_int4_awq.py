@@ -3,13 +3,8 @@ previous op without changing the float function."""
 
 import torch
 
-from rgpt_rt.quant import (
-    dequantize,
-    fold_into_linear,
-    fold_into_norm,
-    quantize_awq,
-    quantize_rtn,
-)
+from rgpt_rt.ops.int4_format import dequantize
+from rgpt_rt.quant import fold_into_linear, fold_into_norm, quantize_awq, quantize_rtn
 from rgpt_rt.quant.awq import awq_search_clip
 
 K, N = 256, 128

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgpt_rt.quant import dequantize, quantize_rtn
+from rgpt_rt.ops.int4_format import dequantize
+from rgpt_rt.quant import quantize_rtn
 from rgpt_rt.quant.awq_llama import LINEARS, quantize_llama_layer_awq
 
 D, INTER, HEAD = 128, 256, 32

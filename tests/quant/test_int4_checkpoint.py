@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rgpt_rt.quant import INT4_FILE, load_int4_checkpoint, quantize_checkpoint, quantize_rtn
+from rgpt_rt.bundle import LLM_FILE
+from rgpt_rt.quant import load_int4_checkpoint, quantize_checkpoint, quantize_rtn
 
 LINEARS = {  # name: (out, in) as multiples of (hidden, intermediate)
     "self_attn.q_proj": ("h", "h"),
@@ -81,7 +82,7 @@ def test_quantize_checkpoint_output(tmp_path):
         dtype=torch.bfloat16,
     )
     out = quantize_checkpoint(tmp_path / "src", tmp_path / "dst", group_size=128)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", INT4_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", LLM_FILE]
     checkpoint = load_int4_checkpoint(out)
     assert len(checkpoint.int4) == 2 * len(LINEARS)
     assert set(checkpoint.tensors) == {

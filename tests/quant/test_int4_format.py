@@ -4,8 +4,16 @@ exact dequantization, RTN, files, and clear errors. Everything here is exact (to
 import pytest
 import torch
 
-from rgpt_rt.quant import Int4Weight, dequantize, load_int4, quantize_rtn, save_int4
-from rgpt_rt.quant.format import dequantize_codes, pack_nk8i, unpack_nk8i
+from rgpt_rt.ops.int4_format import (
+    Int4Weight,
+    dequantize,
+    dequantize_codes,
+    load_int4,
+    pack_nk8i,
+    save_int4,
+    unpack_nk8i,
+)
+from rgpt_rt.quant import quantize_rtn
 
 
 def unpack_by_pairs(qweight: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from rgpt_rt.ops import int4_linear
+from rgpt_rt.ops.int4_format import dequantize
 from rgpt_rt.quant import (
     convert_quantized_folder,
-    dequantize,
     from_awq,
     from_gptq,
     load_int4_checkpoint,

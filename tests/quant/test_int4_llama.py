@@ -5,13 +5,9 @@ computes; against the original float model the INT4 error is reported."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rgpt_rt.quant import (
-    Int4Linear,
-    dequantize,
-    load_int4_checkpoint,
-    load_int4_linears,
-    quantize_checkpoint,
-)
+from rgpt_rt.ops.int4_format import dequantize
+from rgpt_rt.quant import load_int4_checkpoint, load_int4_linears, quantize_checkpoint
+from rgpt_rt.runtime.int4_linear import Int4Linear
 
 CONFIG = dict(
     vocab_size=200, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

@@ -4,6 +4,7 @@ Session's own stages (vision, regions, tokens, prefill): the tests hold the two 
 import torch
 
 from rgpt_rt.prompts import Conversation
+from rgpt_rt.runtime import SamplingParams
 
 
 def reference_logits(reference, image, masks, question):
@@ -18,12 +19,11 @@ def reference_logits(reference, image, masks, question):
 
 def session_logits(session, image, masks, question):
     """[V] from the Session's stages, and the token ids it prefilled."""
-    stats = {}
-    frame, image_embeds, hires = session._see(image, stats)
-    region_embeds = session._numbered(session._regions(hires, masks, frame, stats))
-    ids, order = session._tokenize(Conversation.single(question), len(masks))
-    cache, logits = session._prefill(
-        frame, image_embeds, ids, [region_embeds[order]], session._params(4, 0.0), stats
-    )
-    session._release(cache)
+    stats, stages = {}, session.stages
+    seen = stages.see(image, stats)
+    region_embeds = stages.numbered(stages.regions(seen, masks, stats))
+    ids, order = stages.tokenize(Conversation.single(question), len(masks))
+    params = SamplingParams(max_new_tokens=4, eos_token_id=stages.eos_id)
+    cache, logits = stages.prefill(seen, ids, [region_embeds[order]], params, stats)
+    stages.pool.release(cache)
     return logits[0], ids

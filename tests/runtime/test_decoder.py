@@ -11,13 +11,13 @@ from llama_reference import VOCAB, build_hf, hf_greedy, relative_error
 
 from rgpt_rt.model.llm import read_llama_config
 from rgpt_rt.runtime import (
-    LlamaDecoder,
     SamplingParams,
     decode,
     generate,
     generate_batch,
     llm_config_from_hf,
 )
+from rgpt_rt.runtime.loading import load_decoder
 
 # fp32 against fp32: the same arithmetic in a different order. 1e-5 is the issue's bound; the
 # measured error is ~1e-7.
@@ -48,7 +48,7 @@ def test_config_parser_reads_transformers_4_layout(tmp_path):
 @pytest.mark.parametrize("variant", ["mha", "gqa", "linear", "dynamic", "llama3", "tied"])
 def test_logits_match_transformers(hf_llama, variant):
     model, folder = hf_llama(variant)
-    decoder = LlamaDecoder.from_pretrained(folder)
+    decoder = load_decoder(folder)
     ids = _prompt(40)
     with torch.no_grad():
         ref = model(ids).logits[0]  # [40, V]
@@ -62,7 +62,7 @@ def test_logits_match_transformers(hf_llama, variant):
 @pytest.mark.parametrize("variant", ["gqa", "linear", "llama3"])
 def test_64_greedy_tokens_match_transformers(hf_llama, variant):
     model, folder = hf_llama(variant)
-    decoder = LlamaDecoder.from_pretrained(folder)
+    decoder = load_decoder(folder)
     ids = _prompt(20, seed=2)
     ours = generate(decoder, input_ids=ids, max_new_tokens=64)
     assert ours == hf_greedy(model, ids, 64)
@@ -70,7 +70,7 @@ def test_64_greedy_tokens_match_transformers(hf_llama, variant):
 
 
 def test_prefill_from_embeddings_equals_prefill_from_ids(hf_llama):
-    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    decoder = load_decoder(hf_llama("gqa")[1])
     ids = _prompt(24)
     by_ids = decoder.prefill(decoder.new_cache(1, 32), input_ids=ids, all_logits=True)
     by_embeds = decoder.prefill(
@@ -83,7 +83,7 @@ def test_prefill_from_embeddings_equals_prefill_from_ids(hf_llama):
 
 
 def test_batched_rows_of_different_lengths_equal_one_at_a_time(hf_llama):
-    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    decoder = load_decoder(hf_llama("gqa")[1])
     rows = [_prompt(n, seed=n)[0] for n in (5, 17, 11)]
     cache = decoder.new_cache(3, 40)
     padded = torch.zeros(3, 17, dtype=torch.int64)
@@ -99,14 +99,14 @@ def test_batched_rows_of_different_lengths_equal_one_at_a_time(hf_llama):
 
 
 def test_batched_embeddings_of_different_lengths(hf_llama):
-    decoder = LlamaDecoder.from_pretrained(hf_llama("llama3")[1])
+    decoder = load_decoder(hf_llama("llama3")[1])
     embeds = [torch.randn(n, 64) for n in (9, 3)]  # e.g. image + region embeddings
     together = generate_batch(decoder, inputs_embeds=embeds, max_new_tokens=12)
     assert together == [generate(decoder, inputs_embeds=e, max_new_tokens=12) for e in embeds]
 
 
 def test_prefix_copy_then_suffix_prefill_equals_full_prefill(hf_llama):
-    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    decoder = load_decoder(hf_llama("gqa")[1])
     prefix = torch.randn(1, 12, 64)  # a shared prefix given as embeddings (system + image)
     suffixes = [_prompt(n, seed=10 + n)[0] for n in (4, 7, 2)]
     # The prefix once, kept as a snapshot; then three rows that each prefill only their suffix.
@@ -132,7 +132,7 @@ def test_prefix_copy_then_suffix_prefill_equals_full_prefill(hf_llama):
 
 
 def test_copy_prefix_within_one_cache(hf_llama):
-    decoder = LlamaDecoder.from_pretrained(hf_llama("mha")[1])
+    decoder = load_decoder(hf_llama("mha")[1])
     ids = _prompt(20)
     cache = decoder.new_cache(2, 24)
     padded = torch.zeros(2, 20, dtype=torch.int64)
@@ -148,14 +148,14 @@ def test_copy_prefix_within_one_cache(hf_llama):
 def test_decode_step_over_a_padded_key_length_equals_the_exact_one(hf_llama):
     """CUDA graphs replay the step over a key length rounded up to a bucket; the masked slots
     past each row's position must not change the result (checked here on the CPU)."""
-    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    decoder = load_decoder(hf_llama("gqa")[1])
     cache = decoder.new_cache(2, 300)
     padded = torch.cat([_prompt(30), _prompt(30, seed=3)]).clone()
     logits = decoder.prefill(cache, input_ids=padded, lengths=[30, 21])
     tokens, pos = logits.argmax(-1), cache.lengths.clone()
     exact = decoder.decode_step(tokens, cache)
     cache.lengths -= 1  # the same step again, attending over all 300 slots
-    padded_len = decoder._step(tokens, pos, cache, kv_len=300)
+    padded_len = decoder.step_logits(tokens, pos, cache, kv_len=300)
     assert relative_error(padded_len, exact) <= FP32_TOL
 
 
@@ -163,7 +163,7 @@ def test_sharded_folder_loads_like_one_file(hf_llama, tmp_path):
     model, folder = hf_llama("gqa")
     model.save_pretrained(str(tmp_path), max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    one, sharded = LlamaDecoder.from_pretrained(folder), LlamaDecoder.from_pretrained(tmp_path)
+    one, sharded = load_decoder(folder), load_decoder(tmp_path)
     for (name, a), (_, b) in zip(one.state_dict().items(), sharded.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -175,7 +175,7 @@ def test_half_precision_error_within_2x_of_transformers(hf_llama, dtype):
     with torch.no_grad():
         ref = model(ids).logits[0]
         theirs = build_hf("gqa").to(dtype)(ids).logits[0]
-    decoder = LlamaDecoder.from_pretrained(folder, dtype=dtype)
+    decoder = load_decoder(folder, dtype=dtype)
     assert decoder.dtype == dtype and decoder.new_cache(1, 8).k.dtype == dtype
     ours = decoder.prefill(decoder.new_cache(1, 32), input_ids=ids, all_logits=True)[0]
     # Same-precision baseline: transformers in this dtype against fp32 (flash-attention's rule).
@@ -183,7 +183,7 @@ def test_half_precision_error_within_2x_of_transformers(hf_llama, dtype):
 
 
 def test_bad_inputs_say_what_is_wrong(hf_llama, tmp_path):
-    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    decoder = load_decoder(hf_llama("gqa")[1])
     cache = decoder.new_cache(2, 8)
     with pytest.raises(ValueError, match="rows but the cache has 2"):
         decoder.prefill(cache, input_ids=_prompt(4))
@@ -210,7 +210,7 @@ def test_bad_inputs_say_what_is_wrong(hf_llama, tmp_path):
     with pytest.raises(ValueError, match="'mistral' model"):
         llm_config_from_hf({**raw, "model_type": "mistral"})
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        LlamaDecoder.from_pretrained(tmp_path)
-    dynamic = LlamaDecoder.from_pretrained(hf_llama("dynamic")[1])
+        load_decoder(tmp_path)
+    dynamic = load_decoder(hf_llama("dynamic")[1])
     with pytest.raises(ValueError, match="dynamic NTK rope"):
         dynamic.new_cache(1, 257)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from llama_reference import VOCAB
 
-from rgpt_rt.quant import Int4Linear
 from rgpt_rt.runtime import LlamaDecoder, generate
+from rgpt_rt.runtime.int4_linear import Int4Linear
+from rgpt_rt.runtime.loading import load_decoder
 
 
 def logits_of(decoder: LlamaDecoder, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -27,8 +28,8 @@ def logits_of(decoder: LlamaDecoder, ids: torch.Tensor) -> tuple[torch.Tensor, l
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_a_fused_decoder_computes_what_the_unfused_one_does(hf_llama, variant, quant):
     _, folder = hf_llama(variant)
-    plain = LlamaDecoder.from_pretrained(folder, quant=quant, group_size=32)
-    fused = LlamaDecoder.from_pretrained(folder, quant=quant, group_size=32)
+    plain = load_decoder(folder, quant=quant, group_size=32)
+    fused = load_decoder(folder, quant=quant, group_size=32)
     assert fused.fuse_projections()
     assert fused.fuse_projections()  # a second call changes nothing
     for layer in fused.layers:

@@ -4,11 +4,12 @@ shapes world (a seed the model never saw), and the same answers as the reference
 import pytest
 
 import rgpt_rt
-from rgpt_rt.data.tasks import ShapesWorld
-from rgpt_rt.eval import score
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.model import RGPT
+from rgpt_rt.prompts import classify_prompt, describe_prompt, parse_refer_answer, refer_prompt
 from rgpt_rt.runtime.session import Session, default_bundle
+from rgpt_rt.training.data.tasks import ShapesWorld
+from rgpt_rt.training.eval import score
 
 FRESH_SEED = 20261127  # neither training (0) nor the eval split (1)
 PER_TASK = 16
@@ -54,14 +55,22 @@ def test_ground_truth_answers_at_the_model_cards_accuracy(session, world, task):
     assert correct / PER_TASK >= FLOORS[task], f"{task}: {correct}/{PER_TASK}"
 
 
-def test_the_task_methods_ask_the_papers_prompts(session, world):
+def test_the_task_methods_answer_what_the_papers_prompts_ask(session, world):
+    """classify / refer / describe are the paper's prompts asked through `ask`, their answers
+    read back: the same answers, and right on these fresh scenes."""
     sample = world.task_sample(0, "refer")
-    choice = session.refer(sample.image, "the thing", sample.masks)
-    assert choice is None or 0 <= choice < len(sample.masks)
+    expression = sample.turns[0].question.split('"')[1]
+    choice = session.refer(sample.image, expression, sample.masks)
+    raw = session.ask(sample.image, refer_prompt(expression, len(sample.masks)), sample.masks)
+    assert choice == parse_refer_answer(raw, len(sample.masks))
+    assert score(sample.turns[0], raw)["correct"]
     sample = world.task_sample(0, "classify")
-    assert isinstance(session.classify(sample.image, sample.masks[0]), str)
+    label = session.classify(sample.image, sample.masks[0])
+    assert label == session.ask(sample.image, classify_prompt("shape"), sample.masks[:1])
+    assert score(sample.turns[0], label)["correct"]
     text = session.describe(sample.image, sample.masks[0])
-    assert text == "".join(session.describe(sample.image, sample.masks[0], stream=True)).strip()
+    assert text == session.ask(sample.image, describe_prompt(True), sample.masks[:1])
+    assert text == "".join(session.describe(sample.image, sample.masks[0], stream=True))
 
 
 def test_session_and_reference_pipeline_give_the_same_answers(tmp_path, world):

@@ -15,7 +15,6 @@ from transformers.generation.logits_process import (
 )
 
 from rgpt_rt.runtime import (
-    LlamaDecoder,
     SamplingParams,
     decode,
     generate,
@@ -23,6 +22,7 @@ from rgpt_rt.runtime import (
     generate_stream,
 )
 from rgpt_rt.runtime.generate import process_logits, sample
+from rgpt_rt.runtime.loading import load_decoder
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def text_model(tokenizer, tmp_path_factory):
     model = build_hf("gqa", seed=3, vocab_size=tokenizer.get_vocab_size())
     folder = tmp_path_factory.mktemp("llama_text")
     model.save_pretrained(str(folder))
-    return model, LlamaDecoder.from_pretrained(folder)
+    return model, load_decoder(folder)
 
 
 def _ids(tokenizer, text="Hello 世界! café"):
@@ -151,7 +151,7 @@ def _decode(decoder, tokenizer, ids, **sampling):
 def test_a_chat_continues_in_the_same_cache(hf_llama):
     """After decode each row's cache holds its context and its tokens but the last sampled one;
     prefilling that token and a next turn equals prefilling the whole conversation afresh."""
-    decoder = LlamaDecoder.from_pretrained(hf_llama("gqa")[1])
+    decoder = load_decoder(hf_llama("gqa")[1])
     prompts = [list(range(10, 16)), list(range(40, 50))]
     free = generate_batch(decoder, input_ids=prompts, max_new_tokens=12)
     k = next(k for k in range(3, 12) if free[0][k] not in free[0][:k])

@@ -14,8 +14,16 @@ from prefill_parity import reference_logits, session_logits
 from rgpt_rt.bundle import BundleError
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.model import RGPT
-from rgpt_rt.prompts import describe_prompt
-from rgpt_rt.runtime.session import AnswerStream, Session
+from rgpt_rt.prompts import (
+    Conversation,
+    classify_prompt,
+    describe_prompt,
+    parse_refer_answer,
+    refer_prompt,
+)
+from rgpt_rt.runtime import SamplingParams, decode
+from rgpt_rt.runtime.answer import AnswerStream
+from rgpt_rt.runtime.session import Session
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +139,67 @@ def test_describe_many_equals_describe_per_region(session):
     assert per_row == int(per_row) and per_row < session.stats["prefill_tokens"]
 
 
-def test_classify_refer_and_chat(session):
+def asked_prompts(session, monkeypatch) -> list[str]:
+    """Every prompt the Session's stages tokenize from now on, as text (the template rendered)."""
+    prompts, tokenize = [], session.stages.tokenize
+
+    def spy(conversation, *args, **kwargs):
+        prompts.append(conversation.render(session.config.tokens)[0])
+        return tokenize(conversation, *args, **kwargs)
+
+    monkeypatch.setattr(session.stages, "tokenize", spy)
+    return prompts
+
+
+def fresh_answer(session, image, masks, conversation, max_new_tokens):
+    """The greedy answer to a whole conversation prefilled from nothing on a fresh cache: no
+    prefix cache, no earlier turn's KV (what a chat turn must equal)."""
+    stages = session.stages
+    seen = stages.see(image, {})
+    regions = stages.numbered(stages.regions(seen, masks, {}))
+    ids, order = stages.tokenize(conversation, len(masks), require_all=False)
+    embeds = stages.splice(torch.tensor([ids]), seen.image_embeds, regions[order])
+    cache = session.decoder.new_cache(1, len(ids) + max_new_tokens)
+    logits = session.decoder.prefill(cache, inputs_embeds=embeds)
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=stages.eos_id)
+    return decode(session.decoder, cache, logits, params, tokenizer=session.tokenizer)[
+        0
+    ].text.strip()
+
+
+def test_classify_and_refer_ask_the_papers_prompts_and_read_the_answer(session, monkeypatch):
     image, masks = scene(4)
-    assert isinstance(session.classify(image, masks[0]), str)
+    prompts = asked_prompts(session, monkeypatch)
+    label = session.classify(image, masks[0], vocabulary="COCO-80")
+    assert prompts[-1].endswith(
+        "USER: <image>\nWhat category name best describes the region represented by "
+        "<region1>? Answer the question using COCO-80 category names. ASSISTANT:"
+    )
+    assert label == session.ask(image, classify_prompt("COCO-80"), masks[:1], max_new_tokens=32)
     choice = session.refer(image, "the bright one", masks)
-    assert choice is None or 0 <= choice < 3
+    assert prompts[-1].endswith(
+        "From the provided masks denoted by <region1>, <region2> and <region3>, which one fits "
+        '"the bright one"? Answer the question using the template Region [x]. ASSISTANT:'
+    )
+    raw = session.ask(image, refer_prompt("the bright one", 3), masks, max_new_tokens=16)
+    assert choice == parse_refer_answer(raw, 3)
+    session.classify(image, masks[0])  # the model's own vocabulary by default
+    assert f"using {session.config.vocabulary} category names" in prompts[-1]
+
+
+def test_a_chat_turn_answers_what_the_whole_conversation_asks(session):
+    image, masks = scene(4)
     chat = session.chat(image, masks[:2])
     first = chat.send("What is <region1>?", max_new_tokens=6)
     second = chat.send("And <region2>?", max_new_tokens=6)
-    assert isinstance(first, str) and isinstance(second, str)
-    assert [q for q, _ in chat.conversation.turns] == ["What is <region1>?", "And <region2>?"]
+    assert chat.conversation.turns == [("What is <region1>?", first), ("And <region2>?", second)]
+    # Each turn prefilled only its new tokens on the chat's cache; the answers are those of the
+    # whole conversation prefilled afresh.
+    assert first == fresh_answer(
+        session, image, masks[:2], Conversation.single("What is <region1>?"), 6
+    )
+    whole = Conversation([("What is <region1>?", first), ("And <region2>?", None)])
+    assert second == fresh_answer(session, image, masks[:2], whole, 6)
 
 
 def test_session_prefill_matches_the_reference_model(tiny_checkpoint, tiny_bundle):
@@ -174,12 +233,12 @@ def test_threads_share_a_session_correctly(session):
 
 def test_an_abandoned_stream_returns_its_cache(session):
     image, masks = scene(7)
-    before = sum(len(v) for v in session._free_caches.values())
+    before = session.stages.pool.free_caches
     answer = session.describe(image, masks[0], stream=True, max_new_tokens=20)
     assert isinstance(answer, AnswerStream)
     next(answer, None)
     del answer
-    after = sum(len(v) for v in session._free_caches.values())
+    after = session.stages.pool.free_caches
     assert after == max(before, 1)
 
 
@@ -268,10 +327,19 @@ def test_a_chat_cache_grows_with_the_conversation(session):
     image, masks = scene(12)
     chat = session.chat(image, masks[:1])
     chat.send("What is <region1>?", max_new_tokens=4)
-    assert chat._cache.max_len <= 256 < session.max_context or session.max_context <= 256
-    with pytest.raises(ValueError, match="system prompt may not hold"):
-        from rgpt_rt.prompts import Conversation, tokenize_conversation
+    assert chat.kv_slots == 256  # the first turn's prompt and answer, rounded up to a bucket
+    long_question = "Tell me about <region1>, " + "and its colour, " * 15 + "please."
+    for _ in range(5):
+        chat.send(long_question, max_new_tokens=4)
+        if chat.kv_slots > 256:
+            break
+    assert chat.kv_slots == 512  # grown by one bucket when the turns outgrew the first
 
+
+def test_a_system_prompt_may_not_hold_placeholders(session):
+    from rgpt_rt.prompts import tokenize_conversation
+
+    with pytest.raises(ValueError, match="system prompt may not hold"):
         tokenize_conversation(
             session.tokenizer,
             Conversation([("hi <region1>", None)], system="look: <image>"),

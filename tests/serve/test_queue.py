@@ -154,7 +154,7 @@ def test_a_cancelled_answer_stops_and_frees_its_kv_cache(serve_session):
     seen = {}
 
     def free_caches() -> int:
-        return sum(len(v) for v in serve_session._free_caches.values())
+        return serve_session.stages.pool.free_caches
 
     def work(run):
         answer = serve_session.describe(image, tuple(CIRCLE), stream=True, max_new_tokens=200)

@@ -1,0 +1,397 @@
+"""The runtime's LLaMA decoder, read top to bottom: RoPE (default / linear / dynamic / llama3),
+RMSNorm, grouped-query attention over a static KV cache, SwiGLU, the layers, and the decoder's
+prefill and decode step.
+
+    decoder = load_decoder("ckpt/llm", dtype=torch.float16, device="cuda")   # loading.py
+    cache = decoder.new_cache(batch_size=1, max_len=1024)                     # kv_cache.py
+    logits = decoder.prefill(cache, inputs_embeds=embeds)    # [1, V] at the last token
+    logits = decoder.decode_step(next_token, cache)          # [1, V]; a CUDA graph on CUDA (graphs.py)
+
+Module names are HF's without the "model." prefix, so HF-named weights map one to one.
+No transformers here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rgpt_rt.config import LLMConfig
+from rgpt_rt.runtime.graphs import decode_graph, graph_kv_len
+from rgpt_rt.runtime.hf_llama import ROPE_TYPES, rope_type
+from rgpt_rt.runtime.int4_linear import concat_linears
+from rgpt_rt.runtime.kv_cache import KVCache
+
+# The linears that become INT4; embeddings, norms and lm_head stay in floating point.
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# --- RoPE -----------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: LLMConfig) -> Tensor:
+    """The inverse frequencies [head_dim / 2] (fp32), computed as transformers computes them."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta
+        ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    )
+    scaling = config.rope_scaling or {}
+    kind = rope_type(scaling)
+    if kind in ("default", "dynamic"):
+        # dynamic NTK equals the default rope up to max_position_embeddings; caches are limited to that.
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
+        old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; the decoder runs {ROPE_TYPES}")
+
+
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x [B, H, T, hd]; cos, signed_sin [B, 1, T, hd] -> [B, H, T, hd]. HF LLaMA's rotate-half,
+    x·cos + cat(-x2, x1)·sin, with the minus folded into the sin table's first half (bit-exact)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
+@dataclass
+class Positions:
+    """Where one forward's tokens go, computed once and shared by every layer."""
+
+    input_pos: Tensor  # [B, T] the slot (= position) of each token
+    rows: Tensor  # [B, 1] 0..B-1, to index the cache
+    cos: Tensor  # [B, 1, T, hd]
+    signed_sin: Tensor  # [B, 1, T, hd]
+    mask: Tensor | None  # [B, 1, G*T, S] (True: attend), None: attend to all S slots
+    kv_len: int  # S: the slots attended
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32, and half precision on CUDA: one op (CUDA's kernel computes in fp32 and rounds
+        # once, where HF rounds the normalised value and then the scaled one; a decode step
+        # runs 65 of these, and HF's form is four kernels each). Elsewhere as HF LlamaRMSNorm:
+        # normalise in fp32, scale in the input's dtype.
+        if x.dtype == torch.float32 or x.is_cuda:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        D, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.q_proj = nn.Linear(D, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, D, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k, v in one linear after fuse()
+
+    def fuse(self) -> bool:
+        """Replace q/k/v by one linear of their stacked outputs (see LlamaDecoder.fuse_projections)."""
+        if self.qkv_proj is not None:
+            return True
+        fused = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def forward(self, x: Tensor, pos: Positions, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B*T, D] (the tokens of B rows of T); k_cache, v_cache [B, Hkv, T_max, hd] -> [B*T, D].
+        Writes this step's K/V at pos.input_pos and attends over the first pos.kv_len slots."""
+        B, T = pos.input_pos.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [B*T, (H + 2 Hkv) hd]
+            # q and k side by side: rotated in one pass (half the kernels), then split
+            qk = qkv[:, : (H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2)
+            q, k = apply_rope(qk, pos.cos, pos.signed_sin).split((H, Hkv), dim=1)
+            v = qkv[:, (H + Hkv) * hd :].view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = k.view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+            v = v.view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
+            q, k = apply_rope(q, pos.cos, pos.signed_sin), apply_rope(k, pos.cos, pos.signed_sin)
+
+        k_cache[pos.rows, :, pos.input_pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into the slots
+        v_cache[pos.rows, :, pos.input_pos] = v
+        keys, values = k_cache[:, :, : pos.kv_len], v_cache[:, :, : pos.kv_len]  # [B, Hkv, S, hd]
+
+        # Grouped-query attention without repeating K/V: the G = H / Hkv query heads that share a
+        # KV head are folded into the query length (head h = j*G + r reads KV head j).
+        q = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # [B, Hkv, G*T, hd]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=pos.mask)
+        # reshape, not view: CUDA's attention kernels may return [B, Hkv, G*T, hd] laid out
+        # as [B, G*T, Hkv, hd] (seen on an H200 in fp32), which no view can split by head
+        out = out.reshape(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        D, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, inner, bias=False)
+        self.up_proj = nn.Linear(D, inner, bias=False)
+        self.down_proj = nn.Linear(inner, D, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one linear after fuse()
+
+    def fuse(self) -> bool:
+        """Replace gate/up by one linear of their stacked outputs."""
+        if self.gate_up_proj is not None:
+            return True
+        fused = concat_linears([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, pos: Positions, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """x [B*T, D] -> [B*T, D]."""
+        x = x + self.self_attn(self.input_layernorm(x), pos, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    """A LLaMA decoder whose module names are HF's without the "model." prefix, so a transformers
+    state dict loads as is (loading.py: `decoder_from_state`, `load_decoder`)."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_inv_freq = rope_inv_freq(config)  # [hd/2] fp32, host; tables are built from it
+        self.register_buffer("rope_cos", torch.empty(0, config.head_dim), persistent=False)
+        self.register_buffer("rope_signed_sin", torch.empty(0, config.head_dim), persistent=False)
+        self.use_cuda_graphs = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # --- preparing for inference ---------------------------------------------------------------
+    def fuse_projections(self) -> bool:
+        """Per layer, q/k/v become one `qkv_proj` and gate/up one `gate_up_proj` (their weights
+        stacked; INT4 rows are concatenated as they are, nothing is requantized): a decode step
+        makes 4 linear calls per layer instead of 7. Same outputs up to float summation order.
+        For inference only: the fused model no longer has HF's module names. Layers whose
+        linears cannot be stacked (mixed kinds, act-order permutations) stay as they are.
+        Returns whether every layer fused."""
+        done = [part.fuse() for layer in self.layers for part in (layer.self_attn, layer.mlp)]
+        return all(done)
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads from the weights: every parameter and buffer but the rope
+        tables and the embedding table (of which it reads B rows), unless lm_head shares it."""
+        skip = {id(self.rope_cos), id(self.rope_signed_sin)}
+        if not self.config.tie_word_embeddings:
+            skip.add(id(self.embed_tokens.weight))
+        seen, total = set(), 0
+        for t in (*self.parameters(), *self.buffers()):
+            if id(t) not in skip and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    # --- the forward ------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """input_ids [...] -> token embeddings [..., D] (what the Session splices image and region
+        embeddings into)."""
+        if input_ids.numel() and (
+            int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size
+        ):
+            raise ValueError(
+                f"token ids must be in 0..{self.config.vocab_size - 1}; got {int(input_ids.min())}..{int(input_ids.max())} "
+                "(placeholders such as <image> are spliced as embeddings, not passed as ids)"
+            )
+        return self.embed_tokens(input_ids.to(self.device))
+
+    def forward(
+        self, x: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
+    ) -> Tensor:
+        """x [B, T, D] input embeddings; input_pos [B, T] the position (= cache slot) of each token.
+        Writes every layer's K/V at those slots, attends causally by position over slots [0, kv_len),
+        and returns the final-normed hidden states [B, T, D]. unmasked: the caller knows that every
+        query sees all kv_len slots (one token per row, each at position kv_len - 1)."""
+        B, T, D = x.shape
+        groups = self.config.num_heads // self.config.num_kv_heads
+        mask = None
+        if not unmasked:
+            slots = torch.arange(kv_len, device=x.device)
+            mask = slots[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
+            mask = mask[:, None].repeat(1, 1, groups, 1)  # [B, 1, G*T, S], query row r*T + t
+        pos = Positions(
+            input_pos=input_pos,
+            rows=torch.arange(B, device=x.device)[:, None],
+            cos=self.rope_cos[input_pos][:, None],
+            signed_sin=self.rope_signed_sin[input_pos][:, None],
+            mask=mask,
+            kv_len=kv_len,
+        )
+        x = x.reshape(B * T, D)  # the layers see tokens as rows: 2-D linears, fewer ops per step
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pos, cache.k[i], cache.v[i])
+        return self.norm(x).view(B, T, D)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A zeroed static KV cache for `batch_size` rows of up to `max_len` positions."""
+        c = self.config
+        if rope_type(c.rope_scaling) == "dynamic" and max_len > c.max_position_embeddings:
+            raise ValueError(
+                f"dynamic NTK rope is supported up to max_position_embeddings ({c.max_position_embeddings}); "
+                f"asked for a cache of {max_len} positions"
+            )
+        self._ensure_rope(max_len)
+        return KVCache(
+            c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,
+            dtype=dtype or self.dtype, device=self.device,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        cache: KVCache,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+        all_logits: bool = False,
+    ) -> Tensor:
+        """Append each row's tokens to the cache, after what the row already holds.
+
+        input_ids [B, T] or inputs_embeds [B, T, D], right-padded; lengths [B]: the real tokens of
+        each row (default T), each in 1..T. B is the cache's batch size. Returns the logits [B, V]
+        at each row's last real token ([B, T, V] for every token when all_logits)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
+        x = self.embed(input_ids) if input_ids is not None else inputs_embeds
+        if x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs must be [B, T] ids or [B, T, {self.config.hidden_size}] embeddings; got {tuple(x.shape)}"
+            )
+        x = x.to(device=self.device, dtype=self.dtype)  # [B, T, D]
+        B, T, _ = x.shape
+        if cache.batch_size != B:
+            raise ValueError(f"the inputs hold {B} rows but the cache has {cache.batch_size}")
+        lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu().long()
+        if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
+            raise ValueError(
+                f"lengths must be [B] = [{B}] values in 1..{T}; got {lengths.tolist()}"
+            )
+        start = cache.lengths.clone()  # [B] host
+        kv_len = int(start.max()) + T
+        if kv_len > cache.max_len:
+            raise ValueError(
+                f"the cache holds {int(start.max())} + {T} new positions > max_len {cache.max_len}; "
+                "allocate a larger cache (new_cache) or prefill fewer tokens"
+            )
+        self._ensure_rope(cache.max_len)
+        input_pos = (start[:, None] + torch.arange(T)).to(self.device)  # [B, T]
+        h = self(x, input_pos, cache, kv_len)  # [B, T, D]
+        cache.lengths += lengths
+        if all_logits:
+            return self.lm_head(h)  # [B, T, V]
+        last = (lengths - 1).to(self.device)
+        return self.lm_head(h[torch.arange(B, device=self.device), last])  # [B, V]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """tokens [B]: one new token per row, at position lengths[b] -> logits [B, V].
+        On CUDA this replays a CUDA graph captured for the cache (its batch size) and a key length
+        bucket; elsewhere (or with use_cuda_graphs False) it runs eagerly."""
+        B = cache.batch_size
+        if tokens.shape != (B,):
+            raise ValueError(
+                f"decode_step takes one token per row: [{B}]; got {tuple(tokens.shape)}"
+            )
+        start = cache.lengths  # [B] host
+        if int(start.max()) >= cache.max_len:
+            raise ValueError(f"the cache is full (max_len {cache.max_len}); allocate a larger one")
+        if int(start.min()) < 1:
+            raise ValueError("every row must be prefilled before decode_step")
+        self._ensure_rope(cache.max_len)
+        input_pos = start.to(self.device)  # [B]
+        tokens = tokens.to(self.device)
+        if self.use_cuda_graphs and cache.device.type == "cuda":
+            kv_len = graph_kv_len(cache)
+            logits = decode_graph(self, cache, kv_len, tokens, input_pos)(tokens, input_pos)
+        else:
+            uniform = int(start.min()) == int(start.max())  # then no key is masked
+            logits = self.step_logits(tokens, input_pos, cache, int(start.max()) + 1, uniform)
+        cache.lengths += 1
+        return logits
+
+    def step_logits(
+        self, tokens: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
+    ) -> Tensor:
+        """tokens [B], input_pos [B] (device) -> logits [B, V]: the body of a decode step, without
+        its checks or bookkeeping, so a CUDA graph can capture it (graphs.py)."""
+        x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
+        h = self(x, input_pos[:, None], cache, kv_len, unmasked)  # [B, 1, D]
+        return self.lm_head(h[:, 0])  # [B, V]
+
+    def _ensure_rope(self, length: int) -> None:
+        """Grow the cos/sin tables [length, hd] to cover positions 0..length-1 (never shrinks; CUDA
+        graphs keep a reference to the tables they were captured with)."""
+        if self.rope_cos.shape[0] >= length:
+            return
+        positions = torch.arange(length, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, self.rope_inv_freq)  # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+        sign = torch.ones(emb.shape[-1])
+        sign[: emb.shape[-1] // 2] = -1  # rotate-half's minus (see apply_rope)
+        self.rope_cos = emb.cos().to(device=self.device, dtype=self.dtype)
+        self.rope_signed_sin = (emb.sin() * sign).to(device=self.device, dtype=self.dtype)

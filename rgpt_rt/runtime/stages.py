@@ -1,0 +1,314 @@
+"""The stages a question goes through, shared by every Session method and by Chat:
+
+    seen = stages.see(image, stats)                                  # preprocess + vision (cached per image)
+    embeds = stages.numbered(stages.regions(seen, masks, stats))     # mask pooling + connector: [N, D]
+    ids, order = stages.tokenize(Conversation.single(question), N)   # template + tokenizer
+    cache, logits = stages.prefill(seen, ids, [embeds[order]], params, stats)   # prefix KV cached per image
+
+`stats` collects what each stage took (ms) and what it saw; the Session reports it as
+`session.stats`. Every stage that touches the model runs under `lock` (one Session may be
+shared by threads; see session.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from rgpt_rt.config import RGPTConfig
+from rgpt_rt.inputs import ImageLike, MaskLike
+from rgpt_rt.ops import add_region_numbers, add_region_positions, mask_pool
+from rgpt_rt.prompts import Conversation, tokenize_conversation
+from rgpt_rt.runtime.cache import ByteLRU, image_key, tensor_bytes
+from rgpt_rt.runtime.generate import SamplingParams
+from rgpt_rt.runtime.kv_cache import KVCache
+from rgpt_rt.runtime.kv_pool import KVPool
+from rgpt_rt.runtime.model import LlamaDecoder
+from rgpt_rt.runtime.preprocess import Frame, prepare_image, prepare_masks
+from rgpt_rt.runtime.vision import VisionBackend, connect
+
+
+@dataclass
+class Seen:
+    """An image after the vision stage."""
+
+    frame: Frame
+    image_embeds: torch.Tensor  # [1, g*g, D] in the decoder's dtype
+    hires: torch.Tensor  # [1, 4g, 4g, C] the refined map regions are pooled from
+
+
+class Stages:
+    def __init__(
+        self,
+        *,
+        config: RGPTConfig,
+        tokenizer: Tokenizer,
+        vision: VisionBackend,
+        connector: dict[str, torch.Tensor],
+        decoder: LlamaDecoder,
+        max_context: int,
+        max_image_side: int = 2048,
+        vision_cache_bytes: int = 256 << 20,
+        prefix_cache_bytes: int = 512 << 20,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.decoder = decoder
+        self.device, self.dtype = decoder.device, decoder.dtype
+        # connector: {"connector.fc1.weight", ...} on the decoder's device and dtype
+        self.connector = {
+            f"connector.{k}": v.to(self.device, self.dtype) for k, v in connector.items()
+        }
+        self._check_connector_parts()
+        names = config.tokens
+        self.eos_id = tokenizer.token_to_id(names.eos)
+        self.image_id = tokenizer.token_to_id(names.image)
+        self.region_id = tokenizer.token_to_id(names.region)
+        self.max_context = max_context
+        self.max_image_side = max_image_side
+        self.lock = threading.RLock()
+        self.vision_cache = ByteLRU(vision_cache_bytes)
+        self.prefix_cache = ByteLRU(prefix_cache_bytes)
+        self.pool = KVPool(decoder, max_context)
+
+    # --- image and regions ----------------------------------------------------------------------
+    def see(self, image: ImageLike, stats: dict[str, Any]) -> Seen:
+        """Preprocess, then the vision stage unless this image's result is cached."""
+        start = time.perf_counter()
+        frame = prepare_image(image, self.config.vision, self.max_image_side)
+        frame.key = image_key(frame.pixels)
+        stats["preprocess_ms"] = elapsed_ms(start)
+        stats["original_size"] = list(frame.original_size)
+        stats["image_size"] = list(frame.pixels.shape[:2])
+        start = time.perf_counter()
+        with self.lock:
+            cached = self.vision_cache.get(frame.key)
+            stats["vision_cached"] = cached is not None
+            if cached is None:
+                image_embeds, hires = self.vision(frame.pixel_values)
+                cached = (image_embeds.to(self.dtype), hires.to(self.dtype))
+                self.vision_cache.put(frame.key, cached, tensor_bytes(*cached))
+        self.sync()
+        stats["vision_ms"] = elapsed_ms(start)
+        return Seen(frame, cached[0], cached[1])
+
+    def regions(self, seen: Seen, masks: Sequence[MaskLike], stats: dict[str, Any]) -> torch.Tensor:
+        """Mask pooling on the hi-res map, then the connector (plus each mask's centroid
+        projection where the model has one): [N, D]."""
+        start = time.perf_counter()
+        prepared = prepare_masks(list(masks), seen.frame).to(self.device)  # [N, S', S']
+        with self.lock:
+            pooled = mask_pool(seen.hires, prepared, mode=self.config.pool_mode)  # [N, C]
+            embeds = connect(pooled, self.connector)  # [N, D]
+            projection = self.connector.get("connector.region_position.weight")
+            if projection is not None:
+                embeds = add_region_positions(embeds, prepared, projection)
+        self.sync()
+        stats["regions_ms"] = elapsed_ms(start)
+        stats["regions"] = int(prepared.shape[0])
+        return embeds
+
+    def numbered(self, embeds: torch.Tensor) -> torch.Tensor:
+        """One question's region embeddings [N, D] (mask k is <region{k+1}>), each plus its
+        number's vector where the model has them (rgpt_rt/ops/region_numbers.py)."""
+        table = self.connector.get("connector.region_number")
+        return embeds if table is None else add_region_numbers(embeds, table)
+
+    # --- the prompt -----------------------------------------------------------------------------
+    def tokenize(
+        self, conversation: Conversation, num_regions: int, require_all: bool = True
+    ) -> tuple[list[int], torch.Tensor]:
+        """(input ids, order): the region embeddings go in at the region tokens as embeds[order]."""
+        tokens = tokenize_conversation(
+            self.tokenizer,
+            conversation,
+            num_regions=num_regions,
+            num_image_tokens=self.config.num_image_tokens,
+            tokens=self.config.tokens,
+            require_all=require_all,
+        )
+        return tokens.input_ids, torch.tensor(tokens.region_order, dtype=torch.int64)
+
+    def splice(
+        self,
+        ids: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        region_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """ids [B, T] -> token embeddings [B, T, D] with image / region embeddings at their tokens
+        (row-major)."""
+        image_slots, region_slots = ids == self.image_id, ids == self.region_id
+        safe = ids.masked_fill(image_slots | region_slots, 0)
+        embeds = self.decoder.embed(safe).clone()
+        if image_embeds is not None and bool(image_slots.any()):
+            embeds[image_slots] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+        if region_embeds is not None and bool(region_slots.any()):
+            embeds[region_slots] = region_embeds.to(embeds.dtype)
+        return embeds
+
+    def check_room(self, needed: int, what: str = "the prompt and answer", fix: str = "") -> None:
+        if needed > self.max_context:
+            raise ValueError(
+                f"{what}: {needed} positions are needed but this Session holds "
+                f"{self.max_context}; "
+                + (fix or "ask a shorter question or lower max_new_tokens")
+            )
+
+    # --- prefill --------------------------------------------------------------------------------
+    def prefill(
+        self,
+        seen: Seen,
+        ids: list[int],
+        region_rows: Sequence[torch.Tensor],
+        params: SamplingParams,
+        stats: dict[str, Any],
+    ) -> tuple[KVCache, torch.Tensor]:
+        """The prefix from the cache (or computed once), then each row's own suffix: the question
+        with its region embeddings. region_rows: one [R, D] tensor per row. Returns a pooled cache
+        (give it back with `pool.release`) and the logits [B, V] at each row's last token."""
+        start = time.perf_counter()
+        prefix, length = self._prefix(seen, ids)
+        suffix = torch.tensor([ids[length:]] * len(region_rows), device=self.device)  # [B, Ts]
+        needed = length + suffix.shape[1] + params.max_new_tokens
+        self.check_room(needed)
+        rows = len(region_rows)
+        if rows > 1 and self.region_id in ids[length:]:
+            # Several regions, one question: the question's tokens before its first region
+            # token are the same in every row, so they are prefilled once, into the prefix.
+            shared = ids.index(self.region_id, length)
+            if shared > length:
+                prefix = self._extend(prefix, length, ids[length:shared])
+                length, suffix = shared, suffix[:, shared - length :]
+        cache = self.pool.acquire(rows, needed)
+        cache.copy_prefix(prefix, 0, list(range(rows)), length)
+        embeds = self.splice(suffix, None, torch.cat(list(region_rows)))  # [B, Ts, D]
+        logits = self.decoder.prefill(cache, inputs_embeds=embeds)
+        self.sync()
+        stats["prefill_ms"] = stats.get("prefill_ms", 0.0) + elapsed_ms(start)
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + int(suffix.numel())
+        stats["prefix_tokens"] = length
+        return cache, logits
+
+    def prefill_turn(
+        self,
+        cache: KVCache | None,
+        keep: int,
+        seen: Seen,
+        ids: list[int],
+        region_embeds: torch.Tensor,
+        params: SamplingParams,
+        stats: dict[str, Any],
+    ) -> tuple[KVCache, torch.Tensor]:
+        """A conversation's next turn on its own batch-1 cache (None: the first turn, which starts
+        from this image's cached prefix): the cache's first `keep` positions hold ids[:keep], and
+        only the tokens after them are prefilled. Returns the cache (grown when the conversation
+        outgrew it) and the logits [1, V]."""
+        start = time.perf_counter()
+        self.check_room(len(ids) + params.max_new_tokens, "the conversation", "start a new chat")
+        keep = min(keep, len(ids) - 1)  # always prefill at least one token, for fresh logits
+        if cache is None:
+            prefix, keep = self._prefix(seen, ids)
+            cache = self.pool.grow(None, len(ids) + params.max_new_tokens, 0)
+            cache.copy_prefix(prefix, 0, [0], keep)
+        else:
+            cache = self.pool.grow(cache, len(ids) + params.max_new_tokens, keep)
+            cache.lengths[0] = keep
+        full = torch.tensor([ids], device=self.device)
+        embeds = self.splice(full, seen.image_embeds, region_embeds)[:, keep:]  # [1, new, D]
+        logits = self.decoder.prefill(cache, inputs_embeds=embeds)
+        self.sync()
+        stats["prefill_ms"] = elapsed_ms(start)
+        stats["prefill_tokens"] = len(ids) - keep
+        return cache, logits
+
+    def _prefix(self, seen: Seen, ids: list[int]) -> tuple[KVCache, int]:
+        """The KV of the shared prefix (BOS + system prompt + user role + image tokens), cached per
+        image. Returns a batch-1 cache holding it and its length P."""
+        length = max(i for i, t in enumerate(ids) if t == self.image_id) + 1
+        key = f"{seen.frame.key}:{hash(tuple(ids[:length]))}"
+        cached = self.prefix_cache.get(key)
+        if cached is not None:
+            return cached, length
+        prefix_ids = torch.tensor([ids[:length]], device=self.device)
+        embeds = self.splice(prefix_ids, seen.image_embeds, None)  # [1, P, D]
+        cache = self.decoder.new_cache(1, length)
+        # The text before the first image token (BOS, system prompt, user role) is the same for
+        # every image: its KV is computed once and copied, and only the image tokens are prefilled.
+        text = ids.index(self.image_id)
+        if text > 0:
+            cache.copy_prefix(self._text_prefix(ids[:text], embeds[:, :text]), 0, [0], text)
+        self.decoder.prefill(cache, inputs_embeds=embeds[:, text:])
+        self.prefix_cache.put(key, cache, cache.nbytes)
+        return cache, length
+
+    def _extend(self, prefix: KVCache, length: int, ids: list[int]) -> KVCache:
+        """A new batch-1 cache: the first `length` positions of `prefix`, then `ids`."""
+        longer = self.decoder.new_cache(1, length + len(ids))
+        longer.copy_prefix(prefix, 0, [0], length)
+        tokens = torch.tensor([ids], device=self.device)
+        self.decoder.prefill(longer, inputs_embeds=self.splice(tokens, None, None))
+        return longer
+
+    def _text_prefix(self, ids: list[int], embeds: torch.Tensor) -> KVCache:
+        key = f"text:{hash(tuple(ids))}"
+        cached = self.prefix_cache.get(key)
+        if cached is None:
+            cached = self.decoder.new_cache(1, len(ids))
+            self.decoder.prefill(cached, inputs_embeds=embeds)
+            self.prefix_cache.put(key, cached, cached.nbytes)
+        return cached
+
+    # --- housekeeping ---------------------------------------------------------------------------
+    def _check_connector_parts(self) -> None:
+        """The connector holds the optional parts the config names, with their shapes, and no
+        other: a region-number table [numbers, D] and a centroid projection [D, 4F]."""
+        hidden = self.config.llm.hidden_size
+        numbers = self.config.connector.region_numbers
+        frequencies = self.config.connector.region_positions
+        parts = (
+            ("region_numbers", numbers, "region_number", (numbers, hidden)),
+            ("region_positions", frequencies, "region_position.weight", (hidden, 4 * frequencies)),
+        )
+        for field, size, name, shape in parts:
+            weight = self.connector.get(f"connector.{name}")
+            if bool(size) != (weight is not None) or (
+                weight is not None and tuple(weight.shape) != shape
+            ):
+                held = None if weight is None else tuple(weight.shape)
+                raise ValueError(
+                    f"the config sets connector.{field} = {size} but the connector weights hold "
+                    f"{name} {held}; rebuild the bundle with export/build_engine.py"
+                )
+
+    def warm_up(self) -> None:
+        """Pay one-time costs at load, not in the first answer: the first call of each custom
+        op in a process imports torch._dynamo (seconds), and kernels pick their paths."""
+        channels = self.config.vision.hidden_size
+        hires = torch.zeros(1, 4, 4, channels, dtype=self.dtype, device=self.device)
+        mask_pool(
+            hires,
+            torch.ones(1, 4, 4, dtype=torch.bool, device=self.device),
+            mode=self.config.pool_mode,
+        )
+        cache = self.decoder.new_cache(1, 8)
+        self.decoder.prefill(cache, input_ids=torch.tensor([[self.eos_id]], device=self.device))
+
+    def clear_caches(self) -> None:
+        with self.lock:
+            self.vision_cache.clear()
+            self.prefix_cache.clear()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
