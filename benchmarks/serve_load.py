@@ -235,7 +235,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, *options: str) -> tuple[subprocess.Popen, str]:
+    """`rgpt-rt serve --bundle args.bundle` (plus `options`) on a free port: (process, URL)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -243,6 +244,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         sys.executable, "-m", "rgpt_rt.cli", "serve", "--bundle", args.bundle, "--port", str(port),
         "--device", args.device, "--log-level", "warning",
         "--queue-depth", str(max(args.concurrency, 8)),
+        *options,
     ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
@@ -259,21 +261,31 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("rgpt-rt serve did not come up within 180 s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """Which server (--url, or --bundle to start one), and what every request asks for."""
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
+    where.add_argument("--url", help="a running server on this machine, e.g. http://127.0.0.1:8080")
     where.add_argument("--bundle", help="start `rgpt-rt serve --bundle BUNDLE` on a free port")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="the server's --threads")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     parser.add_argument("--json", type=Path, help="write the result here")
+
+
+def parse_server_options(parser: argparse.ArgumentParser, argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        parser.error("--url must be a loopback address: this load test stays on this machine")
+        parser.error("--url must be a loopback address: this benchmark stays on this machine")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_options(parser)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parse_server_options(parser, argv)
     process = None
     url = args.url
     if args.bundle:
@@ -283,19 +295,29 @@ def main(argv: list[str] | None = None) -> int:
             run_load(url, args.requests, args.concurrency, args.max_new_tokens, args.timeout)
         )
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+        stop_server(process)
     server = result["server"]
-    print(
+    headline = (
         f"{result['requests']} requests, {result['concurrency']} at a time, "
         f"max_new_tokens {result['max_new_tokens']}: {result['errors']} errors, "
         f"{result['wall_s']:.1f} s, {result['requests_per_s']:.1f} requests/s; "
         f"model {server.get('model')} on {server.get('device')} ({server.get('vision_backend')})"
     )
-    print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    return report(result, headline, table(result), args.json)
+
+
+def stop_server(process: subprocess.Popen | None) -> None:
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def report(result: dict, headline: str, tables: str, json_path: Path | None) -> int:
+    """Print the headline and tables, write the JSON; the exit status: 1 if any errors."""
+    print(headline)
+    print(tables)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
     return 0 if result["errors"] == 0 else 1
 
 

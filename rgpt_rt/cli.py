@@ -125,17 +125,26 @@ def cmd_ask(args):
     return finish(session, args)
 
 
+def serve_limits(args: argparse.Namespace):
+    """The ServeLimits of `rgpt-rt serve`'s options. --allow-host adds to the local names, and
+    the address the server listens on is always allowed."""
+    from rgpt_rt.serve.limits import LOCAL_HOSTS, ServeLimits
+
+    values = {item.name: getattr(args, item.name) for item in fields(ServeLimits)}
+    values["allowed_hosts"] = (*LOCAL_HOSTS, *(args.allowed_hosts or ()), args.host)
+    return ServeLimits(**values)
+
+
 def cmd_serve(args) -> int:
     try:
-        import uvicorn
-
-        from rgpt_rt.serve import ServeLimits, create_app
+        from rgpt_rt.serve import create_app
+        from rgpt_rt.serve.server import run_server
     except ImportError as error:
         raise ValueError(
             f"rgpt-rt serve needs the serve extra ({error.name} is missing): "
             "pip install 'rgpt_rt[serve]'"
         ) from None
-    limits = ServeLimits(**{item.name: getattr(args, item.name) for item in fields(ServeLimits)})
+    limits = serve_limits(args)
     if args.threads is not None:
         import torch
 
@@ -148,7 +157,7 @@ def cmd_serve(args) -> int:
         f"http://{args.host}:{args.port}/  (API /v1/..., schema /openapi.json)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, limits, args.host, args.port, args.log_level)
     return 0
 
 
@@ -170,6 +179,15 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     limits = parser.add_argument_group("limits")
     for item in fields(ServeLimits):
+        if isinstance(item.default, tuple):  # --allow-host, repeated
+            limits.add_argument(
+                item.metadata["flag"],
+                dest=item.name,
+                action="append",
+                metavar="HOST",
+                help=item.metadata["help"],
+            )
+            continue
         limits.add_argument(
             item.metadata["flag"],
             dest=item.name,

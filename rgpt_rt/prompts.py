@@ -8,11 +8,14 @@
 
 `<regionK>` names the K-th mask (1-based); a bare `<region>` takes the next mask in order.
 Every mask must be named at least once, and no placeholder may name a mask that was not given.
+Special tokens come only from the template and the placeholders: user text ('</s>', 'USER:'
+typed in a question) is encoded as the plain characters it is.
 Shared by the reference model, the trainer and the runtime: no transformers here.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,22 +109,60 @@ class Conversation:
     def render(self, tokens: TokenConfig) -> tuple[str, list[tuple[int, int]]]:
         """The prompt text and the character spans of every answer (each including its </s>).
         A final turn without an answer ends with 'ASSISTANT:' so the model continues from it."""
+        prompt = self.layout(tokens)
+        return prompt.text, prompt.answers
+
+    def layout(self, tokens: TokenConfig, namer: RegionNamer | None = None) -> PromptText:
+        """The prompt as the template writes it, knowing which characters are the user's
+        (the system prompt, the questions, the answers). With a `namer`, each region
+        placeholder in a question becomes the region token."""
         if not self.turns:
             raise ValueError("a conversation needs at least one turn")
-        text = self.system
-        spans: list[tuple[int, int]] = []
+        prompt = PromptText()
+        prompt.user(self.system)
         for index, (question, answer) in enumerate(self.turns):
+            prompt.template(f" {USER_ROLE} ")
             if index == 0:
-                question = f"{tokens.image}\n{question}"
-            text += f" {USER_ROLE} {question} {ASSISTANT_ROLE}"
+                prompt.template(f"{tokens.image}\n")
+            if namer is None:
+                prompt.user(question)
+            else:
+                namer.write(prompt, question)
+            prompt.template(f" {ASSISTANT_ROLE}")
             if answer is None:
                 if index != len(self.turns) - 1:
                     raise ValueError(f"turn {index + 1} has no answer but is not the last turn")
                 break
-            start = len(text)
-            text += f" {answer}{tokens.eos}"
-            spans.append((start, len(text)))
-        return text, spans
+            start = prompt.length
+            prompt.template(" ")
+            prompt.user(answer)
+            prompt.template(tokens.eos)
+            prompt.answers.append((start, prompt.length))
+        return prompt
+
+
+class PromptText:
+    """A prompt being written: its text, the spans of user text in it (which the tokenizer
+    reads as plain characters, never as special tokens), and the spans of the answers."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.plain: list[tuple[int, int]] = []
+        self.answers: list[tuple[int, int]] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def template(self, text: str) -> None:
+        self.parts.append(text)
+        self.length += len(text)
+
+    def user(self, text: str) -> None:
+        if text:
+            self.plain.append((self.length, self.length + len(text)))
+            self.template(text)
 
 
 # --- tokenization -----------------------------------------------------------------------------
@@ -135,8 +176,8 @@ class PromptTokens:
 
 
 class RegionNamer:
-    """Rewrites `<regionK>` / `<region>` placeholders to the plain region token, across all
-    turns of a conversation, remembering which 0-based mask each placeholder names."""
+    """Writes a question's `<regionK>` / `<region>` placeholders as the region token, across
+    all turns of a conversation, remembering which 0-based mask each placeholder names."""
 
     def __init__(self, num_regions: int, region_token: str):
         self.num_regions = num_regions
@@ -144,11 +185,17 @@ class RegionNamer:
         self.order: list[int] = []
         self._next_bare = 0
 
-    def __call__(self, text: str) -> str:
-        return _REGION_PLACEHOLDER.sub(self._substitute, text)
+    def write(self, prompt: PromptText, question: str) -> None:
+        """Append `question` to `prompt`: its text as user text, its placeholders as tokens."""
+        start = 0
+        for match in _REGION_PLACEHOLDER.finditer(question):
+            prompt.user(question[start : match.start()])
+            self.order.append(self._index(match.group(1)))
+            prompt.template(self.region_token)
+            start = match.end()
+        prompt.user(question[start:])
 
-    def _substitute(self, match: re.Match[str]) -> str:
-        digits = match.group(1)
+    def _index(self, digits: str) -> int:
         if digits:
             index = int(digits) - 1
             if index < 0 or index >= self.num_regions:
@@ -156,15 +203,14 @@ class RegionNamer:
                     f"the prompt names <region{digits}> but {self.num_regions} mask(s) were given; "
                     f"use <region1>..<region{max(self.num_regions, 1)}> or give more masks"
                 )
-        else:
-            index = self._next_bare
-            if index >= self.num_regions:
-                raise ValueError(
-                    f"the prompt has more <region> placeholders than the {self.num_regions} mask(s) given"
-                )
-            self._next_bare += 1
-        self.order.append(index)
-        return self.region_token
+            return index
+        index = self._next_bare
+        if index >= self.num_regions:
+            raise ValueError(
+                f"the prompt has more <region> placeholders than the {self.num_regions} mask(s) given"
+            )
+        self._next_bare += 1
+        return index
 
     def check_all_named(self) -> None:
         missing = sorted(set(range(self.num_regions)) - set(self.order))
@@ -190,14 +236,20 @@ def tokenize_conversation(
 
     Returns BOS + the prompt, where <image> is repeated num_image_tokens times and each
     region placeholder is one region token; labels keep only answer tokens. require_all: every
-    mask must be named (a chat may name some masks only in later turns: False)."""
+    mask must be named (a chat may name some masks only in later turns: False).
+
+    Special tokens come only from the template and the placeholders: user text (the system
+    prompt, questions, answers) is read as the characters it is, so a '</s>' or 'USER:' typed
+    by a user is plain text, never the end-of-sequence or role token."""
+    check_text("the system prompt", conversation.system)
     if tokens.image in conversation.system or _REGION_PLACEHOLDER.search(conversation.system):
         raise ValueError(
             f"the system prompt may not hold {tokens.image} or region placeholders; put regions in the turns"
         )
-    namer = RegionNamer(num_regions, tokens.region)
-    turns = []
-    for question, answer in conversation.turns:
+    for number, (question, answer) in enumerate(conversation.turns, start=1):
+        check_text(f"question {number}", question)
+        if answer is not None:
+            check_text(f"answer {number}", answer)
         if tokens.image in question or (answer is not None and tokens.image in answer):
             raise ValueError(
                 f"write turns without {tokens.image}: the template places the image itself"
@@ -206,25 +258,99 @@ def tokenize_conversation(
             raise ValueError(
                 "answers may not hold region placeholders; refer to regions as 'Region [k]'"
             )
-        turns.append((namer(question), answer))
+    namer = RegionNamer(num_regions, tokens.region)
+    prompt = conversation.layout(tokens, namer)
     if require_all:
         namer.check_all_named()
-    text, spans = Conversation(turns=turns, system=conversation.system).render(tokens)
 
-    encoding = tokenizer.encode(text, add_special_tokens=False)
+    ids, offsets = encode_prompt(tokenizer, prompt)
     image_id = _token_id(tokenizer, tokens.image)
     bos_id = _token_id(tokenizer, tokens.bos)
+    if ids.count(_token_id(tokenizer, tokens.region)) != len(namer.order):
+        raise ValueError(
+            f"the prompt's {len(namer.order)} region placeholder(s) did not each become one "
+            "region token; write text around placeholders without special-token strings"
+        )
     input_ids = [bos_id]
     labels = [IGNORE_INDEX]
-    for token_id, (start, _end) in zip(encoding.ids, encoding.offsets):
+    for token_id, (start, _end) in zip(ids, offsets):
         if token_id == image_id:
             input_ids.extend([image_id] * num_image_tokens)
             labels.extend([IGNORE_INDEX] * num_image_tokens)
             continue
-        in_answer = any(a <= start < b for a, b in spans)
+        in_answer = any(a <= start < b for a, b in prompt.answers)
         input_ids.append(token_id)
         labels.append(token_id if in_answer else IGNORE_INDEX)
     return PromptTokens(input_ids=input_ids, labels=labels, region_order=namer.order)
+
+
+def check_text(name: str, text: str) -> str:
+    """`text`, if it is a str of valid Unicode: TypeError naming `name` if it is not a str,
+    ValueError if it holds a lone surrogate ('\\ud800', which JSON can carry and no tokenizer
+    can read)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str; got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{name} holds {text[error.start]!r} at character {error.start}, a lone surrogate "
+            "that is not valid Unicode text; send the text as UTF-8"
+        ) from None
+    return text
+
+
+def encode_prompt(tokenizer, prompt: PromptText) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of prompt.text and their character spans, with special tokens only where the
+    template put them. The whole text is encoded at once (so ordinary text tokenizes exactly
+    as it always has); a special token matched inside user text is taken back, and the text
+    between the template's special tokens around it is encoded again as plain characters."""
+    text = prompt.text
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    ids, offsets = list(encoding.ids), list(encoding.offsets)
+    special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    users = bytearray(len(text))  # 1 where a character is the user's
+    for start, end in prompt.plain:
+        users[start:end] = b"\x01" * (end - start)
+
+    def matched_in_user_text(index: int) -> bool:
+        """A special token matched on its string (not, say, <unk> for an unknown character),
+        where a character of that string is the user's."""
+        start, end = offsets[index]
+        return text[start:end].strip() == special[ids[index]] and any(
+            users[i] and not text[i].isspace() for i in range(start, end)
+        )
+
+    forged = [token in special and matched_in_user_text(i) for i, token in enumerate(ids)]
+    if not any(forged):
+        return ids, offsets
+    plain = _plain_tokenizer(tokenizer, tokenizer.get_vocab_size(with_added_tokens=True))
+    kept = [i for i, token in enumerate(ids) if token in special and not forged[i]]
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    for left, right in zip([-1, *kept], [*kept, len(ids)]):
+        if left >= 0:  # a special token of the template
+            out_ids.append(ids[left])
+            out_offsets.append(offsets[left])
+        if not any(forged[left + 1 : right]):
+            out_ids.extend(ids[left + 1 : right])
+            out_offsets.extend(offsets[left + 1 : right])
+            continue
+        start = offsets[left][1] if left >= 0 else 0
+        end = offsets[right][0] if right < len(ids) else len(text)
+        again = plain.encode(text[start:end], add_special_tokens=False)
+        out_ids.extend(again.ids)
+        out_offsets.extend((a + start, b + start) for a, b in again.offsets)
+    return out_ids, out_offsets
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_tokenizer(tokenizer, vocab_size: int):
+    """A copy of `tokenizer` that reads special-token strings as plain text (per vocabulary
+    size, so a tokenizer given more tokens later gets a new copy)."""
+    plain = type(tokenizer).from_str(tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 def _token_id(tokenizer, token: str) -> int:

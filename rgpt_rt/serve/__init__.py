@@ -2,7 +2,9 @@
 streaming, OpenAI-compatible chat completions) and a page at / to point at regions.
 
     from rgpt_rt.serve import ServeLimits, create_app
-    app = create_app(rgpt_rt.Session(bundle), ServeLimits(queue_depth=4))
+    from rgpt_rt.serve.server import run_server
+    limits = ServeLimits(queue_depth=4)
+    run_server(create_app(rgpt_rt.Session(bundle), limits), limits, "127.0.0.1", 8080)
 
 Needs the `serve` extra (fastapi, uvicorn): pip install 'rgpt_rt[serve]'. Importing this
 package does not import them (the command line reads ServeLimits without them).

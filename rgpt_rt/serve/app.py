@@ -1,7 +1,9 @@
 """The HTTP API of a Session: task endpoints, OpenAI chat completions, and the page at /.
 
-    app = create_app(rgpt_rt.Session(bundle), ServeLimits())
-    uvicorn.run(app, host="127.0.0.1", port=8080)             # what `rgpt-rt serve` does
+    limits = ServeLimits()
+    app = create_app(rgpt_rt.Session(bundle), limits)
+    run_server(app, limits, "127.0.0.1", 8080)                # what `rgpt-rt serve` does
+                                                              # (server.py: uvicorn, timed)
 
     POST /v1/describe  /v1/classify  /v1/refer  /v1/ask      JSON in, JSON out; "stream": true
                                                               answers as server-sent events
@@ -12,7 +14,9 @@ A streamed answer is a series of events, each `event: NAME` + `data: JSON`:
     delta   {"text": " a red"}                                a piece of the answer, in order
     done    {the response the non-streamed call returns}      last, with the stats
     error   {"error": {"message", "type", "param", "code"}}   last, if the answer broke off
-Bad input is answered before a stream starts, as a 4xx JSON error.
+Bad input is answered before a stream starts, as a 4xx JSON error. Every request first passes
+guard.py (Host allow-list, body size, JSON value count, body time); a client that goes away
+cancels its answer, streamed or not, at the next token.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 import rgpt_rt
 from rgpt_rt.prompts import refer_answer
 from rgpt_rt.serve import openai as openai_api
-from rgpt_rt.serve.errors import ApiError, error_response, install_error_handlers
+from rgpt_rt.serve.errors import ApiError, install_error_handlers
+from rgpt_rt.serve.guard import RequestGuard
 from rgpt_rt.serve.limits import ServeLimits
 from rgpt_rt.serve.media import check_region_count, decode_image, decode_regions
 from rgpt_rt.serve.schemas import (
@@ -60,10 +64,10 @@ from rgpt_rt.serve.worker import Run
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-async def answer(run: Run, stream: bool):
+async def answer(run: Run, stream: bool, request: Request):
     """The response of a task request: its result, or server-sent events of it."""
     if not stream:
-        return await result_of(run)
+        return await result_of(run, request)
     events, first = await start_stream(run)
     return StreamingResponse(
         task_events(first, events, run), media_type="text/event-stream", headers=STREAM_HEADERS
@@ -92,56 +96,6 @@ def task_inputs(body: TaskRequest, limits: ServeLimits) -> tuple[Any, list]:
     return decode_image(body.image, limits), decode_regions(body.region_list(), limits)
 
 
-class BodyLimit:
-    """413 for a body over max_bytes: at once by its Content-Length; a body sent without one
-    (chunked) is read here, up to the limit, before the app sees it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:  # the ASGI server delivers no more than it declares
-            if not declared.isdigit() or int(declared) > self.max_bytes:
-                await self.too_large(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self.too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # http.disconnect, when it comes
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ApiError(
-            413,
-            f"the request body is over the {self.max_bytes:,}-byte limit (--max-body-bytes)",
-            "body",
-        )
-        await error_response(error)(scope, receive, send)
-
-
 def create_app(session, limits: ServeLimits | None = None) -> FastAPI:
     """The FastAPI app serving `session` (an rgpt_rt.Session) within `limits`."""
     service = Service(session, limits or ServeLimits())
@@ -162,7 +116,7 @@ def create_app(session, limits: ServeLimits | None = None) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(RequestGuard, limits=service.limits)
     add_task_routes(app, service)
     app.include_router(openai_api.router(service))
 
@@ -193,10 +147,10 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
     options = {"responses": {**ERRORS, **STREAMED}, "tags": ["tasks"]}
 
     @app.post("/v1/describe", response_model=DescribeResponse, **options)
-    async def describe(body: DescribeRequest):
+    async def describe(body: DescribeRequest, request: Request):
         """Describe a region (detailed or short). Several regions are described in one batched
         decode (not streamed): `answers` holds one description per region."""
-        count = len(body.region_list())
+        count = body.region_count()
         check_region_count(count, service.limits)
         service.check_tokens(body.max_new_tokens)
         if body.stream and count > 1:
@@ -221,10 +175,10 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
                 answers = session.describe_many(image, regions, detailed=body.detailed, **sampling)
             return DescribeResponse(answer=answers[0], answers=answers, stats=service.stats())
 
-        return await answer(service.submit(work), body.stream)
+        return await answer(service.submit(work), body.stream, request)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, **options)
-    async def classify(body: ClassifyRequest):
+    async def classify(body: ClassifyRequest, request: Request):
         """The category name of one region, in `vocabulary` (default: what the model learnt)."""
         check_one_region(body)
         if body.vocabulary is not None:
@@ -236,12 +190,12 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
             run.emit(text)
             return ClassifyResponse(answer=text, stats=service.stats())
 
-        return await answer(service.submit(work), body.stream)
+        return await answer(service.submit(work), body.stream, request)
 
     @app.post("/v1/refer", response_model=ReferResponse, **options)
-    async def refer(body: ReferRequest):
+    async def refer(body: ReferRequest, request: Request):
         """Which of the regions fits the expression: its 0-based index, or null for none."""
-        check_region_count(len(body.region_list()), service.limits)
+        check_region_count(body.region_count(), service.limits)
         service.check_text(len(body.expression), "expression")
 
         def work(run: Run) -> ReferResponse:
@@ -251,12 +205,12 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
             run.emit(text)
             return ReferResponse(region=index, answer=text, stats=service.stats())
 
-        return await answer(service.submit(work), body.stream)
+        return await answer(service.submit(work), body.stream, request)
 
     @app.post("/v1/ask", response_model=AskResponse, **options)
-    async def ask(body: AskRequest):
+    async def ask(body: AskRequest, request: Request):
         """A free question that names the regions as <region1>, <region2>, ..."""
-        check_region_count(len(body.region_list()), service.limits)
+        check_region_count(body.region_count(), service.limits)
         service.check_text(len(body.question), "question")
         service.check_tokens(body.max_new_tokens)
 
@@ -272,9 +226,9 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
             )
             return AskResponse(answer=run.relay(stream), stats=service.stats())
 
-        return await answer(service.submit(work), body.stream)
+        return await answer(service.submit(work), body.stream, request)
 
     def check_one_region(body: TaskRequest) -> None:
-        count = len(body.region_list())
+        count = body.region_count()
         if count != 1:
             raise ApiError(422, f"this task takes one region; got {count}", "regions")

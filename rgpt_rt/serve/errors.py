@@ -3,10 +3,12 @@
     {"error": {"message": "mask 1 is empty (no pixel set); ...", "type": "invalid_request_error",
                "param": "masks", "code": "bad_input"}}
 
-400 input that cannot be used (not an image, an empty mask, a box outside the image, ...),
-413 too large, 422 not what the schema asks for or over a count limit, 503 queue full or
-waited too long, 504 answer ran past its time; 500 only for a fault of the server itself,
-whose details go to the server's log.
+400 input that cannot be used (not an image, an empty mask, a box outside the image, text
+that is not valid Unicode, a Host the server does not answer to, ...), 408 a body that did not
+arrive in time, 413 too large, 422 not what the schema asks for or over a count limit, 503
+queue full or waited too long, 504 answer ran past its time; 500 only for a fault of the server
+itself, whose details go to the server's log. (A client that went away is sent nothing; its
+request ends as 499 in the server's own accounts.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rgpt_rt.serve.worker import QueueFull, TimedOut
+from rgpt_rt.serve.worker import Cancelled, QueueFull, TimedOut
 
 log = logging.getLogger("rgpt_rt.serve")
 
@@ -27,6 +29,7 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout",
     413: "request_too_large",
     422: "invalid_request_error",
     503: "server_busy",
@@ -48,7 +51,20 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {
+        "error": {
+            "message": utf8(message),
+            "type": kind,
+            "param": param and utf8(param),
+            "code": code,
+        }
+    }
+
+
+def utf8(text: str) -> str:
+    """`text` with any lone surrogate ('\\ud800', which JSON can carry into a request and no
+    UTF-8 response can carry out) written as the escape it came as."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def as_api_error(error: Exception) -> ApiError | None:
@@ -59,6 +75,8 @@ def as_api_error(error: Exception) -> ApiError | None:
         return ApiError(503, str(error), code="queue_full")
     if isinstance(error, TimedOut):
         return ApiError(503 if error.queued else 504, str(error), code="timeout")
+    if isinstance(error, Cancelled):  # nobody reads this answer
+        return ApiError(499, str(error), code="client_closed_request")
     if isinstance(error, ValueError | FileNotFoundError):  # the Session's word on bad input
         return ApiError(400, str(error))
     return None
@@ -117,7 +135,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def known(request: Request, error: Exception) -> JSONResponse:
         return error_response(error)
 
-    for kind in (ApiError, QueueFull, TimedOut, ValueError, FileNotFoundError):
+    for kind in (ApiError, QueueFull, TimedOut, Cancelled, ValueError, FileNotFoundError):
         app.add_exception_handler(kind, known)
     # Anything else is a fault of the server: Starlette answers it with this handler (a JSON
     # 500 without details) and re-raises it to the ASGI server, which logs it.

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
@@ -213,7 +213,7 @@ def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["openai"])
     model_name = session.config.name
     tokens = session.config.tokens
-    special = (tokens.image, tokens.region, tokens.bos, tokens.eos)
+    special = (tokens.image, tokens.region)  # other special-token strings are plain text
 
     @api.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -226,7 +226,7 @@ def router(service: Service) -> APIRouter:
     @api.post(
         "/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAMED}
     )
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         """OpenAI's chat completions over the regions in `regions` (see the module doc)."""
         dialogue = read_messages(body.messages, special)
         regions = body.regions or []
@@ -238,7 +238,8 @@ def router(service: Service) -> APIRouter:
                 "regions",
             )
         check_region_count(len(regions), service.limits)
-        text_chars = sum(len(q) + len(a) for q, a in dialogue.history) + len(dialogue.question)
+        text_chars = len(dialogue.system or "") + len(dialogue.question)
+        text_chars += sum(len(q) + len(a) for q, a in dialogue.history)
         service.check_text(text_chars, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -263,7 +264,7 @@ def router(service: Service) -> APIRouter:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
-            result = await result_of(run)
+            result = await result_of(run, request)
             return ChatCompletion(
                 id=completion_id,
                 created=created,

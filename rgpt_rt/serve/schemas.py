@@ -73,6 +73,12 @@ class TaskRequest(BaseModel):
             )
         return self
 
+    def region_count(self) -> int:
+        """How many regions were given (checked against --max-regions before any is used)."""
+        if self.mask is not None or self.box is not None:
+            return 1
+        return len(self.masks or self.boxes or self.regions or [])
+
     def region_list(self) -> list[Region]:
         """The regions in order, whichever field held them."""
         if self.mask is not None:

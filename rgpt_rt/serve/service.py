@@ -3,15 +3,18 @@ become a response.
 
     service = Service(session, limits)
     run = service.submit(work)                 # work(run) runs on the model thread
-    result = await result_of(run)              # not streamed
+    result = await result_of(run, request)     # not streamed; cancelled if the client leaves
     events, first = await start_stream(run)    # streamed: bad input raises before any byte
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from starlette.requests import Request
 
 from rgpt_rt.serve.errors import ApiError, as_api_error, error_body, log
 from rgpt_rt.serve.limits import ServeLimits
@@ -22,8 +25,10 @@ from rgpt_rt.serve.worker import ModelWorker, Run
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": what}
     for status, what in {
-        400: "input that cannot be used: not an image, an empty mask, a box outside the image",
-        413: "the body, an image or a mask is over a size limit",
+        400: "input that cannot be used: not an image, an empty mask, a box outside the image, "
+        "text that is not valid Unicode; or a Host header this server does not answer to",
+        408: "the body did not arrive within the body time limit",
+        413: "the body (its bytes or its JSON values), an image or a mask is over a size limit",
         422: "not what the schema asks for, or over a count limit (regions, tokens, text)",
         503: "the queue is full, or the request waited in it past its time limit",
         504: "the answer ran past the request time limit",
@@ -77,15 +82,26 @@ class Service:
         return dict(self.session.stats)
 
 
-async def result_of(run: Run) -> Any:
-    """The work's result, its deltas skipped; the run is cancelled if this is abandoned."""
+async def result_of(run: Run, request: Request) -> Any:
+    """The work's result, its deltas skipped. The run is cancelled (the model stops at its next
+    token, or skips it if still queued) when the client goes away or this is abandoned."""
+    watch = asyncio.create_task(cancel_on_disconnect(run, request))
     try:
         async for kind, value in run.events():
             if kind == "result":
                 return value
     finally:
+        watch.cancel()
         run.cancel()
     raise RuntimeError("the model thread ended a run without a result")
+
+
+async def cancel_on_disconnect(run: Run, request: Request) -> None:
+    """Cancel `run` once the client has gone (the body was read before: what the ASGI server
+    sends next is the disconnect, when it comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    run.cancel()
 
 
 async def start_stream(run: Run) -> tuple[AsyncIterator[tuple[str, Any]], tuple[str, Any]]:

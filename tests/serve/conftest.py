@@ -3,19 +3,16 @@ clients of apps over it, and a real `rgpt-rt serve` on a free loopback port."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from server_process import serve_process
 
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.runtime.session import Session
 from rgpt_rt.serve import ServeLimits, create_app
+
+LOCAL = "http://localhost"  # the Host the server answers to by default
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +61,7 @@ def serve_session(serve_bundle):
 @pytest.fixture(scope="module")
 def client(serve_session):
     """An in-process client of the app with the default limits."""
-    with TestClient(create_app(serve_session)) as test_client:
+    with TestClient(create_app(serve_session), base_url=LOCAL) as test_client:
         yield test_client
 
 
@@ -75,7 +72,7 @@ def make_client(serve_session):
 
     def make(limits: ServeLimits | None = None, session=None, **options) -> TestClient:
         app = create_app(session or serve_session, limits or ServeLimits())
-        test_client = TestClient(app, **options)
+        test_client = TestClient(app, **{"base_url": LOCAL, **options})
         test_client.__enter__()  # runs the app's lifespan: its model thread stops at exit
         opened.append(test_client)
         return test_client
@@ -85,46 +82,12 @@ def make_client(serve_session):
         test_client.__exit__(None, None, None)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_server(serve_bundle, tmp_path_factory):
     """`rgpt-rt serve` as a user starts it, on 127.0.0.1 and a free port: its base URL."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [
-        sys.executable, "-m", "rgpt_rt.cli", "serve", "--bundle", str(serve_bundle),
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--threads", "1",
-        "--log-level", "warning", "--queue-depth", "16",
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"rgpt-rt serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"rgpt-rt serve did not answer within 120 s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serve_process(serve_bundle, log, "--queue-depth", "16") as server:
+        yield server.url
 
 
 def pytest_terminal_summary(terminalreporter):

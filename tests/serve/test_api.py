@@ -211,10 +211,19 @@ def test_bad_requests_are_4xx_json_that_name_the_problem(client, case):
     [
         ("POST", "/v1/describe", b"{not json", 422),
         ("POST", "/v1/describe", b"[1, 2]", 422),
+        ("POST", "/v1/describe", b"[" * 100_000, 400),
+        ("POST", "/v1/describe", b'{"image": "\xff\xfe"}', 400),
         ("GET", "/v1/describe", None, 405),
         ("GET", "/v1/nothing", None, 404),
     ],
-    ids=["malformed-json", "json-array", "wrong-method", "unknown-path"],
+    ids=[
+        "malformed-json",
+        "json-array",
+        "deep-nesting",
+        "not-utf8",
+        "wrong-method",
+        "unknown-path",
+    ],
 )
 def test_malformed_requests_are_json_errors(client, method, path, content, status):
     response = client.request(

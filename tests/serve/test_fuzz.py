@@ -31,7 +31,9 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def api_schema(serve_session):
     # Few tokens and a short time limit: a generated body that does reach the model stays cheap.
-    app = create_app(serve_session, ServeLimits(max_new_tokens=8, request_timeout_s=20))
+    # schemathesis calls the app as host "testserver"
+    limits = ServeLimits(max_new_tokens=8, request_timeout_s=20, allowed_hosts=("testserver",))
+    app = create_app(serve_session, limits)
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -71,7 +71,7 @@ async def until(condition, timeout: float = 20.0) -> None:
 def run_async(app, scenario):
     async def main():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await scenario(client)
 
     return asyncio.run(main())
@@ -233,6 +233,21 @@ def test_each_limit_is_a_4xx_that_names_it(make_client, body, status, message):
     assert message in response.json()["error"]["message"]
 
 
+def test_json_values_are_counted_as_the_body_arrives(make_client):
+    """A body of more values than --max-json-values is refused before it is parsed, whether
+    it declares its length or comes in chunks; one value fewer is parsed as usual."""
+    client = make_client(ServeLimits(max_json_values=1000))
+    boxes = [CIRCLE] * 199  # 5 values each, 4 more in the rest of the body: 999
+    body = json.dumps({"image": EXAMPLE_PNG, "boxes": boxes}).encode()
+    assert client.post("/v1/describe", content=body).status_code == 422  # over --max-regions
+    body = json.dumps({"image": EXAMPLE_PNG, "boxes": [*boxes, CIRCLE]}).encode()
+    chunks = (body[i : i + 100] for i in range(0, len(body), 100))
+    for content in (body, chunks):
+        response = client.post("/v1/describe", content=content)
+        assert response.status_code == 413, response.text
+        assert "over 1,000 JSON values (--max-json-values)" in response.json()["error"]["message"]
+
+
 def test_a_chunked_body_over_the_limit_is_413(make_client):
     client = make_client(LIMITED)
     piece = json.dumps({"image": EXAMPLE_PNG, "box": CIRCLE, "pad": "x" * 250_000}).encode()
@@ -256,7 +271,38 @@ def test_the_model_context_is_a_400_that_says_what_to_do(make_client):
         },
     )
     assert response.status_code == 400
-    assert "lower max_new_tokens" in response.json()["error"]["message"]
+    # the Session's word: the range max_new_tokens may take, or what to lower to fit the context
+    assert "max_new_tokens" in response.json()["error"]["message"]
+
+
+def test_serve_options_make_the_limits():
+    from rgpt_rt.cli import build_parser, serve_limits
+
+    args = build_parser().parse_args(
+        ["serve", "--host", "0.0.0.0", "--allow-host", "Edge.Local", "--allow-host", "::1",
+         "--header-timeout", "2.5", "--body-timeout", "4", "--idle-timeout", "1",
+         "--max-json-values", "5000"]
+    )  # fmt: skip
+    limits = serve_limits(args)
+    assert limits.allowed_hosts == ("localhost", "127.0.0.1", "[::1]", "edge.local", "0.0.0.0")
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.idle_timeout_s) == (2.5, 4, 1)
+    assert limits.max_json_values == 5000
+    default = serve_limits(build_parser().parse_args(["serve"]))
+    assert default.allowed_hosts == ("localhost", "127.0.0.1", "[::1]")
+    assert default == ServeLimits(), "the command's defaults are ServeLimits'"
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("localhost", True), ("LOCALHOST:8080", True), ("localhost.", True), ("127.0.0.1:1", True),
+        ("[::1]:8080", True), ("[::1]", True), ("evil.example", False), ("localhost.evil", False),
+        ("127.0.0.2", False), ("[::2]:80", False), ("", False),
+    ],
+)  # fmt: skip
+def test_the_host_allow_list_reads_host_headers(host, allowed):
+    assert ServeLimits().allows_host(host) is allowed
+    assert ServeLimits(allowed_hosts=("*",)).allows_host(host)
 
 
 def test_bad_limits_are_refused():
@@ -264,4 +310,8 @@ def test_bad_limits_are_refused():
         ServeLimits(max_regions=0)
     with pytest.raises(ValueError, match="queue_depth must be 0 or more"):
         ServeLimits(queue_depth=-1)
+    with pytest.raises(ValueError, match="body_timeout_s must be positive"):
+        ServeLimits(body_timeout_s=0)
+    with pytest.raises(ValueError, match="allowed_hosts must be a tuple of host names"):
+        ServeLimits(allowed_hosts="localhost")
     assert ServeLimits(queue_depth=0).queue_depth == 0
