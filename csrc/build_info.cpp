@@ -8,7 +8,9 @@ namespace py = pybind11;
 
 namespace rgpt {
 
+#ifdef RGPT_WITH_CUDA
 namespace {
+// "80-real,87-real" -> ["80-real", "87-real"]
 py::list split_commas(const std::string& text) {
   py::list out;
   std::stringstream stream(text);
@@ -19,6 +21,7 @@ py::list split_commas(const std::string& text) {
   return out;
 }
 }  // namespace
+#endif
 
 py::dict build_info_dict() {
   py::dict info;
