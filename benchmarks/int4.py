@@ -1,4 +1,5 @@
-"""INT4 W4A16 linear: rgpt_rt's int4_linear against a dense torch.matmul and torch's own INT4
+"""INT4 W4A16 linear: rgpt_rt's int4_linear (layout n16k64) and the previous kernels (layout nk8i,
+rgpt_rt/ops/int4_nk8i.py) in the same run, against a dense torch.matmul and torch's own INT4
 matmul, on LLaMA-7B shapes, in µs and in % of the memory floor measured in the same run.
 
     python benchmarks/int4.py --device cpu  [--rows 1,4] [--threads N] [--json FILE]
@@ -8,10 +9,10 @@ floor = bytes the op must move (weights + scales + zeros + x + out) / copy bandw
 the copy bandwidth is measured here (a large tensor copy: read + write bytes / time).
 % of floor = floor / measured time (100% = at the bandwidth of a plain copy).
 CUDA times are of the op replayed from a CUDA graph (as in decoding), so no Python overhead;
-CPU times are wall-clock medians. Weights are random: speed does not depend on their values.
-On CUDA each timed call reads another copy of the weights, enough copies to overflow the L2
-cache (as decoding does: a layer's weights are not in L2 when it runs again); torch int4 uses
-one weight (L2-warm where it fits).
+CPU times are wall-clock medians, through the same Python wrappers for both layouts. Weights are
+random: speed does not depend on their values. On CUDA each timed call reads another copy of the
+weights, enough copies to overflow the L2 cache (as decoding does: a layer's weights are not in
+L2 when it runs again); torch int4 uses one weight (L2-warm where it fits).
 """
 
 from __future__ import annotations
@@ -29,22 +30,38 @@ import torch
 
 from rgpt_rt.ops import int4_linear
 from rgpt_rt.ops.int4_format import Int4Weight
+from rgpt_rt.ops.int4_layout import packed_shapes
+from rgpt_rt.ops.int4_nk8i import int4_linear_nk8i
 
 SHAPES = {  # name: (K in, N out) of LLaMA-7B's linears
     "q/k/v/o 4096→4096": (4096, 4096),
     "gate/up 4096→11008": (4096, 11008),
     "down 11008→4096": (11008, 4096),
     "lm_head 4096→32000": (4096, 32000),
+    "qkv fused 4096→12288": (4096, 12288),
+    "gate_up fused 4096→22016": (4096, 22016),
 }
 GROUP = 128
 COLD_BYTES = 512 << 20  # CUDA: weight copies cycled per shape, past the L2 (50-60 MB on H100/H200)
 
 
 def random_int4(n: int, k: int, device: str) -> Int4Weight:
+    """A random weight in layout n16k64 (random 32-bit code words: values do not matter)."""
+    shapes = packed_shapes(n, k, GROUP)
+    qweight = torch.randint(
+        -(2**31), 2**31 - 1, shapes["qweight"], dtype=torch.int32, device=device
+    )
+    scales = (torch.rand(shapes["scales"], device=device) * 0.01 + 1e-4).half()
+    zeros = torch.randint(0, 16, shapes["zeros"], dtype=torch.uint8, device=device)
+    return Int4Weight(qweight, scales, zeros, GROUP, (n, k))
+
+
+def random_nk8i(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random tensors of layout nk8i (qweight, scales, zeros), for the previous kernels."""
     qweight = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(n, k // GROUP, device=device) * 0.01 + 1e-4).half()
     zeros = torch.randint(0, 16, (n, k // GROUP), dtype=torch.uint8, device=device)
-    return Int4Weight(qweight, scales, zeros, GROUP, (n, k))
+    return qweight, scales, zeros
 
 
 def dense_weight(n: int, k: int, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -189,17 +206,20 @@ def main() -> None:
         f"# INT4 linear on {hardware}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}"
     )
     print(
-        f"ours: rgpt_rt int4_linear ({act_dtype} x, INT4 g{GROUP}); dense: torch.matmul {dense_dtype}; "
-        "torch int4: aten._weight_int4pack_mm" + ("_for_cpu" if device == "cpu" else "") + "\n"
+        f"n16k64: rgpt_rt int4_linear ({act_dtype} x, INT4 g{GROUP}); nk8i: the previous kernels "
+        f"(int4_linear_nk8i); dense: torch.matmul {dense_dtype}; torch int4: "
+        "aten._weight_int4pack_mm" + ("_for_cpu" if device == "cpu" else "") + "\n"
     )
     header = (
-        "| shape (K→N) | M | ours µs | % floor | dense µs | % floor | torch int4 µs | % floor |"
+        "| shape (K→N) | M | n16k64 µs | % floor | nk8i (old) µs | % floor | dense µs | % floor "
+        "| torch int4 µs | % floor |"
     )
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     results = []
     for name, (k, n) in shapes:
         weights = copies_past_l2(partial(random_int4, n, k, device), n * k // 2, device)
+        olds = copies_past_l2(partial(random_nk8i, n, k, device), n * k // 2, device)
         dense_size = n * k * torch.tensor([], dtype=dense_dtype).element_size()
         make_dense = partial(dense_weight, n, k, device, dense_dtype)
         denses = copies_past_l2(make_dense, dense_size, device, most=6)
@@ -210,18 +230,20 @@ def main() -> None:
             int4_floor = (w.nbytes + act_bytes) / bandwidth * 1e6
             dense_floor = (dense_size + act_bytes) / bandwidth * 1e6
             ours = timer(cycling(lambda w, x=x: int4_linear(x, w), weights))
+            old = timer(cycling(lambda p, x=x: int4_linear_nk8i(x, *p, GROUP), olds))
             dense_us = timer(cycling(lambda d, x=x: x.to(dense_dtype) @ d.T, denses))
             fn, reason = torch_int4(x, n, k)
             theirs = timer(fn) if fn is not None else None
             row = {
-                "shape": name, "K": k, "N": n, "M": m, "ours_us": ours, "ours_floor_us": int4_floor,
-                "dense_us": dense_us, "dense_floor_us": dense_floor,
+                "shape": name, "K": k, "N": n, "M": m, "n16k64_us": ours, "int4_floor_us": int4_floor,
+                "nk8i_us": old, "dense_us": dense_us, "dense_floor_us": dense_floor,
                 "torch_int4_us": theirs, "torch_int4_note": reason, "weight_copies": len(weights),
             }  # fmt: skip
             results.append(row)
             t4 = f"{theirs:.0f} | {100 * int4_floor / theirs:.0f}%" if theirs else f"{reason} | –"
-            print(f"| {name} | {m} | {ours:.1f} | {100 * int4_floor / ours:.0f}% | {dense_us:.0f} | "
-                  f"{100 * dense_floor / dense_us:.0f}% | {t4} |", flush=True)  # fmt: skip
+            print(f"| {name} | {m} | {ours:.1f} | {100 * int4_floor / ours:.0f}% | {old:.1f} | "
+                  f"{100 * int4_floor / old:.0f}% | {dense_us:.0f} | {100 * dense_floor / dense_us:.0f}% "
+                  f"| {t4} |", flush=True)  # fmt: skip
     report = {
         "device": hardware, "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth / 1e9,
         "group_size": GROUP, "act_dtype": str(act_dtype), "dense_dtype": str(dense_dtype), "results": results,

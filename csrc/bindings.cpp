@@ -6,6 +6,7 @@
 
 #include "build_info.h"
 #include "int4/int4.h"
+#include "int4/int4_n16k64.h"
 #include "mask_pool/mask_pool_host.h"
 #ifdef RGPT_WITH_CUDA
 #include "device/device.h"
@@ -28,6 +29,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),
         py::arg("k"), py::arg("group_size"), py::arg("num_threads"), py::arg("use_simd") = true);
   m.def("int4_cpu_has_simd", &rgpt::int4_cpu_has_simd, "Whether the AVX2+FMA+F16C CPU path runs here");
+  // INT4 layout n16k64 (csrc/int4/int4_n16k64.h): W = (q - z)·s exactly; tiles of 16 rows × 64 inputs
+  m.def("int4_linear_n16k64_cpu", &rgpt::int4_linear_n16k64_cpu_entry,
+        py::call_guard<py::gil_scoped_release>(),
+        "out[M,N] = x[M,K] @ W^T + bias (float32), W INT4 layout n16k64",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+        py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group_size"),
+        py::arg("num_threads"), py::arg("use_simd") = true);
+  m.def("int4_dequant_n16k64_cpu", &rgpt::int4_dequant_n16k64_cpu_entry,
+        py::call_guard<py::gil_scoped_release>(),
+        "Rows [row_begin, row_end) of W (layout n16k64) into `out` float32 [rows, K], exactly",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),
+        py::arg("k"), py::arg("group_size"), py::arg("row_begin"), py::arg("row_end"),
+        py::arg("num_threads"), py::arg("use_simd") = true);
+  m.def("int4_gemv_n16k64_splits", &rgpt::int4_gemv_n16k64_splits,
+        "Split-K factor for the n16k64 GEMV on a device with this many SMs", py::arg("n"),
+        py::arg("k"), py::arg("multiprocessors"));
+  m.def("int4_gemv_n16k64_workspace_bytes", &rgpt::int4_gemv_n16k64_workspace_bytes,
+        "Workspace bytes of the n16k64 GEMV (0 without split-K); zero it once, reuse it",
+        py::arg("m"), py::arg("n"), py::arg("splits"));
 
   // mask pooling (csrc/mask_pool/, rgpt_rt/ops/mask_pool.py)
   m.def("mask_pool_workspace_bytes", &rgpt::mask_pool::workspace_bytes, py::kw_only(),
@@ -49,6 +69,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("group_size"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
   m.def("int4_dequant_cuda", &rgpt::int4_dequant_cuda_entry,
         "Dequantize W [N, K] into `out` (dtype) on `stream`, for the prefill GEMM",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),
+        py::arg("k"), py::arg("group_size"), py::arg("dtype"), py::arg("stream"));
+  m.def("int4_gemv_n16k64_cuda", &rgpt::int4_gemv_n16k64_cuda_entry,
+        "GEMV for 1..8 rows of x, W INT4 layout n16k64, on `stream`; split-K (splits > 1) in one "
+        "kernel through `workspace` (int4_gemv_n16k64_workspace_bytes, zeroed once)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+        py::arg("out"), py::arg("workspace"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("group_size"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
+  m.def("int4_dequant_n16k64_cuda", &rgpt::int4_dequant_n16k64_cuda_entry,
+        "Dequantize W [N, K] (layout n16k64) into `out` (dtype) on `stream`, for the prefill GEMM",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("n"),
         py::arg("k"), py::arg("group_size"), py::arg("dtype"), py::arg("stream"));
   m.def("cuda_runtime_info", &rgpt::cuda_runtime_info,

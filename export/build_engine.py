@@ -5,7 +5,7 @@ and the INT4 LLM, with a manifest of hashes and parity errors.
     python export/build_engine.py                                   # the embedded default model -> build/bundles/tiny/
     python export/build_engine.py --checkpoint ckpt/ --out bundles/mine
     python export/build_engine.py --clip clip-vit-large-patch14-336/ --llm vicuna-7b-v1.5/ --rgpt-weights rgpt.safetensors
-    python export/build_engine.py --check build/bundles/tiny        # re-verify: exit 1 on any mismatch
+    python export/build_engine.py --check build/bundles/tiny        # re-verify from the bundle alone: exit 1 on any problem
 """
 
 from __future__ import annotations
@@ -71,19 +71,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check", type=Path, metavar="BUNDLE", help="re-verify an existing bundle and exit"
     )
+    parser.add_argument(
+        "--sha256",
+        help="with --check: the manifest digest the bundle must have (its build printed it)",
+    )
     parser.add_argument("--json", type=Path, help="also write the summary as JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from rgpt_rt.bundle import BundleError
-    from rgpt_rt.export.build import BuildOptions, build_bundle, check_bundle, summary_table
+    from rgpt_rt.export.build import BuildOptions, build_bundle, summary_table
+    from rgpt_rt.export.check import check_bundle
 
     if args.check is not None:
         try:
-            report = check_bundle(args.check, checkpoint=args.checkpoint)
-        except (BundleError, FileNotFoundError) as error:
+            report = check_bundle(args.check, seed=None, sha256=args.sha256)
+        except Exception as error:  # a check reports; it never tracebacks
             print(f"bundle check FAILED: {error}", file=sys.stderr)
             return 1
         print(f"bundle check passed: {args.check}")
@@ -107,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build_bundle(options)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a full disk: the partial bundle was removed
+        print(f"error: {error}; nothing was written at {args.out}", file=sys.stderr)
         return 2
     print()
     print(f"bundle written: {args.out}")

@@ -7,7 +7,7 @@
     rgpt-rt train ...                                       python -m rgpt_rt.training.train ...
     rgpt-rt eval ...                                        python -m rgpt_rt.training.eval ...
     rgpt-rt serve [--host 127.0.0.1] [--port 8080]          HTTP API, OpenAI endpoint, page at /
-    rgpt-rt info                                            what this install holds
+    rgpt-rt info [--bundle B --memory 8GiB]                 what this install holds; a bundle's memory plan
 Regions (--mask / --box) are numbered in the order given: <region1>, <region2>, ...
 """
 
@@ -212,7 +212,19 @@ def cmd_info(args) -> int:
     }
     if hasattr(_C, "cuda_runtime_info"):
         info["cuda_runtime"] = _C.cuda_runtime_info()
-    print(json.dumps(info, indent=2))
+    if args.bundle is None:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rgpt_rt.bundle import verify_bundle
+    from rgpt_rt.runtime.memory import MemoryPlan, parse_bytes
+
+    manifest = verify_bundle(args.bundle, hashes=False)
+    budget = parse_bytes(args.memory) if args.memory is not None else None
+    print(f"bundle {args.bundle}: {manifest.config.name}, sha256 {manifest.sha256}")
+    for device in args.plan_device or ("cpu", "cuda"):
+        plan = MemoryPlan.of_bundle(manifest, device, args.max_context)
+        print()
+        print(plan.table(budget))
     return 0
 
 
@@ -266,7 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(serve)
     serve.set_defaults(run=cmd_serve)
 
-    info = commands.add_parser("info", help="what this install holds: kernels, CUDA, versions")
+    info = commands.add_parser(
+        "info", help="what this install holds; with --bundle, the memory a Session of it needs"
+    )
+    info.add_argument("--bundle", help="print the memory plan of this bundle (nothing is loaded)")
+    info.add_argument("--memory", help="a budget to check the plan against, e.g. 8GiB")
+    info.add_argument("--max-context", type=int, help="positions per call (default: the model's)")
+    info.add_argument(
+        "--device", dest="plan_device", action="append", choices=("cpu", "cuda"),
+        help="plan for this device (default: both)",
+    )  # fmt: skip
     info.set_defaults(run=cmd_info)
     # train and eval take their own options (and import the trainer, transformers included,
     # only when they run); no prefix character of their own, so that every argument, options

@@ -2,6 +2,7 @@
 
     read_header(path) -> ({name: TensorEntry}, metadata, data_start)
     read_tensor(path, entry, data_start) -> Tensor          (plain reads into fresh memory)
+    read_tensors(path, device, dtype) -> {name: Tensor}     (one at a time, each straight to device)
     with SafetensorsWriter(path, entries, metadata) as w: w.write(name, tensor) ...
     write_safetensors(path, tensors, metadata)              (atomic: temp file + rename)
 
@@ -29,6 +30,7 @@ ST_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+MAX_HEADER_BYTES = 100 << 20
 
 
 @dataclass
@@ -48,21 +50,35 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
-    """({name: TensorEntry}, metadata, data start) of a safetensors file."""
+    """({name: TensorEntry}, metadata, data start) of a safetensors file. A file that is not
+    one (too short, a header that is not JSON, offsets out of order) is a ValueError naming it."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path} is not a safetensors file (no valid header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} has a header that is not JSON ({error})") from None
     metadata = header.pop("__metadata__", {}) or {}
     entries = {}
     for name, info in header.items():
-        if info["dtype"] not in ST_DTYPES:
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: the header entry of {name} is malformed") from None
+        if dtype not in ST_DTYPES:
             raise ValueError(
-                f"{path}: tensor {name} has dtype {info['dtype']}, which rgpt_rt does not read"
+                f"{path}: tensor {name} has dtype {dtype}, which rgpt_rt does not read"
             )
-        start, end = info["data_offsets"]
-        entries[name] = TensorEntry(
-            name, ST_DTYPES[info["dtype"]], tuple(info["shape"]), start, end
-        )
+        entry = TensorEntry(name, ST_DTYPES[dtype], shape, start, end)
+        if not 0 <= start <= end or end - start != entry.nbytes:
+            raise ValueError(
+                f"{path}: tensor {name} has offsets {[start, end]} for shape {list(shape)}"
+            )
+        entries[name] = entry
     return entries, metadata, 8 + length
 
 
@@ -78,6 +94,31 @@ def read_tensor(path: Path, entry: TensorEntry, data_start: int) -> torch.Tensor
         if entry.nbytes and handle.readinto(memoryview(buffer.numpy())) != entry.nbytes:
             raise ValueError(f"{path} is truncated inside tensor {entry.name}")
     return buffer.view(entry.dtype).reshape(entry.shape)
+
+
+def read_tensors(
+    path: Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    names=None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a file (or those in `names`), each read into fresh memory, cast to
+    `dtype` when floating and moved to `device` before the next is read: nothing of the file
+    stays mapped, and the host holds at most one tensor of it at a time."""
+    path = Path(path)
+    entries, _, data_start = read_header(path)
+    size = path.stat().st_size
+    out = {}
+    for name, entry in entries.items():
+        if names is not None and name not in names:
+            continue
+        if data_start + entry.end > size:
+            raise ValueError(f"{path} is truncated inside tensor {name}")
+        tensor = read_tensor(path, entry, data_start)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[name] = tensor.to(device)
+    return out
 
 
 class SafetensorsWriter:

@@ -48,6 +48,6 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory):
         "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quant", "none", "--trt", "auto"
     )
     assert result.returncode == 0, result.stderr + result.stdout
-    assert "[6/6]" in result.stdout and "bundle written" in result.stdout
+    assert "[7/7]" in result.stdout and "bundle written" in result.stdout
     assert "TensorRT not installed: ONNX only" in result.stdout
     return out

@@ -1,11 +1,14 @@
-"""rgpt_rt.ops.int4_linear on the CPU against its reference (dequantize + matmul in fp64).
+"""rgpt_rt.ops.int4_linear (layout n16k64) on the CPU against its reference (dequantize +
+matmul in fp64), and the Int4Linear module.
 
-Tolerance (STYLE.md §4): the kernel's max error against the fp64 reference is at most 2× the
-error of torch's own same-precision path (x @ dequantize(w).to(x.dtype).T) against the same
-reference. The dequantized weights themselves are exact: a one-hot x reads them back bit for bit."""
+Tolerance (STYLE.md §4, tests/int4_cases.py): the kernel's max error against the fp64 reference
+is at most 2× the error of torch's own same-precision path (x @ dequantize(w).to(x.dtype).T)
+against the same reference. The dequantized weights themselves are exact: a one-hot x reads (q − z)·s back bit
+for bit. The previous kernels (layout nk8i) are tested in tests/ops/test_int4_nk8i.py."""
 
 import pytest
 import torch
+from int4_cases import check_int4_output
 
 from rgpt_rt import _C
 from rgpt_rt.ops import int4 as int4_ops
@@ -22,29 +25,15 @@ PATHS = (
 
 
 def random_weight(n, k, group_size=128, max_zero=15, scale=0.02):
-    """Random codes (any 32-bit pattern), scales and zeros: no quantizer needed."""
-    qweight = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32)
+    """Random codes, scales and zeros, packed: no quantizer needed."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scales = (torch.rand(n, k // group_size) * scale + scale / 100).half()
     zeros = torch.randint(0, max_zero + 1, (n, k // group_size), dtype=torch.uint8)
-    return Int4Weight(qweight, scales, zeros, group_size, (n, k))
-
-
-def max_error(value, reference):
-    return (value.to(torch.float64) - reference).abs().max().item()
+    return Int4Weight.pack(codes, scales, zeros, group_size)
 
 
 def check_against_reference(out, x, w, bias=None):
-    weight = dequantize(w)
-    reference = x.to(torch.float64) @ weight.to(torch.float64).T
-    baseline = x @ weight.to(x.dtype).T
-    if bias is not None:
-        reference = reference + bias.to(torch.float64)
-        baseline = baseline + bias.to(x.dtype)
-    ours, torch_error = max_error(out, reference), max_error(baseline, reference)
-    # at most 2× the error of the same-precision torch baseline against fp64
-    assert ours <= 2 * torch_error, (
-        f"int4_linear error {ours:.3g} vs torch {x.dtype} {torch_error:.3g}"
-    )
+    check_int4_output(out, x, dequantize(w), bias)
 
 
 CASES = {  # id: (M, N, K, group_size)
@@ -70,7 +59,7 @@ def test_dtypes_paths_and_bias(dtype, simd):
     w = random_weight(61, 768, 128, max_zero=16)
     x = torch.randn(6, 768).to(dtype)
     bias = torch.randn(61).to(dtype)
-    out = linear_cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 2, use_simd=simd)
+    out = linear_cpu(x, w.qweight, w.scales, w.zeros, bias, 61, 128, 2, use_simd=simd)
     assert out.dtype == dtype and out.shape == (6, 61)
     check_against_reference(out, x, w, bias)
 
@@ -78,12 +67,18 @@ def test_dtypes_paths_and_bias(dtype, simd):
 @pytest.mark.parametrize("simd", PATHS, ids=lambda s: "avx2" if s else "portable")
 def test_one_hot_rows_read_the_dequantized_weight_back_exactly(simd):
     # subnormal, tiny and large scales, and zero = 16 (GPTQ v1): the in-register dequantization
-    # must give fp16((q − z)·s) bit for bit
+    # must give (q − z)·s bit for bit, through the GEMV (few rows) and the tiled GEMM (many)
     k = 256
     w = random_weight(10, k, 64, max_zero=16)
-    w.scales[0] = torch.tensor([2**-24, 3 * 2**-20, 1000.0, 0.1], dtype=torch.float16)
-    out = linear_cpu(torch.eye(k), w.qweight, w.scales, w.zeros, None, 64, 2, use_simd=simd)
-    assert torch.equal(out.T, dequantize(w).float())
+    w.scales[0, 0, 0:4] = torch.tensor([2**-24, 3 * 2**-20, 1000.0, 0.1], dtype=torch.float16)
+    eye = torch.eye(k)
+    gemv = torch.cat([
+        linear_cpu(eye[i : i + 8], w.qweight, w.scales, w.zeros, None, 10, 64, 2, use_simd=simd)
+        for i in range(0, k, 8)
+    ])  # fmt: skip
+    assert torch.equal(gemv.T, dequantize(w))
+    gemm = linear_cpu(eye, w.qweight, w.scales, w.zeros, None, 10, 64, 2, use_simd=simd)
+    assert torch.equal(gemm.T, dequantize(w))
 
 
 @pytest.mark.parametrize("simd", PATHS, ids=lambda s: "avx2" if s else "portable")
@@ -95,17 +90,17 @@ def test_prefill_rows_take_the_tiled_gemm_path(simd, monkeypatch):
     for dtype in DTYPES:
         x = torch.randn(int4_ops.CPU_GEMM_MIN_ROWS + 5, 512).to(dtype)
         bias = torch.randn(113).to(dtype)
-        out = linear_cpu(x, w.qweight, w.scales, w.zeros, bias, 128, 1, use_simd=simd)
+        out = linear_cpu(x, w.qweight, w.scales, w.zeros, bias, 113, 128, 1, use_simd=simd)
         assert out.dtype == dtype and out.shape == (x.shape[0], 113)
         check_against_reference(out, x, w, bias)
 
 
 def test_the_dequantized_weight_is_exact_for_any_row_range():
     w = random_weight(37, 256, 64, max_zero=16)
-    expected = dequantize(w).float()
-    assert torch.equal(int4_ops.dequantize_cpu(w.qweight, w.scales, w.zeros, 64), expected)
-    part = int4_ops.dequantize_cpu(w.qweight, w.scales, w.zeros, 64, rows=(5, 30))
-    assert torch.equal(part, expected[5:30])
+    expected = dequantize(w)
+    packed = (w.qweight, w.scales, w.zeros, 37, 256, 64)
+    assert torch.equal(int4_ops.dequantize_cpu(*packed), expected)
+    assert torch.equal(int4_ops.dequantize_cpu(*packed, rows=(5, 30)), expected[5:30])
 
 
 def test_the_module_gives_the_ops_result():
@@ -119,7 +114,7 @@ def test_the_module_gives_the_ops_result():
             assert torch.equal(layer(x), via_op)
     with pytest.raises(ValueError, match="takes K = 256"):
         layer(torch.randn(2, 255))
-    with pytest.raises(ValueError, match="scales must be float16"):
+    with pytest.raises(ValueError, match="scales must be torch.float16"):
         layer.float()(torch.randn(1, 256))  # cast scales are refused, never misread
 
 
@@ -144,28 +139,19 @@ def test_act_order_permutation_is_applied_to_x():
     torch.testing.assert_close(int4_linear_reference(x, wp), int4_linear(x[:, perm], w))
 
 
-def test_gemv_splits_fill_the_gpu_and_give_every_lane_a_chunk():
-    sms = 132  # an H100 / H200
-    assert int4_ops.gemv_splits(11008, 4096, sms) == 1  # 1376 blocks: enough already
-    assert int4_ops.gemv_splits(4096, 4096, sms) == 2  # 512 blocks < 4 per SM
-    assert int4_ops.gemv_splits(64, 4096 + 128, sms) == 4  # 132 chunks // 32 lanes
-    assert int4_ops.gemv_splits(64, 1 << 20, sms) == int4_ops.MAX_SPLITS
-
-
 def test_wrong_inputs_are_refused_clearly():
     w = random_weight(8, 256)
+    op = torch.ops.rgpt_rt.int4_linear
     with pytest.raises(ValueError, match="takes K = 256"):
         int4_linear(torch.randn(2, 255), w)
     with pytest.raises(ValueError, match="not supported"):
         int4_linear(torch.randn(2, 256, dtype=torch.float64), w)
     with pytest.raises(ValueError, match="K = 256 is not a multiple of group_size 96"):
-        torch.ops.rgpt_rt.int4_linear(
-            torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 96, 0
-        )
+        op(torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 8, 96, 0)
     with pytest.raises(ValueError, match="multiple of 32"):
-        torch.ops.rgpt_rt.int4_linear(
-            torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 48, 0
-        )
+        op(torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 8, 48, 0)
+    with pytest.raises(ValueError, match=r"qweight must be torch.int32 \[2, 512\]"):
+        op(torch.randn(2, 256), w.qweight, w.scales, w.zeros, None, 24, 128, 0)  # N 24, not 8
 
 
 def test_opcheck():
@@ -173,16 +159,18 @@ def test_opcheck():
     for x, bias in (
         (torch.randn(3, 256), None),
         (torch.randn(1, 256).half(), torch.randn(24).half()),
+        (torch.randn(40, 256), torch.randn(24)),  # the tiled GEMM path
     ):
         torch.library.opcheck(
-            torch.ops.rgpt_rt.int4_linear.default, (x, w.qweight, w.scales, w.zeros, bias, 64, 0)
+            torch.ops.rgpt_rt.int4_linear.default,
+            (x, w.qweight, w.scales, w.zeros, bias, 24, 64, 0),
         )
 
 
 def test_int4_linear_module():
     linear = torch.nn.Linear(256, 48, bias=True)
     layer = Int4Linear.from_linear(linear, group_size=128)
-    assert set(layer.state_dict()) == {"qweight_nk8i", "scales", "zeros", "bias"}
+    assert set(layer.state_dict()) == {"qweight_n16k64", "scales_n16k64", "zeros_n16k64", "bias"}
     x = torch.randn(4, 256)
     expected = x @ dequantize(layer.weight_int4).float().T + linear.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
@@ -209,3 +197,22 @@ def test_quantize_linears_and_load_int4_linears():
     assert torch.equal(fresh(x), model(x))
     with pytest.raises(ValueError, match="not a multiple of group_size"):
         quantize_linears(torch.nn.Sequential(torch.nn.Linear(100, 8)), group_size=128)
+
+
+def test_the_previous_kernels_run_when_asked(monkeypatch):
+    # RGPT_INT4_KERNEL=nk8i: the layer repacks its weight and runs the nk8i kernels, whose
+    # weight is fp16((q − z)·s); for timing old beside new (issue 23)
+    linear = torch.nn.Linear(256, 40, bias=True)
+    new = Int4Linear.from_linear(linear, group_size=64)
+    monkeypatch.setenv("RGPT_INT4_KERNEL", "nk8i")
+    old = Int4Linear(new.weight_int4, new.bias)
+    assert set(old.state_dict()) == {"qweight_nk8i", "scales_nk8i", "zeros_nk8i", "bias"}
+    assert "kernel=nk8i" in repr(old)
+    for name in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(old.weight_int4, name), getattr(new.weight_int4, name))
+    x = torch.randn(3, 256)
+    fp16_weight = dequantize(new.weight_int4).half().float()
+    torch.testing.assert_close(old(x), x @ fp16_weight.T + new.bias, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("RGPT_INT4_KERNEL", "nk9")
+    with pytest.raises(ValueError, match="RGPT_INT4_KERNEL='nk9' is unknown"):
+        Int4Linear(new.weight_int4)

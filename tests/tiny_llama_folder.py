@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rgpt_rt.tokenizer import default_tokenizer
 
 
-def write_tiny_llama(folder: Path) -> Path:
+def write_tiny_llama(folder: Path, max_shard_size: str | None = None) -> Path:
+    """max_shard_size (e.g. '60KB'): shards and an index, as large checkpoints come."""
     tokenizer = default_tokenizer(vocab_size=400)
     llama = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
@@ -19,6 +20,7 @@ def write_tiny_llama(folder: Path) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    LlamaForCausalLM(llama).save_pretrained(folder)
+    options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    LlamaForCausalLM(llama).save_pretrained(folder, **options)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder

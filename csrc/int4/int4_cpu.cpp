@@ -9,14 +9,12 @@
 //              bytes of the fp16 values) and widened to fp32 with F16C;
 //   portable   the table is rounded by float_to_half_bits; codes are looked up one by one.
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <vector>
 
+#include "int4/fp16_bits.h"
 #include "int4/int4.h"
+#include "int4/row_split.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -42,50 +40,6 @@ constexpr int kM = 4;  // rows of x per block
 constexpr int kN = 2;  // output rows per block
 // lane i of a word (k offset i) sits at nibble position [0,4,1,5,2,6,3,7][i]: shift by 4× that
 constexpr int kShift[8] = {0, 16, 4, 20, 8, 24, 12, 28};
-
-// float -> IEEE binary16 bits, round to nearest even (overflow to inf, nan kept nan).
-uint16_t float_to_half_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t magnitude = bits & 0x7FFFFFFFu;
-  if (magnitude >= 0x7F800000u) {  // inf or nan
-    return static_cast<uint16_t>(sign | 0x7C00u | (magnitude > 0x7F800000u ? 0x200u : 0u));
-  }
-  if (magnitude >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: inf
-  if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal half (units of 2^-24) or zero
-    float absolute;
-    std::memcpy(&absolute, &magnitude, sizeof absolute);
-    // |value| * 2^24 < 1024 is exact; nearbyint rounds half to even in the default mode
-    const auto units = static_cast<uint32_t>(std::nearbyint(absolute * 16777216.0f));
-    return static_cast<uint16_t>(sign | units);  // 1024 units is the smallest normal: still right
-  }
-  const uint32_t exponent = (magnitude >> 23) - 127 + 15;
-  const uint32_t mantissa = magnitude & 0x7FFFFFu;
-  uint32_t half = (exponent << 10) | (mantissa >> 13);
-  const uint32_t rest = mantissa & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) half += 1;  // a carry moves the exponent
-  return static_cast<uint16_t>(sign | half);
-}
-
-float half_bits_to_float(uint16_t half) {
-  const uint32_t sign = static_cast<uint32_t>(half & 0x8000u) << 16;
-  const uint32_t exponent = (half >> 10) & 0x1Fu;
-  const uint32_t mantissa = half & 0x3FFu;
-  if (exponent == 0) {
-    const float value = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // × 2^-24, exact
-    return sign ? -value : value;
-  }
-  uint32_t bits;
-  if (exponent == 31) {
-    bits = sign | 0x7F800000u | (mantissa << 13);
-  } else {
-    bits = sign | ((exponent - 15 + 127) << 23) | (mantissa << 13);
-  }
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
 
 // --- portable path: one output row at a time, kM rows of x ------------------------------------
 template <int MB>
@@ -281,35 +235,6 @@ RGPT_AVX2 void rows_avx2(const Int4LinearParams& p, int64_t n_begin, int64_t n_e
   for (; n0 < n_end; ++n0) rows_avx2_nb<1>(p, n0);
 }
 #endif
-
-}  // namespace
-
-namespace {
-
-// rows(begin, end) over output rows [0, n), split among `threads` (at most one per block of
-// `unit` rows) into contiguous ranges of whole blocks; the calling thread takes the first.
-template <typename Rows>
-void split_rows(int64_t n, int64_t unit, int64_t threads, const Rows& rows) {
-  const int64_t blocks = (n + unit - 1) / unit;
-  threads = std::clamp<int64_t>(threads, 1, blocks);
-  if (threads == 1) {
-    rows(0, n);
-    return;
-  }
-  auto range = [&](int64_t t) {
-    const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
-    return std::make_pair(b0 * unit, std::min(n, b1 * unit));
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t t = 1; t < threads; ++t) {
-    const auto [begin, end] = range(t);
-    pool.emplace_back(rows, begin, end);
-  }
-  const auto [begin, end] = range(0);
-  rows(begin, end);
-  for (auto& thread : pool) thread.join();
-}
 
 }  // namespace
 

@@ -1,49 +1,53 @@
 """Checkpoint -> verified bundle, step by step (the logic behind `python export/build_engine.py`).
 
     summary = build_bundle(BuildOptions(out=Path("build/bundles/tiny")))
-    report = check_bundle(Path("build/bundles/tiny"))      # hashes + ONNX parity on fresh inputs
 
-The bundle is assembled in a temporary folder beside --out and renamed into place when every
-step has passed, so an interrupted build leaves the previous bundle (or none), never half of one.
+Bounded memory: only the vision side (CLIP + refinement + connector) is ever materialised;
+the LLM goes from its source shards into llm.safetensors one tensor at a time (AWQ: one layer
+at a time). The bundle is assembled in a temporary folder beside --out and swapped into place
+when every step has passed, so an interrupted build leaves the previous bundle (or none),
+never half of one. Each step prints its time; the summary holds the peak RSS.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import resource
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from rgpt_rt.atomic import atomic_directory
-from rgpt_rt.bundle import BundleError, verify_bundle, write_manifest
+from rgpt_rt.bundle import LLM_FILE, write_manifest
+from rgpt_rt.config import RGPTConfig
 from rgpt_rt.export import onnx_vision, tensorrt_engine
+from rgpt_rt.export.llama_source import LlamaSource
 from rgpt_rt.export.llm import QUANT_METHODS, resolve_group_size, write_llm
+from rgpt_rt.export.vision_side import VisionSide
+from rgpt_rt.tokenizer import ensure_special_tokens, load_tokenizer
 
 DEFAULT_OUT = Path("build/bundles/tiny")
 TRT_MODES = ("auto", "on", "off")
+CHECKPOINT_FILES = (
+    "config.json", "tokenizer.json", "rgpt.safetensors", "vision/config.json", "llm/config.json",
+)  # fmt: skip
 
 
 @dataclass
 class BuildOptions:
     out: Path = DEFAULT_OUT
-    checkpoint: Path | None = (
-        None  # an RGPT.save_pretrained folder; None: the embedded default model
-    )
+    checkpoint: Path | None = None  # an RGPT.save_pretrained folder; None: the embedded model
     clip: Path | None = None
     llm: Path | None = None
-    rgpt_weights: Path | None = (
-        None  # refinement + connector weights (rgpt.safetensors) for --clip/--llm
-    )
+    rgpt_weights: Path | None = None  # refinement + connector (rgpt.safetensors) for --clip/--llm
     quant: str = "rtn"
-    group_size: int | None = (
-        None  # None: 128 when it divides every linear's input width, else 64/32/16
-    )
+    group_size: int | None = None  # None: 128 when it divides every linear's input width
     calib: Path | None = None
     trt: str = "auto"
     max_batch: int = 8
@@ -69,12 +73,24 @@ class BuildOptions:
 
 
 @dataclass
+class Sources:
+    """What a build reads, opened and checked before any long step."""
+
+    config: RGPTConfig
+    llm: LlamaSource
+    tokenizer: Any
+    load_side: Callable[[], VisionSide]
+    record: dict[str, Any]
+
+
+@dataclass
 class StepLog:
-    """Progress per step and the seconds each took."""
+    """Progress per step, the seconds each took, and the process's peak RSS after it."""
 
     log: Callable[[str], None]
     total: int
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     _index: int = 0
 
     def run(self, name: str, action: Callable[[], Any]) -> Any:
@@ -83,46 +99,95 @@ class StepLog:
         start = time.perf_counter()
         result = action()
         self.seconds[name] = round(time.perf_counter() - start, 2)
-        self.log(f"[{self._index}/{self.total}] {name}: done in {self.seconds[name]:.1f} s")
+        self.peak_rss_mb[name] = peak_rss_mb()
+        self.log(
+            f"[{self._index}/{self.total}] {name}: done in {self.seconds[name]:.1f} s "
+            f"(peak RSS so far {self.peak_rss_mb[name]:.0f} MB)"
+        )
         return result
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 # --- checks before any long work -------------------------------------------------------------
-
-
-def check_sources(options: BuildOptions) -> None:
-    """Fail fast on bad folders: missing files, not a CLIP model, disagreeing sizes, an output
-    path that is a file, TensorRT demanded but absent."""
+def open_sources(options: BuildOptions) -> Sources:
+    """Fail fast on bad inputs: missing folders or files, not a CLIP model, a missing or
+    truncated shard, shapes that disagree with a config, sizes that disagree between parts,
+    an output path that is a file, TensorRT demanded but absent."""
     if options.out.exists() and not options.out.is_dir():
         raise ValueError(f"--out {options.out} is a file; give a folder path for the bundle")
     if options.trt == "on" and tensorrt_engine.tensorrt_status() == tensorrt_engine.NOT_INSTALLED:
         raise ValueError(
             "--trt on but TensorRT is not installed; install it, or use --trt auto / off"
         )
-    if options.checkpoint is not None:
-        from rgpt_rt.model.rgpt import CHECKPOINT_FILES
-
-        folder = options.checkpoint
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--checkpoint {folder} does not exist")
-        missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"--checkpoint {folder} is missing {', '.join(missing)}; is the save complete?"
-            )
-    if options.clip is not None:
-        from rgpt_rt.model.llm import read_llama_config
-        from rgpt_rt.model.vision import read_clip_vision_config
-
-        for flag, folder in (("--clip", options.clip), ("--llm", options.llm)):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{flag} {folder} does not exist")
-        vision = read_clip_vision_config(options.clip)
-        llm = read_llama_config(options.llm)
-        if options.rgpt_weights is not None:
-            check_rgpt_weights(options.rgpt_weights, vision.hidden_size, llm.hidden_size)
     if options.calib is not None and not options.calib.is_file():
         raise FileNotFoundError(f"--calib {options.calib} does not exist")
+    if options.clip is not None:
+        return _component_sources(options)
+    folder = options.checkpoint if options.checkpoint is not None else default_checkpoint_folder()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--checkpoint {folder} does not exist")
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"--checkpoint {folder} is missing {', '.join(missing)}; is the save complete?"
+        )
+    config = RGPTConfig.from_dict(json.loads((folder / "config.json").read_text())["config"])
+    llm = LlamaSource.open(folder / "llm")
+    _check_same_llm(config, llm, folder / "config.json")
+    record = (
+        {"kind": "checkpoint", "path": str(folder.resolve())}
+        if options.checkpoint is not None
+        else {"kind": "default"}
+    )
+    return Sources(
+        config=config,
+        llm=llm,
+        tokenizer=load_tokenizer(folder / "tokenizer.json"),
+        load_side=lambda: VisionSide.from_checkpoint(folder),
+        record=record,
+    )
+
+
+def _component_sources(options: BuildOptions) -> Sources:
+    from rgpt_rt.model.rgpt import _llm_tokenizer
+    from rgpt_rt.model.vision import read_clip_vision_config
+
+    for flag, folder in (("--clip", options.clip), ("--llm", options.llm)):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{flag} {folder} does not exist")
+    vision = read_clip_vision_config(options.clip)
+    llm = LlamaSource.open(options.llm)
+    config = RGPTConfig(vision=vision, llm=llm.config, name="from-components")
+    if options.rgpt_weights is not None:
+        check_rgpt_weights(options.rgpt_weights, vision.hidden_size, llm.config.hidden_size)
+    record = {"kind": "components", "clip": str(options.clip.resolve())}
+    record["llm"] = str(options.llm.resolve())
+    if options.rgpt_weights is not None:
+        record["rgpt_weights"] = str(options.rgpt_weights.resolve())
+    tokenizer = ensure_special_tokens(_llm_tokenizer(options.llm), config.tokens)
+    return Sources(
+        config=config,
+        llm=llm,
+        tokenizer=tokenizer,
+        load_side=lambda: VisionSide.from_components(
+            config, options.clip, options.rgpt_weights, seed=options.seed
+        ),
+        record=record,
+    )
+
+
+def _check_same_llm(config: RGPTConfig, llm: LlamaSource, where: Path) -> None:
+    theirs, ours = llm.config, config.llm
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+        if getattr(theirs, name) != getattr(ours, name):
+            raise ValueError(
+                f"{where} says llm.{name} = {getattr(ours, name)} but {llm.folder}/config.json "
+                f"says {getattr(theirs, name)}; the checkpoint's parts disagree"
+            )
 
 
 def check_rgpt_weights(path: Path, channels: int, hidden: int) -> None:
@@ -149,50 +214,10 @@ def check_rgpt_weights(path: Path, channels: int, hidden: int) -> None:
         )
 
 
-# --- the build -----------------------------------------------------------------------------------
-
-
-def load_source(options: BuildOptions):
-    from rgpt_rt.model import RGPT
-
-    if options.clip is not None:
-        model = RGPT.from_components(options.clip, options.llm)
-        if options.rgpt_weights is not None:
-            from safetensors.torch import load_file
-
-            own = load_file(str(options.rgpt_weights))
-            model.refinement.load_state_dict(
-                {k[11:]: v for k, v in own.items() if k.startswith("refinement.")}
-            )
-            model.connector.load_state_dict(
-                {k[10:]: v for k, v in own.items() if k.startswith("connector.")}
-            )
-        return model.float().eval()
-    folder = options.checkpoint if options.checkpoint is not None else default_checkpoint_folder()
-    return RGPT.from_pretrained(folder).float().eval()
-
-
 def default_checkpoint_folder() -> Path:
     import rgpt_rt
 
-    if not hasattr(rgpt_rt, "default_checkpoint"):
-        raise FileNotFoundError("this rgpt_rt has no embedded default model; pass --checkpoint DIR")
     return Path(rgpt_rt.default_checkpoint())
-
-
-def source_record(options: BuildOptions) -> dict[str, Any]:
-    if options.clip is not None:
-        record = {
-            "kind": "components",
-            "clip": str(options.clip.resolve()),
-            "llm": str(options.llm.resolve()),
-        }
-        if options.rgpt_weights is not None:
-            record["rgpt_weights"] = str(options.rgpt_weights.resolve())
-        return record
-    if options.checkpoint is not None:
-        return {"kind": "checkpoint", "path": str(options.checkpoint.resolve())}
-    return {"kind": "default"}
 
 
 def tool_versions() -> dict[str, str]:
@@ -211,82 +236,81 @@ def tool_versions() -> dict[str, str]:
     }
 
 
+# --- the build -----------------------------------------------------------------------------------
 def build_bundle(options: BuildOptions) -> dict[str, Any]:
     """Build the bundle into options.out; return the summary (what the manifest holds + timings)."""
-    check_sources(options)
+    started = time.perf_counter()
+    sources = open_sources(options)
+    config = sources.config
+    group_size = (
+        None if options.quant == "none" else resolve_group_size(config.llm, options.group_size)
+    )
     use_trt = options.trt == "on" or (
         options.trt == "auto" and tensorrt_engine.tensorrt_status() != tensorrt_engine.NOT_INSTALLED
     )
-    steps = StepLog(options.log, total=6)
-    started = time.perf_counter()
-    model = steps.run("load checkpoint", lambda: load_source(options))
-    group_size = (
-        None
-        if options.quant == "none"
-        else resolve_group_size(model.config.llm, options.group_size)
-    )
+    steps = StepLog(options.log, total=7)
+    build_id = uuid.uuid4().hex  # in every weight file and the manifest: files never mix
+
+    def load_side() -> VisionSide:
+        side = sources.load_side()
+        side.prepare_for_export()  # fp16 values, linears as weight_t: what the bundle stores
+        return side
+
+    side = steps.run("load the vision side", load_side)
     with atomic_directory(options.out) as tmp:
         onnx_path = tmp / "vision.onnx"
-        graph = steps.run(
-            "export vision.onnx",
-            lambda: (
-                onnx_vision.export_vision_onnx(model, onnx_path, options.max_batch),
-                onnx_vision.check_onnx_graph(onnx_path),
-            )[1],
-        )
-        parity = steps.run(
-            "ONNX Runtime parity",
-            lambda: onnx_vision.onnx_parity(model, onnx_path, seed=options.seed),
-        )
-        engines: dict[str, Any] = {}
-        if use_trt:
-            cache = options.out.parent / ".tensorrt_timing.cache"
 
-            def build_trt():
-                path, info = tensorrt_engine.build_vision_engine(
-                    onnx_path,
-                    tmp,
-                    image_size=model.config.vision.image_size,
-                    max_batch=options.max_batch,
-                    workspace_bytes=int(options.workspace_gb * (1 << 30)),
-                    timing_cache=cache,
-                )
-                engines[path.name] = info
-
-            steps.run("TensorRT engine", build_trt)
-            trt_note = tensorrt_engine.tensorrt_status()
-        else:
-            trt_note = (
-                tensorrt_engine.NOT_INSTALLED
-                if options.trt == "auto"
-                else "TensorRT off (--trt off): ONNX only"
+        def export_graph() -> dict[str, Any]:
+            pointed = onnx_vision.export_vision_onnx(
+                side, tmp, options.max_batch, build_id=build_id
             )
-            steps.run("TensorRT engine", lambda: options.log(f"    {trt_note}"))
+            return {**onnx_vision.check_onnx_graph(onnx_path), "weights_in": pointed}
+
+        graph = steps.run("export vision.onnx (weights in vision.safetensors)", export_graph)
+        references = steps.run(
+            "torch reference on fresh images (fp32, fp64)",
+            lambda: onnx_vision.reference_outputs(side, seed=options.seed),
+        )
+        if options.quant != "awq":
+            side = None  # only AWQ's calibration needs the vision side again: free it now
+        parity = steps.run(
+            "ONNX Runtime parity", lambda: onnx_vision.onnx_parity(onnx_path, references)
+        )
+        engines, trt_note = steps.run(
+            "TensorRT engine", lambda: _tensorrt(options, use_trt, onnx_path, tmp, config)
+        )
+        calibration = None
+        if options.quant == "awq":
+            from rgpt_rt.export.calibration import calibration_embeds
+
+            def calibration():
+                table = sources.llm.read("model.embed_tokens.weight")
+                return calibration_embeds(side, sources.tokenizer, table, options.calib)
+
         quantization = steps.run(
-            "LLM weights",
+            "LLM weights (streamed from the source shards)",
             lambda: write_llm(
-                model,
-                tmp / "llm.safetensors",
+                sources.llm,
+                tmp / LLM_FILE,
                 quant=options.quant,
                 group_size=group_size,
-                calibration=options.calib,
+                calibration=calibration,
+                log=options.log,
+                build_id=build_id,
             ),
         )
+        side = None
 
-        def write_rest():
-            (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-            model.tokenizer.save(str(tmp / "tokenizer.json"))
-            connector = {
-                k: v.detach().float().contiguous() for k, v in model.connector.state_dict().items()
-            }
-            save_file(connector, str(tmp / "connector.safetensors"))
-            save_file(vision_tensors(model), str(tmp / "vision.safetensors"))
+        def write_rest() -> dict[str, Any]:
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            sources.tokenizer.save(str(tmp / "tokenizer.json"))
             return write_manifest(
                 tmp,
                 {
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "config": model.config.to_dict(),
-                    "source": source_record(options),
+                    "build_id": build_id,
+                    "model": config.name,
+                    "source": sources.record,
                     "vision": {"onnx": graph, "parity_onnxruntime_cpu": parity},
                     "tensorrt": trt_note,
                     "engines": engines,
@@ -296,65 +320,35 @@ def build_bundle(options: BuildOptions) -> dict[str, Any]:
                 },
             )
 
-        manifest = steps.run("config, tokenizer, connector, manifest", write_rest)
+        manifest = steps.run("config, tokenizer, manifest", write_rest)
     manifest["build_seconds"] = dict(steps.seconds)
+    manifest["peak_rss_mb"] = peak_rss_mb()
     manifest["total_seconds"] = round(time.perf_counter() - started, 2)
+    options.log(
+        f"built in {manifest['total_seconds']:.1f} s, peak RSS {manifest['peak_rss_mb']:.0f} MB; "
+        f"manifest sha256 {manifest['sha256']}"
+    )
     return manifest
 
 
-# --- re-verification -----------------------------------------------------------------------------
-
-
-def check_bundle(
-    folder: Path, checkpoint: Path | None = None, seed: int | None = None
-) -> dict[str, Any]:
-    """Re-verify a bundle: every file against its sha256, then ONNX Runtime against the
-    reference on fresh inputs (the source checkpoint from the manifest, or `checkpoint`).
-    Raises BundleError on any mismatch."""
-    manifest = verify_bundle(folder)
-    report: dict[str, Any] = {"files": len(manifest.files), "hashes": "ok"}
-    source = manifest.data.get("source", {})
-    reference = checkpoint
-    if reference is None and source.get("kind") == "checkpoint":
-        reference = Path(source["path"])
-    if reference is None and source.get("kind") == "default":
-        reference = default_checkpoint_folder()
-    if reference is None or not reference.is_dir():
-        report["parity"] = (
-            f"not re-run: the reference checkpoint {reference} is not available (pass --checkpoint)"
+def _tensorrt(options: BuildOptions, use_trt: bool, onnx_path: Path, tmp: Path, config):
+    if not use_trt:
+        note = (
+            tensorrt_engine.NOT_INSTALLED
+            if options.trt == "auto"
+            else "TensorRT off (--trt off): ONNX only"
         )
-        return report
-    from rgpt_rt.model import RGPT
-
-    model = RGPT.from_pretrained(reference).float().eval()
-    if model.config != manifest.config:
-        raise BundleError(
-            f"{folder}: the bundle's config differs from the reference checkpoint {reference}"
-        )
-    fresh_seed = seed if seed is not None else int(time.time()) % 100_000
-    try:
-        report["parity"] = onnx_vision.onnx_parity(
-            model, manifest.folder / "vision.onnx", seed=fresh_seed
-        )
-    except ValueError as error:
-        raise BundleError(f"{folder}: vision.onnx fails parity on fresh inputs: {error}") from None
-    report["seed"] = fresh_seed
-    return report
-
-
-def vision_tensors(model) -> dict[str, torch.Tensor]:
-    """CLIP (the layers that run) and refinement weights, fp32, under the names the runtime's
-    torch vision backend reads: clip.embeddings.*, clip.encoder.layers.N.*, refinement.*."""
-    from rgpt_rt.model.vision import transformer_root
-
-    tensors = {}
-    for name, value in transformer_root(model.vision.clip).state_dict().items():
-        if name.startswith("post_layernorm.") or not value.is_floating_point():
-            continue  # the pooled-output norm never runs; position ids are recomputed
-        tensors[f"clip.{name}"] = value.detach().float().contiguous()
-    for name, value in model.refinement.state_dict().items():
-        tensors[f"refinement.{name}"] = value.detach().float().contiguous()
-    return tensors
+        options.log(f"    {note}")
+        return {}, note
+    path, info = tensorrt_engine.build_vision_engine(
+        onnx_path,
+        tmp,
+        image_size=config.vision.image_size,
+        max_batch=options.max_batch,
+        workspace_bytes=int(options.workspace_gb * (1 << 30)),
+        timing_cache=options.out.parent / ".tensorrt_timing.cache",
+    )
+    return {path.name: info}, tensorrt_engine.tensorrt_status()
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
@@ -362,6 +356,8 @@ def summary_table(manifest: dict[str, Any]) -> str:
     lines = ["| file | size |", "|---|---:|"]
     for name, entry in manifest["files"].items():
         lines.append(f"| {name} | {_size(entry['bytes'])} |")
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    lines.append(f"| **total** | {_size(total)} |")
     parity = manifest["vision"]["parity_onnxruntime_cpu"]
     lines += [
         "",
@@ -377,13 +373,15 @@ def summary_table(manifest: dict[str, Any]) -> str:
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in manifest["build_seconds"].items()]
     lines += [
         "",
+        f"Peak RSS: {manifest.get('peak_rss_mb', 0):.0f} MB",
         f"TensorRT: {manifest['tensorrt']}",
         f"LLM: {json.dumps(manifest['quantization'])}",
+        f"manifest sha256 (pin with Session(bundle, sha256=...)): {manifest['sha256']}",
     ]
     return "\n".join(lines)
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1024 or unit == "GB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"

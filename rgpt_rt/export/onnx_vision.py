@@ -1,25 +1,36 @@
 """The vision graph as ONNX: CLIP + refinement + patch merge + connector on the global tokens.
 
-export_vision_onnx(model, "vision.onnx", max_batch=8)     # pixel_values [B,3,S,S] -> image_embeds [B,g²,D], hires [B,4g,4g,C]
-unsupported_ops("vision.onnx")                            # [] when TensorRT's ONNX parser takes every node
-parity = onnx_parity(model, "vision.onnx", seed=1)        # ONNX Runtime against RGPT.encode_image on fresh images
+    export_vision_onnx(side, bundle_dir, max_batch=8)   # vision.onnx -> image_embeds [B,g²,D], hires [B,4g,4g,C]
+    unsupported_ops(bundle_dir / "vision.onnx")         # [] when TensorRT's ONNX parser takes every node
+    references = reference_outputs(side, seed=1)                   # torch, fp32 and fp64
+    parity = onnx_parity(bundle_dir / "vision.onnx", references)   # ONNX Runtime against them
+
+The graph's weights are the bundle's fp16 tensors: vision.onnx refers to them inside
+vision.safetensors and connector.safetensors (ONNX external data: file, offset, length), so a
+7B bundle stores its 0.6 GB of vision weights once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+
+from rgpt_rt.bundle import BUILD_ID_KEY
+from rgpt_rt.safetensors_io import read_header, write_safetensors
 
 OPSET = 18
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("image_embeds", "hires")
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a model at 2 GB: larger weights go beside it
+# A float initializer of the graph this large must be a bundle tensor (no weight is stored twice).
+INLINE_LIMIT = 4096
 
 # Operators the exporter may emit: each is supported by TensorRT's ONNX parser (TensorRT 8.6
 # and 10.x, operators.md of onnx-tensorrt) for the float types and static-weight cases
@@ -81,30 +92,40 @@ TENSORRT_ONNX_OPS = frozenset(
 )
 
 
-class VisionGraph(nn.Module):
-    """What vision.onnx computes: RGPT.encode_image."""
+def export_vision_onnx(
+    side, folder: Path, max_batch: int = 8, opset: int = OPSET, build_id: str = ""
+) -> dict[str, int]:
+    """Write vision.safetensors, connector.safetensors and vision.onnx into `folder` for a
+    VisionSide after `prepare_for_export()`: the graph (pixel_values -> image_embeds, hires,
+    dynamic batch in [1, max_batch]) computes in fp32 on fp16 weights, which it reads from the
+    two safetensors files (external data at their offsets; a Cast to fp32 after each), so the
+    weights are stored once. Returns {file: bytes the graph points at}."""
+    import onnx
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    folder = Path(folder)
+    tensors = side.bundle_tensors()
+    files = {"vision": folder / "vision.safetensors", "connector": folder / "connector.safetensors"}
+    metadata = {"format": "rgpt_rt.vision", "dtype": "float16", BUILD_ID_KEY: build_id}
+    for part, path in files.items():
+        write_safetensors(path, tensors[part], metadata)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        raw = Path(scratch) / "raw.onnx"
+        _torch_export(side, raw, max_batch, opset)
+        model = onnx.load(str(raw), load_external_data=False)
+        pointed = _point_at_bundle(model, side, files, Path(scratch))
+    model.metadata_props.add(key=BUILD_ID_KEY, value=build_id)
+    onnx.save(model, str(folder / "vision.onnx"))
+    return pointed
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # pixel_values: [B, 3, S, S] -> image_embeds [B, g*g, D], hires [B, 4g, 4g, C]
-        return self.model.encode_image(pixel_values)
 
-
-def export_vision_onnx(model, path: str | Path, max_batch: int = 8, opset: int = OPSET) -> Path:
-    """Export RGPT.encode_image (fp32) with a dynamic batch dimension in [1, max_batch]."""
-    path = Path(path)
-    size = model.config.vision.image_size
-    graph = VisionGraph(model).eval().float()
+def _torch_export(side, path: Path, max_batch: int, opset: int) -> None:
+    size = side.config.vision.image_size
     example = torch.randn(2 if max_batch >= 2 else 1, 3, size, size)
-    weight_bytes = sum(p.numel() * 4 for p in graph.parameters())
     batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph,
+            side,
             (example,),
             str(path),
             input_names=[INPUT_NAME],
@@ -112,9 +133,70 @@ def export_vision_onnx(model, path: str | Path, max_batch: int = 8, opset: int =
             dynamic_shapes={INPUT_NAME: {0: batch}},
             opset_version=opset,
             dynamo=True,
-            external_data=weight_bytes > EXTERNAL_DATA_BYTES,
+            external_data=True,  # weights beside the graph, never the 2 GB protobuf limit
         )
-    return path
+
+
+def _point_at_bundle(model, side, files: dict[str, Path], scratch: Path) -> dict[str, int]:
+    """Replace each initializer that is a bundle tensor (by name, or by value: the exporter
+    folds some into copies, e.g. the position embedding gathered at positions 0..g²) by an fp16
+    external reference into its safetensors file and a Cast to fp32 under the original name;
+    keep the rest (small constants) inline. Refuses a graph weight that is no bundle tensor."""
+    from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+    by_name, by_value = {}, {}
+    for part, path in files.items():
+        header, _, start = read_header(path)
+        with open(path, "rb") as handle:
+            for name, entry in header.items():
+                where = (path.name, start + entry.start, entry.end - entry.start)
+                by_name[name if part == "vision" else f"connector.{name}"] = where
+                handle.seek(where[1])
+                by_value[hashlib.sha256(handle.read(where[2])).hexdigest()] = where
+    kept, casts, pointed = [], [], {path.name: 0 for path in files.values()}
+    for init in model.graph.initializer:
+        where = by_name.get(side.bundle_name(init.name) or "")
+        if where is None:
+            if init.data_location == TensorProto.EXTERNAL:
+                external_data_helper.load_external_data_for_tensor(init, str(scratch))
+                init.data_location = TensorProto.DEFAULT
+                del init.external_data[:]
+            if init.data_type == TensorProto.FLOAT and _numel(init) >= INLINE_LIMIT:
+                half = numpy_helper.to_array(init).astype(np.float16)
+                where = by_value.get(hashlib.sha256(half.tobytes()).hexdigest())
+                if where is None:
+                    raise ValueError(
+                        f"vision graph weight {init.name} {list(init.dims)} is not a bundle "
+                        "tensor; the exporter would store it twice"
+                    )
+            else:
+                kept.append(init)
+                continue
+        location, offset, length = where
+        if _numel(init) * 2 != length:
+            raise ValueError(
+                f"{init.name} {list(init.dims)} does not fit {length} bytes of {location}"
+            )
+        half = TensorProto(name=init.name + "_fp16", data_type=TensorProto.FLOAT16, dims=init.dims)
+        half.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", length)):
+            half.external_data.add(key=key, value=str(value))
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+        pointed[location] += length
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(casts + nodes)
+    return pointed
+
+
+def _numel(init) -> int:
+    count = 1
+    for dim in init.dims:
+        count *= dim
+    return count
 
 
 def onnx_ops(path: str | Path) -> dict[str, int]:
@@ -162,53 +244,66 @@ def onnx_session(path: str | Path, device: str = "cpu"):
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-def onnx_parity(
-    model, path: str | Path, *, seed: int, batch_sizes: tuple[int, ...] = (1, 2)
-) -> dict[str, float]:
-    """ONNX Runtime (CPU, fp32) against the PyTorch reference on fresh random images.
+@dataclass
+class Reference:
+    """Fresh images and what the torch function computes of them, in fp32 and in fp64."""
+
+    pixels: torch.Tensor  # [B, 3, S, S]
+    fp32: tuple[torch.Tensor, torch.Tensor]  # image_embeds, hires
+    fp64: tuple[torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def reference_outputs(
+    vision, *, seed: int, exact=None, batch_sizes: tuple[int, ...] = (1, 2)
+) -> list[Reference]:
+    """`vision` (a torch function pixels -> (image_embeds, hires) with a .config) on fresh random
+    images, in fp32 and in float64. `exact`: makes a float64 twin (called after the fp32 runs,
+    dropped after its own); default: `vision` itself (a module) turned to float64 in place and
+    back, which is exact (its weights are fp16 values) and never holds two copies of them."""
+    size = vision.config.vision.image_size
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randn(b, 3, size, size, generator=generator) for b in batch_sizes]
+    fp32 = [tuple(t.cpu() for t in vision(pixels)) for pixels in images]
+    if exact is None:
+        vision.double()
+        try:
+            fp64 = [tuple(t.cpu() for t in vision(pixels.double())) for pixels in images]
+        finally:
+            vision.float()
+    else:
+        twin = exact()
+        fp64 = [tuple(t.double().cpu() for t in twin(pixels.double())) for pixels in images]
+        del twin
+    return [Reference(p, a, b) for p, a, b in zip(images, fp32, fp64)]
+
+
+def onnx_parity(path: str | Path, references: list[Reference]) -> dict[str, float]:
+    """ONNX Runtime (CPU, fp32 on the file's fp16 weights) against the torch references.
 
     Tolerance from the precision: ONNX Runtime may fuse and reorder fp32 arithmetic, so its
-    error against a float64 run of the same model may be at most 4x the error of PyTorch's own
-    fp32 run against float64, plus 1e-6 of the output scale for ties at tiny errors."""
+    error against the float64 run may be at most 4x the error of torch's own fp32 run against
+    it, plus 1e-6 of the output scale for ties at tiny errors."""
     session = onnx_session(path)
-    reference = VisionGraph(model).eval()
-    exact = VisionGraph(_float64_copy(model)).eval()
-    size = model.config.vision.image_size
-    generator = torch.Generator().manual_seed(seed)
     worst = {"max_abs": 0.0, "max_rel": 0.0, "torch_fp32_max_abs": 0.0, "tolerance": 0.0}
-    for batch in batch_sizes:
-        pixels = torch.randn(batch, 3, size, size, generator=generator)
-        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixels.numpy()})
-        with torch.no_grad():
-            ours = reference(pixels.float())
-            truth = exact(pixels.double())
-        for name, onnx_out, torch_out, true_out in zip(OUTPUT_NAMES, got, ours, truth):
+    for reference in references:
+        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: reference.pixels.numpy()})
+        for name, onnx_out, torch_out, true_out in zip(
+            OUTPUT_NAMES, got, reference.fp32, reference.fp64
+        ):
             true_np = true_out.numpy()
             scale = float(np.abs(true_np).max())
             abs_err = float(np.abs(onnx_out - true_np).max())
             torch_err = float((torch_out.double() - true_out).abs().max())
             tolerance = 4 * torch_err + 1e-6 * scale
+            batch = reference.pixels.shape[0]
             if abs_err > tolerance:
                 raise ValueError(
-                    f"ONNX Runtime {name} differs from the reference by {abs_err:.3g} "
-                    f"(tolerance {tolerance:.3g}, batch {batch}); the export is wrong"
+                    f"ONNX Runtime {name} differs from the torch reference by {abs_err:.3g} "
+                    f"(tolerance {tolerance:.3g}, batch {batch})"
                 )
             worst["max_abs"] = max(worst["max_abs"], abs_err)
             worst["max_rel"] = max(worst["max_rel"], abs_err / max(scale, 1e-30))
             worst["torch_fp32_max_abs"] = max(worst["torch_fp32_max_abs"], torch_err)
             worst["tolerance"] = max(worst["tolerance"], tolerance)
     return worst
-
-
-def _float64_copy(model):
-    """A float64 copy of the vision stages only (the LLM is not copied: for the 7B model it
-    would be 27 GB in float64)."""
-    import copy
-
-    llm = model.llm
-    model.llm = None
-    try:
-        twin = copy.deepcopy(model)
-    finally:
-        model.llm = llm
-    return twin.double()

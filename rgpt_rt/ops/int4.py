@@ -1,38 +1,58 @@
-"""W4A16 linear: x @ W.T with W an INT4 weight in layout nk8i (rgpt_rt/ops/int4_format.py).
+"""W4A16 linear: x @ W.T with W an INT4 weight in layout n16k64 (rgpt_rt/ops/int4_format.py).
 
     int4_linear(x[..., K], w: Int4Weight, bias=None, *, num_threads=None) -> [..., N]
     int4_linear_reference(x[..., K], w, bias=None) -> [..., N]     (dequantize, matmul in fp64)
 
-x is fp32, fp16 or bf16; the result has x's dtype. The weight values are exactly dequantize(w)
-(fp16((q − z)·s)) on every path; products accumulate in fp32.
+x is fp32, fp16 or bf16; the result has x's dtype. Every path multiplies by W = (q − z)·s, the
+exact value dequantize(w) returns (the prefill GEMMs in fp16 / bf16 round it once to x's dtype);
+products accumulate in fp32.
 
 Paths (the op `torch.ops.rgpt_rt.int4_linear` takes the packed tensors, this wrapper unpacks):
-  CPU   csrc/int4/int4_cpu.cpp on float32 (fp16/bf16 x is widened here, the output rounded
-        back), threaded over output rows: num_threads, default torch.get_num_threads().
-  CUDA  M ≤ 8 rows: the GEMV kernel (split-K into an fp32 workspace when N is small);
-        M > 8: dequantize into a workspace in x's dtype and torch.matmul (cuBLAS). bf16 x then
-        multiplies weights rounded to bf16 (what a bf16 matmul of the dequantized weight does).
-The op allocates its outputs and workspaces here and launches on the current stream, so it can
-be captured in a CUDA graph; register_fake lets torch.compile trace through it.
+  CPU   M < CPU_GEMM_MIN_ROWS: csrc/int4/int4_n16k64_cpu.cpp on float32 (fp16/bf16 x is widened
+        here, the output rounded back), threaded over tiles of 16 output rows: num_threads,
+        default torch.get_num_threads() for weights large enough to pay for threads.
+        More rows (a prefill): W dequantized exactly, a tile of rows at a time, into torch's GEMM.
+  CUDA  M ≤ 8 rows: the tensor-core GEMV (split-K in the same kernel when N is small, through a
+        workspace made once per device, below); M > 8: W dequantized into x's dtype, then
+        torch.nn.functional.linear (cuBLAS).
+The op allocates its outputs here and launches on the current stream, so it can be captured in a
+CUDA graph; register_fake lets torch.compile trace through it. The GEMV's workspace must exist
+before a capture and is never freed (graphs keep its address): Int4Linear reserves it when it is
+made on a CUDA device, any call outside a capture grows it, and a call inside a capture that
+would need more raises.
+
+RGPT_INT4_KERNEL=nk8i makes Int4Linear run the previous kernels (rgpt_rt/ops/int4_nk8i.py) on its
+weight repacked at load, to time them beside these (issue 23); int4_kernel() reads it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from rgpt_rt.ops import int4_layout as layout
 
 if TYPE_CHECKING:
     from rgpt_rt.ops.int4_format import Int4Weight
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # int4.h Int4DType
-# CUDA: rows of x handled by the GEMV kernel; more go to dequantize + matmul. (The GEMV's time
-# grows with its rows: on an H200, two 8-row GEMVs for 16 rows were slower than dequantize +
-# cuBLAS; benchmarks/RESULTS.md.)
-GEMV_MAX_ROWS = 8
-GEMV_ROWS_PER_BLOCK = 8  # int4_cuda.cu: kWarps × kRowsPerWarp
-MAX_SPLITS = 16
+GEMV_MAX_ROWS = 8  # CUDA: rows of x the GEMV takes (int4_n16k64.h kN16K64GemvMaxRows)
+KERNEL_ENV = "RGPT_INT4_KERNEL"
+KERNELS = ("n16k64", "nk8i")
+
+
+def int4_kernel() -> str:
+    """Which kernels Int4Linear runs: "n16k64" (default) or, with RGPT_INT4_KERNEL=nk8i, the
+    previous ones on the weight repacked to layout nk8i (W = fp16((q − z)·s)), for timing."""
+    kernel = os.environ.get(KERNEL_ENV, KERNELS[0]) or KERNELS[0]
+    if kernel not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={kernel!r} is unknown; use one of {KERNELS}")
+    return kernel
 
 
 def check_int4_args(
@@ -41,59 +61,50 @@ def check_int4_args(
     scales: torch.Tensor,
     zeros: torch.Tensor,
     bias: torch.Tensor | None,
+    n: int,
     group_size: int,
 ) -> tuple[int, int, int]:
-    """Validate the op's arguments; return (M, N, K). Raises ValueError saying what is wrong."""
+    """Validate the op's arguments (an [n, K] weight in layout n16k64); return (M, N, K).
+    Raises ValueError saying what is wrong."""
     if x.dim() != 2:
         raise ValueError(f"int4_linear op takes x as [M, K]; got {list(x.shape)}")
     if x.dtype not in ACT_DTYPES:
         raise ValueError(f"x dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(
-            f"qweight must be int32 [N, K/8]; got {qweight.dtype} {list(qweight.shape)}"
-        )
     m, k = x.shape
-    n = qweight.shape[0]
-    if qweight.shape[1] * 8 != k:
-        raise ValueError(f"x has K = {k} features but the weight has {qweight.shape[1] * 8} inputs")
-    if group_size <= 0 or group_size % 32 != 0:
-        raise ValueError(f"group_size {group_size} must be a positive multiple of 32")
-    if k % group_size != 0:
-        raise ValueError(f"K = {k} is not a multiple of group_size {group_size}")
-    groups = k // group_size
-    if scales.dtype != torch.float16 or tuple(scales.shape) != (n, groups):
-        raise ValueError(
-            f"scales must be float16 [{n}, {groups}]; got {scales.dtype} {list(scales.shape)}"
-        )
-    if zeros.dtype != torch.uint8 or tuple(zeros.shape) != (n, groups):
-        raise ValueError(
-            f"zeros must be uint8 [{n}, {groups}]; got {zeros.dtype} {list(zeros.shape)}"
-        )
+    shapes = layout.packed_shapes(n, k, group_size)
+    for name, tensor, dtype in (
+        ("qweight", qweight, torch.int32),
+        ("scales", scales, torch.float16),
+        ("zeros", zeros, torch.uint8),
+    ):
+        if tensor.dtype != dtype or tuple(tensor.shape) != shapes[name]:
+            raise ValueError(
+                f"{name} must be {dtype} {list(shapes[name])} for an [{n}, {k}] weight in layout "
+                f"{layout.LAYOUT} (x has K = {k}); got {tensor.dtype} {list(tensor.shape)}"
+            )
+    check_bias_and_devices(x, [qweight, scales, zeros], bias, n)
+    return m, n, k
+
+
+def check_bias_and_devices(
+    x: torch.Tensor, weight: list[torch.Tensor], bias: torch.Tensor | None, n: int
+) -> None:
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}]; got {list(bias.shape)}")
-    tensors = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
+    tensors = [x, *weight] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(
             f"int4_linear inputs are on several devices {sorted({str(t.device) for t in tensors})}"
         )
-    return m, n, k
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
-    """t contiguous with a 16-byte aligned start (the CUDA kernels load 16 bytes at a time)."""
+    """t contiguous with a 16-byte aligned start (the kernels load 16 bytes at a time)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def gemv_splits(n: int, k: int, multiprocessors: int) -> int:
-    """How many K splits the GEMV uses: enough blocks for ~4 per SM, each split ≥ 32 chunks."""
-    blocks = -(-n // GEMV_ROWS_PER_BLOCK)
-    target = 4 * multiprocessors
-    if blocks >= target:
-        return 1
-    return max(1, min(-(-target // blocks), (k // 32) // 32, MAX_SPLITS))
-
-
+# --- CPU -------------------------------------------------------------------------------------
 # Below this many weight bytes per thread one thread is faster: starting threads costs more
 # than the work, and they fight torch's own OpenMP threads for the cores.
 MIN_BYTES_PER_THREAD = 1 << 20
@@ -109,132 +120,218 @@ def cpu_threads(n: int, k: int, requested: int) -> int:
 
 # From this many rows of x on (a prefill), the CPU multiplies with torch's GEMM: W is dequantized
 # to float32 a tile of rows at a time into a buffer that stays in cache, instead of the GEMV
-# kernel dequantizing all of W again for every 4 rows of x.
+# kernel dequantizing all of W again for every few rows of x.
 CPU_GEMM_MIN_ROWS = 32
 CPU_GEMM_TILE_BYTES = 1 << 19
 
 
-def dequantize_cpu(qweight, scales, zeros, group_size, rows=None, out=None, use_simd=True):
-    """Rows [r0, r1) of W as float32 [r1 - r0, K] (all of W by default), the exact fp16 values
-    the kernels use, from the packed CPU tensors; into `out` when given."""
-    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    from rgpt_rt import _C
-
-    r0, r1 = rows or (0, qweight.shape[0])
-    k, groups = qweight.shape[1] * 8, scales.shape[1]
-    weight = torch.empty(r1 - r0, k, dtype=torch.float32) if out is None else out
-    _C.int4_dequant_cpu(
-        qweight.data_ptr() + r0 * qweight.stride(0) * 4,
-        scales.data_ptr() + r0 * groups * 2,
-        zeros.data_ptr() + r0 * groups,
-        weight.data_ptr(), r1 - r0, k, group_size, 1, use_simd,
-    )  # fmt: skip
-    return weight
-
-
-def _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd):
-    # out^T [N, M] = W x^T, one tile of W's rows at a time, each tile's rows a contiguous slice
-    n, k = qweight.shape[0], x32.shape[1]
-    rows = min(n, max(16, CPU_GEMM_TILE_BYTES // (4 * k)))
+def cpu_gemm(
+    x32: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    dequantize_rows: Callable[[int, int, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """float32 [M, N] = x32 [M, K] @ W.T + bias, W's rows [r0, r1) made by
+    dequantize_rows(r0, r1, out) as float32 [r1 - r0, K] (into `out` when given), one tile of
+    rows at a time (a multiple of 16 rows: whole tiles of layout n16k64)."""
+    k = x32.shape[1]
+    tile_rows = CPU_GEMM_TILE_BYTES // (4 * k) // layout.TILE_ROWS * layout.TILE_ROWS
+    rows = min(n, max(layout.TILE_ROWS, tile_rows))
     bias32 = None if bias is None else bias.to(torch.float32)
     if rows == n:  # one tile: the GEMM writes out [M, N] directly
-        weight = dequantize_cpu(qweight, scales, zeros, group_size, use_simd=use_simd)
-        return torch.nn.functional.linear(x32, weight, bias32)
+        return torch.nn.functional.linear(x32, dequantize_rows(0, n, None), bias32)
+    # out^T [N, M] = W x^T, each tile's rows a contiguous slice
     tile = torch.empty(rows, k, dtype=torch.float32)
     out_t = torch.empty(n, x32.shape[0], dtype=torch.float32)
     x_t = x32.t()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        weight = dequantize_cpu(
-            qweight, scales, zeros, group_size, (r0, r1), tile[: r1 - r0], use_simd
-        )
-        torch.mm(weight, x_t, out=out_t[r0:r1])
+        torch.mm(dequantize_rows(r0, r1, tile[: r1 - r0]), x_t, out=out_t[r0:r1])
     out = out_t.t()
     return (out + bias32 if bias32 is not None else out).contiguous()
 
 
-def linear_cpu(x, qweight, scales, zeros, bias, group_size, num_threads, use_simd=True):
-    """int4_linear on CPU tensors already checked (x [M, K]): the GEMV kernel, or from
-    CPU_GEMM_MIN_ROWS rows on, tiled dequantization + torch's GEMM."""
+def dequantize_cpu(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    n: int,
+    k: int,
+    group_size: int,
+    rows: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+    use_simd: bool = True,
+) -> torch.Tensor:
+    """Rows [r0, r1) of W as float32 [r1 - r0, K] (all of W by default), (q − z)·s exactly, from
+    the packed (contiguous) CPU tensors; into `out` when given."""
     from rgpt_rt import _C
 
-    m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
+    r0, r1 = rows or (0, n)
+    weight = torch.empty(r1 - r0, k, dtype=torch.float32) if out is None else out
+    _C.int4_dequant_n16k64_cpu(
+        qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), weight.data_ptr(),
+        n, k, group_size, r0, r1, 1, use_simd,
+    )  # fmt: skip
+    return weight
+
+
+def linear_cpu(x, qweight, scales, zeros, bias, n, group_size, num_threads, use_simd=True):
+    """int4_linear on CPU tensors already checked (x [M, K], the weight contiguous)."""
+    from rgpt_rt import _C
+
+    k = x.shape[1]
+
+    def rows(r0, r1, out):
+        return dequantize_cpu(qweight, scales, zeros, n, k, group_size, (r0, r1), out, use_simd)
+
+    weight = (qweight, scales, zeros)
+    return cpu_linear(
+        _C.int4_linear_n16k64_cpu, rows, x, weight, bias, n, group_size, num_threads, use_simd
+    )
+
+
+def cpu_linear(kernel, dequantize_rows, x, weight, bias, n, group_size, num_threads, use_simd):
+    """The CPU path of either layout: x [M, K] -> [M, N] in x's dtype through `kernel` (a _C
+    GEMV taking x, qweight, scales, zeros, bias, out, m, n, k, group_size, threads, use_simd;
+    float32), or from CPU_GEMM_MIN_ROWS rows on, cpu_gemm over dequantize_rows."""
+    m, k = x.shape
     x32 = x.to(torch.float32).contiguous()
     if m >= CPU_GEMM_MIN_ROWS:
-        return _cpu_gemm(x32, qweight, scales, zeros, bias, group_size, use_simd).to(x.dtype)
-    num_threads = cpu_threads(n, k, num_threads)
+        return cpu_gemm(x32, n, bias, dequantize_rows).to(x.dtype)
     out = torch.empty(m, n, dtype=torch.float32)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    _C.int4_linear_cpu(
-        x32.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+    kernel(
+        x32.data_ptr(), *(t.data_ptr() for t in weight),
         0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
-        m, n, k, group_size, num_threads, use_simd,
+        m, n, k, group_size, cpu_threads(n, k, num_threads), use_simd,
     )  # fmt: skip
     return out.to(x.dtype)
 
 
-def _cuda(x, qweight, scales, zeros, bias, group_size, splits=None):
+# --- CUDA ------------------------------------------------------------------------------------
+# The GEMV's split-K workspace (int32 counters, then fp32 partial sums): zeroed once, and every
+# launch leaves its counters zero again, so it is reused without clearing. One per device, so
+# launches that use it must not overlap: int4 GEMVs on one device run on one stream at a time
+# (as the Session's decode does). Outgrown workspaces are kept: CUDA graphs captured with them
+# still write there.
+_GEMV_WORKSPACES: dict[int, torch.Tensor] = {}
+_OUTGROWN_WORKSPACES: list[torch.Tensor] = []
+
+
+@functools.cache
+def gemv_splits(n: int, k: int, device_index: int) -> int:
+    """The GEMV's split-K factor for an [n, k] weight on CUDA device `device_index`."""
     from rgpt_rt import _C
 
-    if not hasattr(_C, "int4_gemv_cuda"):
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _C.int4_gemv_n16k64_splits(n, k, sms)
+
+
+def _device_index(device: torch.device | str | int) -> int:
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def gemv_workspace(device: torch.device | str | int, nbytes: int) -> torch.Tensor:
+    """The GEMV workspace of a CUDA device, at least nbytes (uint8, zeroed when made). Outside a
+    CUDA-graph capture a bigger one is made when needed; inside one that raises RuntimeError."""
+    index = _device_index(device)
+    space = _GEMV_WORKSPACES.get(index)
+    if space is not None and space.numel() >= nbytes:
+        return space
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"the INT4 GEMV needs a {nbytes}-byte workspace on cuda:{index} during a CUDA-graph "
+            "capture, where it may not be allocated: make the Int4Linear layers on the device "
+            "(they reserve it), call rgpt_rt.ops.int4.reserve_gemv_workspace(n, k, device) for "
+            "each weight, or run the step once before capturing it"
+        )
+    if space is not None:
+        _OUTGROWN_WORKSPACES.append(space)
+    space = torch.zeros(max(nbytes, 16), dtype=torch.uint8, device=torch.device("cuda", index))
+    torch.cuda.current_stream(index).synchronize()  # zeroed before any stream uses it
+    _GEMV_WORKSPACES[index] = space
+    return space
+
+
+def reserve_gemv_workspace(n: int, k: int, device: torch.device | str | int) -> None:
+    """Make the device's GEMV workspace large enough for an [n, k] weight and up to
+    GEMV_MAX_ROWS rows of x (what Int4Linear does when made on a CUDA device)."""
+    from rgpt_rt import _C
+
+    index = _device_index(device)
+    splits = gemv_splits(n, k, index)
+    gemv_workspace(index, _C.int4_gemv_n16k64_workspace_bytes(GEMV_MAX_ROWS, n, splits))
+
+
+def dequantize_linear_cuda(kernel, x, weight, bias, n, group_size, stream):
+    """The prefill path of either layout: W [n, K] dequantized by `kernel` (a _C dequantization
+    taking qweight, scales, zeros, out, n, k, group_size, dtype tag, stream) into a buffer in
+    x's dtype, then torch.nn.functional.linear (cuBLAS)."""
+    buffer = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
+    kernel(
+        *(t.data_ptr() for t in weight), buffer.data_ptr(),
+        n, x.shape[1], group_size, DTYPE_TAGS[x.dtype], stream,
+    )  # fmt: skip
+    return torch.nn.functional.linear(x, buffer, bias)
+
+
+def linear_cuda(x, qweight, scales, zeros, bias, n, group_size, splits=None):
+    """int4_linear on CUDA tensors already checked (x [M, K], the weight contiguous and qweight
+    16-byte aligned): the GEMV for M ≤ GEMV_MAX_ROWS, else dequantize + cuBLAS."""
+    from rgpt_rt import _C
+
+    if not hasattr(_C, "int4_gemv_n16k64_cuda"):
         raise RuntimeError(
             "rgpt_rt._C was built without CUDA; rebuild with nvcc on PATH to run int4_linear on a GPU"
         )
-    m, n, k = x.shape[0], qweight.shape[0], x.shape[1]
+    m, k = x.shape
     tag = DTYPE_TAGS[x.dtype]
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         if bias is not None:
             bias = bias.to(x.dtype).contiguous()
-        if m > GEMV_MAX_ROWS:  # prefill: dequantize into a workspace, then cuBLAS
-            weight = torch.empty(n, k, dtype=x.dtype, device=x.device)
-            _C.int4_dequant_cuda(
-                qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), weight.data_ptr(),
-                n, k, group_size, tag, stream,
-            )  # fmt: skip
-            return torch.nn.functional.linear(x, weight, bias)
+        if m > GEMV_MAX_ROWS:
+            weight = (qweight, scales, zeros)
+            kernel = _C.int4_dequant_n16k64_cuda
+            return dequantize_linear_cuda(kernel, x, weight, bias, n, group_size, stream)
         x = aligned(x)
         if splits is None:
-            splits = gemv_splits(
-                n, k, torch.cuda.get_device_properties(x.device).multi_processor_count
-            )
+            splits = gemv_splits(n, k, _device_index(x.device))
+        space = gemv_workspace(x.device, _C.int4_gemv_n16k64_workspace_bytes(m, n, splits))
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        partial = (
-            torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
-            if splits > 1
-            else None
-        )
-        _C.int4_gemv_cuda(
+        _C.int4_gemv_n16k64_cuda(
             x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-            0 if bias is None else bias.data_ptr(), out.data_ptr(),
-            0 if partial is None else partial.data_ptr(),
+            0 if bias is None else bias.data_ptr(), out.data_ptr(), space.data_ptr(),
             m, n, k, group_size, splits, tag, stream,
         )  # fmt: skip
         return out
 
 
+# --- the op ----------------------------------------------------------------------------------
 def int4_linear_eager(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
     bias: torch.Tensor | None,
+    n: int,
     group_size: int,
     num_threads: int,
 ) -> torch.Tensor:
-    """x [M, K] @ W.T + bias -> [M, N] (x's dtype); W = (qweight int32 [N, K/8] nk8i,
-    scales fp16 [N, K/G], zeros uint8 [N, K/G]). num_threads: CPU threads, 0 = torch's.
-    The body of the rgpt_rt::int4_linear op, callable without the dispatcher (eager calls
-    skip its ~40 µs of custom-op overhead, which on small layers is more than the kernel)."""
-    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
+    """x [M, K] @ W.T + bias -> [M, N] (x's dtype); W [n, K] in layout n16k64 (qweight int32
+    [T, 128 S], scales fp16 [T, K/G, 16], zeros uint8 [T, K/G, 16]). num_threads: CPU threads,
+    0 = torch's. The body of the rgpt_rt::int4_linear op, callable without the dispatcher (eager
+    calls skip its ~40 µs of custom-op overhead, which on small layers is more than the kernel)."""
+    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, n, group_size)
     if m == 0:
         return x.new_empty(0, n)
     qweight, scales, zeros = aligned(qweight), scales.contiguous(), zeros.contiguous()
     if x.is_cuda:
-        return _cuda(x, qweight, scales, zeros, bias, group_size)
+        return linear_cuda(x, qweight, scales, zeros, bias, n, group_size)
     if x.device.type != "cpu":
         raise ValueError(f"int4_linear runs on CPU and CUDA; got a tensor on {x.device}")
-    return linear_cpu(x, qweight, scales, zeros, bias, group_size, num_threads)
+    return linear_cpu(x, qweight, scales, zeros, bias, n, group_size, num_threads)
 
 
 # The registered op (for torch.compile and CUDA graphs) runs the same body.
@@ -242,8 +339,8 @@ int4_linear_op = torch.library.custom_op("rgpt_rt::int4_linear", mutates_args=()
 
 
 @int4_linear_op.register_fake
-def _(x, qweight, scales, zeros, bias, group_size, num_threads):
-    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, group_size)
+def _(x, qweight, scales, zeros, bias, n, group_size, num_threads):
+    m, n, _ = check_int4_args(x, qweight, scales, zeros, bias, n, group_size)
     return x.new_empty(m, n)
 
 
@@ -252,13 +349,15 @@ def int4_linear_packed(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
+    shape: tuple[int, int],
     group_size: int,
     bias: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     num_threads: int | None = None,
 ) -> torch.Tensor:
-    """int4_linear on the packed tensors (what Int4Linear.forward calls): x [..., K] -> [..., N]."""
-    k = qweight.shape[-1] * 8
+    """int4_linear on the packed tensors of an [N, K] = `shape` weight (what Int4Linear.forward
+    calls): x [..., K] -> [..., N]."""
+    n, k = shape
     if x.shape[-1] != k:
         raise ValueError(
             f"x has {x.shape[-1]} features in its last dim; this INT4 weight takes K = {k}"
@@ -270,8 +369,8 @@ def int4_linear_packed(
     # op (which has no backward and says so); plain inference calls go straight to its body.
     traced = torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
     linear = torch.ops.rgpt_rt.int4_linear if traced else int4_linear_eager
-    out = linear(x.reshape(-1, k), qweight, scales, zeros, bias, group_size, num_threads or 0)
-    return out.reshape(*lead, qweight.shape[0])
+    out = linear(x.reshape(-1, k), qweight, scales, zeros, bias, n, group_size, num_threads or 0)
+    return out.reshape(*lead, n)
 
 
 def int4_linear(
@@ -283,14 +382,15 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [..., K] (fp32/fp16/bf16) @ dequantize(w).T + bias -> [..., N] in x's dtype."""
     return int4_linear_packed(
-        x, w.qweight, w.scales, w.zeros, w.group_size, bias, w.perm, num_threads
+        x, w.qweight, w.scales, w.zeros, w.shape, w.group_size, bias, w.perm, num_threads
     )
 
 
 def int4_linear_reference(
     x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The plain torch reference: dequantize(w) (exact fp16 values), matmul in float64, x's dtype out."""
+    """The plain torch reference: dequantize(w) (the exact (q − z)·s), matmul in float64, x's
+    dtype out."""
     from rgpt_rt.ops.int4_format import dequantize
 
     out = x.to(torch.float64) @ dequantize(w).to(x.device, torch.float64).T

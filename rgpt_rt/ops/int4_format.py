@@ -1,24 +1,22 @@
-"""The INT4 weight format: 4-bit codes, fp16 scales, integer zeros, groups along the input dim.
+"""The INT4 weight (Int4Weight) and the files that hold it (format version 2, layout n16k64).
 
-    w[n, k] = (q[n, k] − z[n, g]) · s[n, g]      g = k // group_size      (DESIGN.md §2)
+    w[n, k] = (q[n, k] − z[n, γ]) · s[n, γ]      γ = k // group_size      exactly (no rounding)
 
-The dequantised value is the fp16 rounding of that product, exactly what AutoAWQ and GPTQ
-compute in fp16 (the product of a 5-bit integer and an fp16 scale is exact in fp32, so
-rounding it once to fp16 is the fp16 multiplication).
+q are 4-bit codes, s fp16 scales, z integer zeros (0..15 from our quantizers; 16 occurs in GPTQ v1
+imports) per group of group_size inputs along K. The tensors are in layout "n16k64", the one the
+kernels read; how the codes sit in them, and pack / unpack / dequantize, is
+rgpt_rt/ops/int4_layout.py (and csrc/int4/README.md):
 
-Layout "nk8i" (the one csrc/int4 kernels read; the name is in every saved tensor name):
-  qweight  int32 [N, K/8]   row n holds the K codes of output n, 8 per 32-bit word;
-                            word j holds k = 8j..8j+7, nibble position p (bits 4p..4p+3)
-                            holds k = 8j + NK8I_ORDER[p], NK8I_ORDER = [0, 2, 4, 6, 1, 3, 5, 7],
-                            so `(word >> 4i) & 0x000F000F` is the pair (k = 8j+2i, 8j+2i+1)
-                            in the low and high 16-bit halves (one mask per two fp16 values).
-  scales   fp16  [N, K/G]
-  zeros    uint8 [N, K/G]   0..15 for our quantizers; 16 occurs in imported GPTQ v1
-                            checkpoints (a stored zero−1 of 15), and is kept as is.
-  perm     int64 [K] | None  GPTQ act-order only: packed column k holds input channel perm[k],
-                            so y = x[..., perm] @ dequantize_packed(q).T.
-K must be a multiple of group_size, and group_size a multiple of 32 (a 16-byte load of 32 codes
-never straddles a group).
+  qweight  int32 [T, 128 S]      T = ceil(N / 16) tiles of 16 output rows, S = ceil(K / 64)
+  scales   fp16  [T, K/G, 16]
+  zeros    uint8 [T, K/G, 16]
+  perm     int64 [K] | None      GPTQ act order only: packed column k holds input channel
+                                 perm[k], so y = x[..., perm] @ W_packed.T
+
+K must be a multiple of group_size, and group_size a multiple of 32.
+
+Format version 1 (layout nk8i) defined w as the product rounded to fp16; its files are refused
+with an error that says to re-export them.
 """
 
 from __future__ import annotations
@@ -28,34 +26,18 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUT = "nk8i"
-NK8I_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble position p holds k offset NK8I_ORDER[p]
-NK8I_POSITION = tuple(NK8I_ORDER.index(i) for i in range(8))  # k offset i sits at this position
-GROUP_MULTIPLE = 32
-
-
-def check_group_shape(n: int, k: int, group_size: int) -> None:
-    """Raise ValueError unless a [n, k] weight can be grouped by group_size along k."""
-    if n <= 0 or k <= 0:
-        raise ValueError(f"an INT4 weight needs a non-empty shape; got ({n}, {k})")
-    if group_size <= 0 or group_size % GROUP_MULTIPLE != 0:
-        raise ValueError(
-            f"group_size {group_size} is not supported; use a positive multiple of {GROUP_MULTIPLE} (128 is the default)"
-        )
-    if k % group_size != 0:
-        raise ValueError(
-            f"the input dim K = {k} is not a multiple of group_size {group_size}; "
-            f"pad K to a multiple of {group_size} or pick a group size that divides it"
-        )
+from rgpt_rt.ops import int4_layout as layout
+from rgpt_rt.ops.int4_layout import FORMAT_VERSION, LAYOUT, LAYOUT_VERSION, NK8I
+from rgpt_rt.safetensors_io import TensorEntry
 
 
 @dataclass
 class Int4Weight:
-    """A [N, K] weight in INT4 layout "nk8i" (see the module docstring for every field)."""
+    """A [N, K] weight in INT4 layout n16k64 (the module docstring has every field)."""
 
-    qweight: torch.Tensor  # int32 [N, K/8], layout nk8i
-    scales: torch.Tensor  # fp16 [N, K/G]
-    zeros: torch.Tensor  # uint8 [N, K/G]
+    qweight: torch.Tensor  # int32 [T, 128 S]
+    scales: torch.Tensor  # fp16 [T, K/G, 16]
+    zeros: torch.Tensor  # uint8 [T, K/G, 16]
     group_size: int
     shape: tuple[int, int]  # (N, K)
     perm: torch.Tensor | None = None  # int64 [K]: packed column k is input channel perm[k]
@@ -66,20 +48,17 @@ class Int4Weight:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self.group_size = int(self.group_size)
         n, k = self.shape
-        check_group_shape(n, k, self.group_size)
-        groups = k // self.group_size
-        expect = {
-            "qweight": (self.qweight, torch.int32, (n, k // 8)),
-            "scales": (self.scales, torch.float16, (n, groups)),
-            "zeros": (self.zeros, torch.uint8, (n, groups)),
-        }
-        for name, (tensor, dtype, shape) in expect.items():
+        shapes = layout.packed_shapes(n, k, self.group_size)
+        dtypes = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.uint8}
+        for name, dtype in dtypes.items():
+            tensor = getattr(self, name)
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"Int4Weight.{name} must be a tensor; got {type(tensor).__name__}")
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            if tensor.dtype != dtype or tuple(tensor.shape) != shapes[name]:
                 raise ValueError(
-                    f"Int4Weight.{name} must be {dtype} {list(shape)} for shape {self.shape} "
-                    f"and group_size {self.group_size}; got {tensor.dtype} {list(tensor.shape)}"
+                    f"Int4Weight.{name} must be {dtype} {list(shapes[name])} (layout {LAYOUT}) "
+                    f"for shape {self.shape} and group_size {self.group_size}; "
+                    f"got {tensor.dtype} {list(tensor.shape)}"
                 )
         devices = {t.device for t in (self.qweight, self.scales, self.zeros)}
         if self.perm is not None:
@@ -92,6 +71,25 @@ class Int4Weight:
             raise ValueError(
                 f"Int4Weight tensors are on several devices {devices}; move them together with .to()"
             )
+
+    @classmethod
+    def pack(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        perm: torch.Tensor | None = None,
+    ) -> Int4Weight:
+        """From the plain form: codes uint8 [N, K] (0..15, packed column order), scales fp16
+        [N, K/G], zeros uint8 [N, K/G] (0..16)."""
+        qweight, packed_scales, packed_zeros = layout.pack(codes, scales, zeros, group_size)
+        return cls(qweight, packed_scales, packed_zeros, group_size, tuple(codes.shape), perm)
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plain form: (codes uint8 [N, K] in packed column order, scales fp16 [N, K/G],
+        zeros uint8 [N, K/G])."""
+        return layout.unpack(self.qweight, self.scales, self.zeros, *self.shape, self.group_size)
 
     @property
     def device(self) -> torch.device:
@@ -111,49 +109,12 @@ class Int4Weight:
             self.group_size, self.shape, perm,
         )  # fmt: skip
 
-    def codes(self) -> torch.Tensor:
-        """uint8 [N, K]: the 4-bit codes in packed (kernel) column order."""
-        return unpack_nk8i(self.qweight)
-
-
-def pack_nk8i(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] codes in 0..15 (K a multiple of 8) -> int32 [N, K/8] in layout nk8i."""
-    if codes.dim() != 2 or codes.shape[1] % 8 != 0:
-        raise ValueError(f"codes must be [N, K] with K a multiple of 8; got {list(codes.shape)}")
-    n, k = codes.shape
-    c = (codes.to(torch.uint8) & 0xF).reshape(n, k // 8, 8)  # [N, word, k offset]
-    # byte b of a (little-endian) word holds nibble positions 2b and 2b + 1
-    order = NK8I_ORDER
-    pairs = [c[..., order[2 * b]] | (c[..., order[2 * b + 1]] << 4) for b in range(4)]
-    return torch.stack(pairs, dim=-1).view(torch.int32).reshape(n, k // 8)
-
-
-def unpack_nk8i(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 [N, K/8] in layout nk8i -> uint8 [N, K] codes."""
-    n, words = qweight.shape
-    # int32 shifts are arithmetic, but the 4-bit mask drops the sign bits they bring in
-    parts = [((qweight >> (4 * position)) & 0xF).to(torch.uint8) for position in NK8I_POSITION]
-    return torch.stack(parts, dim=-1).reshape(n, words * 8)
-
-
-def dequantize_codes(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """fp16 [N, K] = fp16((codes − zeros) · scales), groups of group_size along K.
-
-    (codes − zeros) is an integer in [−16, 15] and the scale an fp16 value, so the fp32 product
-    is exact and one rounding to fp16 equals the fp16 product AutoAWQ/GPTQ compute."""
-    n, k = codes.shape
-    values = codes.to(torch.float32).reshape(n, k // group_size, group_size)
-    values -= zeros.to(torch.float32)[..., None]  # q − z: exact small integers
-    values *= scales.to(torch.float32)[..., None]  # exact in fp32
-    return values.to(torch.float16).reshape(n, k)  # the one rounding
-
 
 def dequantize(q: Int4Weight) -> torch.Tensor:
-    """fp16 [N, K]: (q − z) · s exactly (see the module docstring), in the original input
-    channel order (a GPTQ act-order permutation is undone)."""
-    packed = dequantize_codes(q.codes(), q.scales, q.zeros, q.group_size)
+    """float32 [N, K]: (q − z)·s exactly, the value every kernel uses, in the original input
+    channel order (a GPTQ act-order permutation is undone). fp16 callers use .half(): that is
+    the fp16 product AutoAWQ and GPTQ compute."""
+    packed = layout.dequantize(q.qweight, q.scales, q.zeros, *q.shape, q.group_size)
     if q.perm is None:
         return packed
     out = torch.empty_like(packed)
@@ -161,25 +122,70 @@ def dequantize(q: Int4Weight) -> torch.Tensor:
     return out
 
 
+def concat_int4(weights: list[Int4Weight]) -> Int4Weight:
+    """One weight whose output rows are those of `weights` in order (q/k/v, gate/up stacked);
+    nothing is requantized. Tiles are concatenated as they are when every weight but the last
+    fills its tiles (N % 16 == 0, as in every LLaMA); otherwise the rows are unpacked and packed
+    again."""
+    first = weights[0]
+    for w in weights:
+        if (w.shape[1], w.group_size) != (first.shape[1], first.group_size) or w.perm is not None:
+            raise ValueError(
+                "only INT4 weights with the same K and group size and no act-order stack; got "
+                f"{[(w.shape, w.group_size, w.perm is not None) for w in weights]}"
+            )
+    shape = (sum(w.shape[0] for w in weights), first.shape[1])
+    if all(w.shape[0] % layout.TILE_ROWS == 0 for w in weights[:-1]):
+        return Int4Weight(
+            torch.cat([w.qweight for w in weights]),
+            torch.cat([w.scales for w in weights]),
+            torch.cat([w.zeros for w in weights]),
+            first.group_size,
+            shape,
+        )
+    codes, scales, zeros = zip(*(w.unpack() for w in weights))
+    return Int4Weight.pack(torch.cat(codes), torch.cat(scales), torch.cat(zeros), first.group_size)
+
+
 # --- tensors in files ------------------------------------------------------------------------
 # A linear `name` is saved as three (or four) tensors whose names say the layout:
-#   {name}.qweight_nk8i  int32 [N, K/8]    {name}.scales  fp16 [N, K/G]
-#   {name}.zeros         uint8 [N, K/G]    {name}.perm    int64 [K]   (only with act order)
-# and the file metadata "rgpt_int4" holds {name: {"shape": [N, K], "group_size": G}} as JSON.
+#   {name}.qweight_n16k64  int32 [T, 128 S]     {name}.scales_n16k64  fp16  [T, K/G, 16]
+#   {name}.zeros_n16k64    uint8 [T, K/G, 16]   {name}.perm           int64 [K]  (act order only)
+# and the file metadata holds the format's identity and, under "rgpt_int4",
+# {name: {"shape": [N, K], "group_size": G}} as JSON.
 QWEIGHT_SUFFIX = f".qweight_{LAYOUT}"
+SCALES_SUFFIX = f".scales_{LAYOUT}"
+ZEROS_SUFFIX = f".zeros_{LAYOUT}"
+PERM_SUFFIX = ".perm"
 METADATA_KEY = "rgpt_int4"
+FORMAT_NAME = "rgpt_rt.int4"
+REEXPORT = (
+    "re-export it with this rgpt_rt (python export/build_engine.py for a bundle; "
+    "rgpt_rt.quant.quantize_checkpoint or convert_quantized_folder for a checkpoint)"
+)
 
 
 def int4_tensors(name: str, q: Int4Weight) -> dict[str, torch.Tensor]:
     """The flat tensors that store `q` under `name` (see the table above)."""
     tensors = {
         name + QWEIGHT_SUFFIX: q.qweight,
-        name + ".scales": q.scales,
-        name + ".zeros": q.zeros,
+        name + SCALES_SUFFIX: q.scales,
+        name + ZEROS_SUFFIX: q.zeros,
     }
     if q.perm is not None:
-        tensors[name + ".perm"] = q.perm
+        tensors[name + PERM_SUFFIX] = q.perm
     return tensors
+
+
+def int4_entries(name: str, shape: tuple[int, int], group_size: int) -> list[TensorEntry]:
+    """The file entries (names, dtypes, shapes) int4_tensors writes for an [N, K] weight without
+    act order: a streaming writer declares them before the weight exists."""
+    shapes = layout.packed_shapes(*shape, group_size)
+    return [
+        TensorEntry(name + QWEIGHT_SUFFIX, torch.int32, shapes["qweight"]),
+        TensorEntry(name + SCALES_SUFFIX, torch.float16, shapes["scales"]),
+        TensorEntry(name + ZEROS_SUFFIX, torch.uint8, shapes["zeros"]),
+    ]
 
 
 def int4_metadata(shapes: dict[str, tuple[tuple[int, int], int]]) -> dict[str, str]:
@@ -188,33 +194,57 @@ def int4_metadata(shapes: dict[str, tuple[tuple[int, int], int]]) -> dict[str, s
         name: {"shape": list(shape), "group_size": group} for name, (shape, group) in shapes.items()
     }
     return {
-        "format": "rgpt_rt.int4",
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
         "layout": LAYOUT,
+        "layout_version": str(LAYOUT_VERSION),
         METADATA_KEY: json.dumps(table, sort_keys=True),
     }
 
 
+def check_int4_file(metadata: dict[str, str], names, where: str = "the file") -> None:
+    """Raise ValueError unless a file with this metadata and these tensor names holds no INT4
+    weights or holds them in format version FORMAT_VERSION (layout n16k64)."""
+    old = [name for name in names if name.endswith(f".qweight_{NK8I}")]
+    if json.loads(metadata.get(METADATA_KEY, "{}")) == {} and not old:
+        return  # no INT4 weights (an unquantized bundle's llm.safetensors has an empty table)
+    version = metadata.get("format_version", "1")  # version 1 files carry no format_version
+    found = (version, metadata.get("layout", NK8I), metadata.get("layout_version", "1"))
+    if found == (str(FORMAT_VERSION), LAYOUT, str(LAYOUT_VERSION)) and not old:
+        return
+    if version == "1" or found[1] == NK8I or old:
+        raise ValueError(
+            f"{where} holds INT4 weights in format version 1 (layout {NK8I}, w = fp16((q − z)·s)); "
+            f"this rgpt_rt reads format version {FORMAT_VERSION} (layout {LAYOUT}) only: {REEXPORT}"
+        )
+    raise ValueError(
+        f"{where} holds INT4 format version {found[0]}, layout {found[1]!r} version {found[2]}; "
+        f"this rgpt_rt reads format version {FORMAT_VERSION}, layout {LAYOUT!r} version "
+        f"{LAYOUT_VERSION}: read it with the rgpt_rt that wrote it, or {REEXPORT}"
+    )
+
+
 def split_int4_tensors(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, where: str = "the file"
 ) -> tuple[dict[str, Int4Weight], dict[str, torch.Tensor]]:
-    """Inverse of int4_tensors + int4_metadata: ({name: Int4Weight}, {name: other tensor})."""
+    """Inverse of int4_tensors + int4_metadata: ({name: Int4Weight}, {name: other tensor}).
+    A file of format version 1 (layout nk8i) is refused with an error (naming `where`) that
+    says to re-export it."""
     metadata = metadata or {}
-    layout = metadata.get("layout", LAYOUT)
-    if layout != LAYOUT:
-        raise ValueError(f"the file holds INT4 layout {layout!r}; this build reads {LAYOUT!r}")
+    check_int4_file(metadata, tensors, where)
     table = json.loads(metadata.get(METADATA_KEY, "{}"))
     rest = dict(tensors)
     weights = {}
     for name, info in table.items():
         try:
             qweight = rest.pop(name + QWEIGHT_SUFFIX)
-            scales = rest.pop(name + ".scales")
-            zeros = rest.pop(name + ".zeros")
+            scales = rest.pop(name + SCALES_SUFFIX)
+            zeros = rest.pop(name + ZEROS_SUFFIX)
         except KeyError as missing:
             raise ValueError(
                 f"INT4 weight {name!r} is listed in the metadata but {missing} is not in the file"
             ) from None
-        perm = rest.pop(name + ".perm", None)
+        perm = rest.pop(name + PERM_SUFFIX, None)
         weights[name] = Int4Weight(
             qweight, scales, zeros, info["group_size"], tuple(info["shape"]), perm
         )
@@ -249,6 +279,7 @@ def load_int4(
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        metadata = handle.metadata()
+        metadata = handle.metadata() or {}
+        check_int4_file(metadata, handle.keys(), str(path))  # before reading any tensor
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    return split_int4_tensors(tensors, metadata)
+    return split_int4_tensors(tensors, metadata, str(path))

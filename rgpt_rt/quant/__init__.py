@@ -7,8 +7,10 @@
     checkpoint.py  quantize_checkpoint (streaming), load_int4_checkpoint, convert_quantized_folder
     linear.py      quantize_linears, load_int4_linears (swap a model's nn.Linear layers in place)
 
-The format they write (Int4Weight, layout "nk8i", save_int4 / load_int4) is the kernels' and
-lives in rgpt_rt/ops/int4_format.py; the module that runs it is rgpt_rt/runtime/int4_linear.py.
+Each produces plain codes [N, K], fp16 scales and zeros [N, K/G] and packs them into the format
+the kernels read (Int4Weight.pack: layout "n16k64", format version 2, w = (q − z)·s exactly;
+save_int4 / load_int4), which lives in rgpt_rt/ops/int4_format.py (the bit layout itself in
+int4_layout.py); the module that runs it is rgpt_rt/runtime/int4_linear.py.
 Names below are imported from their modules on first use, so `import rgpt_rt.quant` stays cheap.
 """
 

@@ -5,14 +5,14 @@
     convert_quantized_folder(awq_or_gptq_folder, dst_folder)   # same output from an AWQ/GPTQ folder
 
 The source is config.json + model.safetensors, or shards + model.safetensors.index.json.
-Every 2-D `*.weight` becomes an Int4Weight (RTN, layout nk8i) except the ones kept in fp16
+Every 2-D `*.weight` becomes an Int4Weight (RTN, layout n16k64) except the ones kept in fp16
 (embed_tokens, lm_head by default); every other tensor (norms, embeddings, lm_head) is stored
 as fp16 (non-float tensors as they are). Tensors are read with plain file reads (no mmap:
 nothing of the source stays resident), in layer order, one at a time, quantized in blocks of rows, and written straight into the
 output file, whose header is computed up front from the shapes. Peak memory is therefore about
 one source tensor in fp16, its INT4 output, and the fp32 temporaries of a block of rows — about
 one layer, never the model. tests/quant/test_int4_checkpoint.py measures it on a 120 MiB
-checkpoint: ~18 MiB, 1.3× one of its layers (fixed allocator overheads weigh more on a small
+checkpoint: ~19 MiB, 1.4× one of its layers (fixed allocator overheads weigh more on a small
 model); for LLaMA-7B the same arithmetic gives ~0.15 GB against 0.4 GB per layer (not measured).
 The output folder appears complete or not at all (rgpt_rt.atomic.atomic_directory), replacing
 any folder already at that path.
@@ -30,20 +30,21 @@ import torch
 
 from rgpt_rt.atomic import atomic_directory
 from rgpt_rt.bundle import LLM_FILE
+from rgpt_rt.ops import int4_layout as layout
 from rgpt_rt.ops.int4_format import (
+    FORMAT_VERSION,
     LAYOUT,
-    QWEIGHT_SUFFIX,
     Int4Weight,
-    check_group_shape,
+    int4_entries,
     int4_metadata,
+    int4_tensors,
     load_int4,
-    pack_nk8i,
 )
 from rgpt_rt.quant.rtn import rtn_codes
 from rgpt_rt.safetensors_io import SafetensorsWriter, TensorEntry, read_header, read_tensor
 
 KEEP_FP16 = ("embed_tokens", "lm_head")
-ROWS_PER_BLOCK = 512  # rows quantized at once: bounds the fp32 temporaries
+ROWS_PER_BLOCK = 512  # rows quantized at once: bounds the fp32 temporaries; whole tiles of 16
 
 
 # --- the source checkpoint ---------------------------------------------------------------------
@@ -87,7 +88,7 @@ def quantize_checkpoint(
     keep_fp16: Iterable[str] = KEEP_FP16,
 ) -> Path:
     """Quantize the LLaMA checkpoint in folder `src` by RTN into folder `dst`:
-    dst/llm.safetensors (INT4 linears in layout nk8i + fp16 rest) and dst/config.json
+    dst/llm.safetensors (INT4 linears in layout n16k64 + fp16 rest) and dst/config.json
     (the source config plus "rgpt_quantization"). Streams one tensor at a time (module docstring).
     For AWQ, quantize with quantize_awq layer by layer and write the result with save_int4."""
     src, dst = Path(src), Path(dst)
@@ -110,15 +111,9 @@ def quantize_checkpoint(
     for name in names:
         shape = source[name][1].shape
         if is_quantized(name, shape, keep_fp16):
-            n, k = shape
-            check_group_shape(n, k, group_size)
             linear = name[: -len(".weight")]
-            quantized[linear] = (n, k)
-            entries += [
-                TensorEntry(linear + QWEIGHT_SUFFIX, torch.int32, (n, k // 8)),
-                TensorEntry(linear + ".scales", torch.float16, (n, k // group_size)),
-                TensorEntry(linear + ".zeros", torch.uint8, (n, k // group_size)),
-            ]
+            quantized[linear] = tuple(shape)
+            entries += int4_entries(linear, tuple(shape), group_size)
         else:
             entries.append(TensorEntry(name, _stored_dtype(source[name][1].dtype), shape))
     metadata = int4_metadata({linear: (shape, group_size) for linear, shape in quantized.items()})
@@ -130,16 +125,15 @@ def quantize_checkpoint(
                 tensor = read_tensor(path, entry, data_start)
                 if is_quantized(name, entry.shape, keep_fp16):
                     linear = name[: -len(".weight")]
-                    qweight, scales, zeros = _quantize_by_blocks(tensor, group_size)
-                    writer.write(linear + QWEIGHT_SUFFIX, qweight)
-                    writer.write(linear + ".scales", scales)
-                    writer.write(linear + ".zeros", zeros)
+                    weight = _quantize_by_blocks(tensor, group_size)
+                    for tensor_name, packed in int4_tensors(linear, weight).items():
+                        writer.write(tensor_name, packed)
                 else:
                     writer.write(name, tensor.to(_stored_dtype(tensor.dtype)))
                 del tensor
         config["rgpt_quantization"] = {
-            "format": "rgpt_rt.int4", "layout": LAYOUT, "bits": 4, "group_size": group_size,
-            "method": "rtn", "fp16": list(keep_fp16),
+            "format": "rgpt_rt.int4", "format_version": FORMAT_VERSION, "layout": LAYOUT, "bits": 4,
+            "group_size": group_size, "method": "rtn", "fp16": list(keep_fp16),
         }  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst
@@ -150,19 +144,20 @@ def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype.is_floating_point else dtype
 
 
-def _quantize_by_blocks(
-    w: torch.Tensor, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RTN of w [N, K] a block of rows at a time -> (qweight, scales, zeros) (same result as whole)."""
+def _quantize_by_blocks(w: torch.Tensor, group_size: int) -> Int4Weight:
+    """RTN of w [N, K] a block of rows at a time (the same result as one call): each block of
+    ROWS_PER_BLOCK rows fills whole tiles of the packed tensors."""
     n, k = w.shape
-    qweight = torch.empty(n, k // 8, dtype=torch.int32)
-    scales = torch.empty(n, k // group_size, dtype=torch.float16)
-    zeros = torch.empty(n, k // group_size, dtype=torch.uint8)
+    shapes = layout.packed_shapes(n, k, group_size)
+    qweight = torch.empty(shapes["qweight"], dtype=torch.int32)
+    scales = torch.empty(shapes["scales"], dtype=torch.float16)
+    zeros = torch.empty(shapes["zeros"], dtype=torch.uint8)
+    tiles_per_block = ROWS_PER_BLOCK // layout.TILE_ROWS
     for start in range(0, n, ROWS_PER_BLOCK):
-        rows = slice(start, start + ROWS_PER_BLOCK)
-        codes, scales[rows], zeros[rows] = rtn_codes(w[rows], group_size)
-        qweight[rows] = pack_nk8i(codes)
-    return qweight, scales, zeros
+        tiles = slice(start // layout.TILE_ROWS, start // layout.TILE_ROWS + tiles_per_block)
+        packed = layout.pack(*rtn_codes(w[start : start + ROWS_PER_BLOCK], group_size), group_size)
+        qweight[tiles], scales[tiles], zeros[tiles] = packed
+    return Int4Weight(qweight, scales, zeros, group_size, (n, k))
 
 
 # --- reading the output, and converting AWQ/GPTQ folders -------------------------------------
@@ -200,7 +195,8 @@ def convert_quantized_folder(src: str | Path, dst: str | Path) -> Path:
     group_sizes = sorted({q.group_size for q in folder.int4.values()})
     config = dict(folder.config)
     config["rgpt_quantization"] = {
-        "format": "rgpt_rt.int4", "layout": LAYOUT, "bits": 4, "group_size": group_sizes[0] if group_sizes else None,
+        "format": "rgpt_rt.int4", "format_version": FORMAT_VERSION, "layout": LAYOUT, "bits": 4,
+        "group_size": group_sizes[0] if group_sizes else None,
         "method": f"import:{folder.quant_method}", "source_quantization_config": config.pop("quantization_config"),
     }  # fmt: skip
     with atomic_directory(dst) as tmp:

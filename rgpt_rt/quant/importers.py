@@ -16,8 +16,14 @@ Source formats (DESIGN.md §2), for a linear with K inputs and N outputs, G = gr
                 scales fp16 [n_groups, N]; g_idx int32 [K] the group of each input channel;
                 w[k, n] = (q − z[g_idx[k]]) · s[g_idx[k]]  in fp16.
   GPTQ v2 (checkpoint_format "gptq_v2"): as v1 with zeros stored as is.
-Both dequantize in fp16 as (integer difference) × fp16 scale, which is what Int4Weight does,
-so import is bit-exact (tests/quant/test_importers.py checks it against an independent unpacking).
+Import is bit-exact in what is stored: the codes, scales and zeros come over unchanged (only
+their arrangement changes, to layout n16k64), which tests/quant/test_int4_importers.py checks
+against an independent unpacking. The value differs by one rounding: AutoAWQ and GPTQ compute
+(q − z) × s in fp16, i.e. the exact product rounded to fp16, where rgpt_rt's format (version 2)
+uses the exact product (q − z)·s itself (at most 16 significant bits, exact in fp32). So
+dequantize(w).half() is AutoAWQ's / GPTQ's fp16 weight bit for bit, and dequantize(w) differs from
+it by at most half an fp16 ulp per weight (|fp16(v) − v| ≤ 2^-11 |v|, 2^-25 below fp16's normal
+range): rgpt_rt's kernels multiply by the more precise value.
 
 g_idx that is not the trivial k // G (GPTQ desc_act): the input channels are sorted by group
 (stable), giving a permutation `perm` with every group contiguous; the codes are packed in that
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from rgpt_rt.ops.int4_format import Int4Weight, pack_nk8i
+from rgpt_rt.ops.int4_format import Int4Weight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble position p holds output 8j + AWQ_ORDER[p]
 PROJ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -81,13 +87,7 @@ def from_awq(
     inverse = torch.tensor([AWQ_ORDER.index(i) for i in range(8)], device=qweight.device)
     codes = _nibbles(qweight)[..., inverse].reshape(k, n)  # [K, N] natural output order
     zeros = _nibbles(qzeros)[..., inverse].reshape(groups, n)  # [G, N]
-    return Int4Weight(
-        pack_nk8i(codes.T.contiguous()),
-        scales.T.contiguous(),
-        zeros.T.to(torch.uint8).contiguous(),
-        group_size,
-        (n, k),
-    )
+    return Int4Weight.pack(codes.T, scales.T.contiguous(), zeros.T.to(torch.uint8), group_size)
 
 
 def from_gptq(
@@ -133,9 +133,7 @@ def from_gptq(
             raise ValueError(
                 f"GPTQ scales have {groups} groups but K / group_size = {k // group_size}"
             )
-        return Int4Weight(
-            pack_nk8i(codes), scales_nk.contiguous(), zeros.contiguous(), group_size, (n, k)
-        )
+        return Int4Weight.pack(codes, scales_nk.contiguous(), zeros, group_size)
 
     g_idx = g_idx.to(torch.int64)
     if tuple(g_idx.shape) != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
@@ -150,14 +148,7 @@ def from_gptq(
         )
     perm = torch.sort(g_idx, stable=True).indices  # packed column j = input channel perm[j]
     # after sorting, packed column j belongs to group j // group_size, so scales keep their order
-    return Int4Weight(
-        pack_nk8i(codes[:, perm].contiguous()),
-        scales_nk.contiguous(),
-        zeros.contiguous(),
-        group_size,
-        (n, k),
-        perm=perm,
-    )
+    return Int4Weight.pack(codes[:, perm], scales_nk.contiguous(), zeros, group_size, perm)
 
 
 # --- a whole HF folder -------------------------------------------------------------------------

@@ -5,15 +5,17 @@
 Per group: the range [min(w, 0), max(w, 0)] (zero always inside, so the integer zero is in
 0..15 and an all-positive group is not clamped away) is cut into 15 steps:
 s = fp16((max − min) / 15), z = round(−min / s), q = clamp(round(w / s) + z, 0, 15).
-The code is computed with the stored fp16 scale, so dequantize() reproduces what was meant.
+The code is computed with the stored fp16 scale, so dequantize() gives (q − z)·s exactly.
 `max_abs` [N, K/G] (from the AWQ clip search) first clamps each group to [−max_abs, max_abs].
+The codes, scales and zeros are then packed into layout n16k64 (Int4Weight.pack).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rgpt_rt.ops.int4_format import Int4Weight, check_group_shape, pack_nk8i
+from rgpt_rt.ops.int4_format import Int4Weight
+from rgpt_rt.ops.int4_layout import check_shape, dequantize_plain
 
 MIN_RANGE = 1e-5  # an all-zero group still gets a positive scale
 
@@ -26,7 +28,7 @@ def rtn_codes(
     if w.dim() != 2:
         raise ValueError(f"quantize a 2-D [N, K] weight; got shape {list(w.shape)}")
     n, k = w.shape
-    check_group_shape(n, k, group_size)
+    check_shape(n, k, group_size)
     # one fp32 working copy (never the caller's tensor), then in-place steps: bounded memory
     groups = w.to(torch.float32, copy=True).reshape(n, k // group_size, group_size)  # [N, G, group]
     if check and not bool(torch.isfinite(groups).all()):
@@ -53,23 +55,12 @@ def quantize_rtn(
     w: torch.Tensor, group_size: int = 128, max_abs: torch.Tensor | None = None
 ) -> Int4Weight:
     """w [N, K] (any float dtype) -> Int4Weight by round-to-nearest (module docstring)."""
-    codes, scales, zeros = rtn_codes(w, group_size, max_abs)
-    return Int4Weight(pack_nk8i(codes), scales, zeros, group_size, tuple(w.shape))
+    return Int4Weight.pack(*rtn_codes(w, group_size, max_abs), group_size)
 
 
 def fake_quantize(
     w: torch.Tensor, group_size: int = 128, max_abs: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """float32 [N, K]: w quantized by RTN and dequantized, without packing (for searches)."""
-    codes, scales, zeros = rtn_codes(w, group_size, max_abs, check=False)
-    n, k = codes.shape
-    diff = (
-        codes.to(torch.float32).reshape(n, k // group_size, group_size)
-        - zeros.to(torch.float32)[..., None]
-    )
-    return (
-        (diff * scales.to(torch.float32)[..., None])
-        .to(torch.float16)
-        .to(torch.float32)
-        .reshape(n, k)
-    )
+    """float32 [N, K]: w quantized by RTN and dequantized ((q − z)·s exactly, as dequantize()
+    gives), without packing (for searches)."""
+    return dequantize_plain(*rtn_codes(w, group_size, max_abs, check=False), group_size)

@@ -97,7 +97,7 @@ class AnswerStream:
         """Stop decoding (the answer so far stays in text()) and give the KV cache back."""
         if self._cache is not None:
             self._steps.close()
-            self._stages.pool.release(self._cache)
+            self._stages.release(self._cache)
             self._cache = None
 
     def __del__(self) -> None:

@@ -12,6 +12,8 @@ import math
 from numbers import Integral, Real
 from typing import Any
 
+from rgpt_rt import prompts
+
 
 def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -39,17 +41,10 @@ def check_number(name: str, value: Any, *, low: float, high: float | None = None
 
 
 def check_text(name: str, value: Any, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str; got {type(value).__name__}")
+    """A str of valid Unicode (prompts.check_text), not blank unless allow_empty."""
+    value = prompts.check_text(name, value)
     if not allow_empty and not value.strip():
         raise ValueError(f"{name} is empty; give some text")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(
-            f"{name} holds a character that is not valid Unicode text ({error.reason} at "
-            f"position {error.start}); send UTF-8 text"
-        ) from None
     return value
 
 

@@ -46,6 +46,10 @@ class ByteLRU:
             _, (_, dropped) = self._entries.popitem(last=False)
             self.bytes -= dropped
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether an entry of nbytes would be kept (put drops what is larger than the cache)."""
+        return nbytes <= self.max_bytes
+
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0

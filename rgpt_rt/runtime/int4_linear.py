@@ -4,8 +4,14 @@
     layer = Int4Linear.from_linear(linear, group_size=128)      # quantize by RTN (offline tool)
     y = layer(x)                                                 # x [..., K] -> [..., N], x's dtype
 
-Buffers carry the file names (ops/int4_format.int4_tensors): qweight_nk8i, scales, zeros, perm,
-bias, so a module's state_dict and llm.safetensors use the same keys.
+Buffers carry the file names (ops/int4_format.int4_tensors): qweight_n16k64, scales_n16k64,
+zeros_n16k64, perm, bias, so a module's state_dict and llm.safetensors use the same keys. Made on
+a CUDA device, a layer reserves the INT4 GEMV's workspace there (ops/int4.py), so a CUDA graph
+captured later allocates nothing.
+
+With RGPT_INT4_KERNEL=nk8i (read when a layer is made) the layer repacks its weight to layout
+nk8i and runs the previous kernels instead (ops/int4_nk8i.py; buffers qweight_nk8i, scales_nk8i,
+zeros_nk8i; W = fp16((q − z)·s)): for timing old beside new (issue 23), not for deployment.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rgpt_rt.ops.int4 import aligned, int4_linear_packed
-from rgpt_rt.ops.int4_format import Int4Weight
+from rgpt_rt.ops.int4 import aligned, int4_kernel, int4_linear_packed, reserve_gemv_workspace
+from rgpt_rt.ops.int4_format import Int4Weight, concat_int4
 
 
 class Int4Linear(nn.Module):
@@ -30,13 +36,25 @@ class Int4Linear(nn.Module):
         self.group_size = weight.group_size
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must be [{self.out_features}]; got {list(bias.shape)}")
-        # aligned and contiguous once here, not copied again on every call (the kernels load
-        # 16 bytes at a time; tensors read from a file may start anywhere)
-        self.register_buffer("qweight_nk8i", aligned(weight.qweight))
-        self.register_buffer("scales", weight.scales.contiguous())
-        self.register_buffer("zeros", weight.zeros.contiguous())
+        self.kernel = int4_kernel()
+        if self.kernel == "nk8i":
+            from rgpt_rt.ops.int4_nk8i import nk8i_tensors
+
+            packed = dict(zip(("qweight", "scales", "zeros"), nk8i_tensors(weight)))
+        else:
+            # aligned and contiguous once here, not copied again on every call (the kernels load
+            # 16 bytes at a time; tensors read from a file may start anywhere)
+            packed = {
+                "qweight": aligned(weight.qweight),
+                "scales": weight.scales.contiguous(),
+                "zeros": weight.zeros.contiguous(),
+            }
+        for name, tensor in packed.items():
+            self.register_buffer(f"{name}_{self.kernel}", tensor)
         self.register_buffer("perm", weight.perm)
         self.register_buffer("bias", None if bias is None else bias.detach())
+        if weight.device.type == "cuda" and self.kernel == "n16k64":
+            reserve_gemv_workspace(self.out_features, self.in_features, weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
@@ -49,11 +67,18 @@ class Int4Linear(nn.Module):
 
     @property
     def weight_int4(self) -> Int4Weight:
-        """The weight as an Int4Weight (sharing this module's buffers)."""
+        """The weight as an Int4Weight (sharing this module's buffers; repacked under nk8i)."""
+        if self.kernel == "nk8i":
+            from rgpt_rt.ops.int4_layout import unpack_nk8i
+
+            codes = unpack_nk8i(self.qweight_nk8i)
+            return Int4Weight.pack(
+                codes, self.scales_nk8i, self.zeros_nk8i, self.group_size, self.perm
+            )
         return Int4Weight(
-            self.qweight_nk8i,
-            self.scales,
-            self.zeros,
+            self.qweight_n16k64,
+            self.scales_n16k64,
+            self.zeros_n16k64,
             self.group_size,
             (self.out_features, self.in_features),
             self.perm,
@@ -62,19 +87,12 @@ class Int4Linear(nn.Module):
     @classmethod
     def concat(cls, layers: list[Int4Linear]) -> Int4Linear:
         """One Int4Linear whose outputs are those of `layers` side by side (they share the input:
-        q/k/v, gate/up), so one kernel call does the work of several. Rows of the nk8i layout are
-        independent, so this is a concatenation of the packed rows; nothing is requantized."""
-        first = layers[0]
-        for layer in layers:
-            if (layer.in_features, layer.group_size) != (first.in_features, first.group_size):
-                raise ValueError(
-                    "only INT4 linears with the same in_features and group_size concatenate; got "
-                    f"{[(m.in_features, m.group_size) for m in layers]}"
-                )
-            if layer.perm is not None:
-                raise ValueError(
-                    "INT4 linears with an input permutation (act-order) do not concatenate"
-                )
+        q/k/v, gate/up), so one kernel call does the work of several; nothing is requantized
+        (ops/int4_format.concat_int4)."""
+        if any(layer.perm is not None for layer in layers):
+            raise ValueError(
+                "INT4 linears with an input permutation (act-order) do not concatenate"
+            )
         biases = [m.bias for m in layers]
         if any(b is not None for b in biases):
             given = next(b for b in biases if b is not None)
@@ -85,24 +103,25 @@ class Int4Linear(nn.Module):
             ])  # fmt: skip
         else:
             bias = None
-        weight = Int4Weight(
-            torch.cat([m.qweight_nk8i for m in layers]),
-            torch.cat([m.scales for m in layers]),
-            torch.cat([m.zeros for m in layers]),
-            first.group_size,
-            (sum(m.out_features for m in layers), first.in_features),
-            None,
-        )
-        return cls(weight, bias)
+        return cls(concat_int4([m.weight_int4 for m in layers]), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
+        if self.kernel == "nk8i":
+            from rgpt_rt.ops.int4_nk8i import int4_linear_nk8i
+
+            return int4_linear_nk8i(
+                x, self.qweight_nk8i, self.scales_nk8i, self.zeros_nk8i, self.group_size,
+                self.bias, self.perm,
+            )  # fmt: skip
         return int4_linear_packed(
-            x, self.qweight_nk8i, self.scales, self.zeros, self.group_size, self.bias, self.perm
-        )
+            x, self.qweight_n16k64, self.scales_n16k64, self.zeros_n16k64,
+            (self.out_features, self.in_features), self.group_size, self.bias, self.perm,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+        kernel = "" if self.kernel == "n16k64" else f", kernel={self.kernel}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}{kernel}"
 
 
 def concat_linears(linears: list[nn.Module]) -> nn.Module | None:

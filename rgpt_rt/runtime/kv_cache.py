@@ -52,6 +52,9 @@ class KVCache:
         # the decoder and reused after every graph in it was freed trips an internal assert in
         # torch's caching allocator: seen on an H200, torch 2.11.)
         self.graph_pool = None
+        # (prefix cache key, length) when this cache holds an image prefix the Session will keep
+        # once the answer using it is done (stages.Stages.release)
+        self.prefix_of: tuple[str, int] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -6,29 +6,42 @@ graphs they hold), capped by the context the Session allows.
     pool.release(cache)                            # back to the pool, for the next answer
     cache = pool.grow(cache, positions=1500, keep=900)   # a chat that outgrew its cache
 
-Lengths are rounded up to KV_BUCKET, so a few sizes serve every prompt and the pool stays small.
+Lengths are rounded up to a bucket, so a few sizes serve every prompt and the pool stays small:
+KV_BUCKET positions on CUDA (each size has its CUDA graphs), CPU_KV_BUCKET on a CPU (no graphs:
+less rounding, less memory).
 """
 
 from __future__ import annotations
 
 import threading
 
+import torch
+
 from rgpt_rt.runtime.kv_cache import KVCache
 from rgpt_rt.runtime.model import LlamaDecoder
 
 KV_BUCKET = 256
+CPU_KV_BUCKET = 64
 
 
 class KVPool:
-    def __init__(self, decoder: LlamaDecoder, max_context: int):
+    """The caches waiting in the pool hold at most what one answer of max_context positions and
+    one batch of max_batch rows of one bucket need; a cache given back past that is freed."""
+
+    def __init__(self, decoder: LlamaDecoder, max_context: int, max_batch: int = 16):
         self.decoder = decoder
         self.max_context = max_context
+        c = decoder.config
+        element = torch.empty(0, dtype=decoder.kv_dtype or decoder.dtype).element_size()
+        per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * element
+        self.bucket = KV_BUCKET if decoder.device.type == "cuda" else CPU_KV_BUCKET
+        self.max_free_bytes = per_position * (max_context + max_batch * self.bucket)
         self._free: dict[tuple[int, int], list[KVCache]] = {}
         self._lock = threading.Lock()
 
     def slots_for(self, positions: int) -> int:
         """The cache length that holds `positions`: rounded up to the bucket, at most max_context."""
-        return min(self.max_context, -(-positions // KV_BUCKET) * KV_BUCKET)
+        return min(self.max_context, -(-positions // self.bucket) * self.bucket)
 
     def acquire(self, batch: int, positions: int) -> KVCache:
         """An empty KV cache of `batch` rows holding at least `positions` (a free one when the
@@ -44,7 +57,9 @@ class KVPool:
 
     def release(self, cache: KVCache) -> None:
         with self._lock:
-            self._free.setdefault((cache.batch_size, cache.max_len), []).append(cache)
+            held = sum(c.nbytes for caches in self._free.values() for c in caches)
+            if held + cache.nbytes <= self.max_free_bytes:
+                self._free.setdefault((cache.batch_size, cache.max_len), []).append(cache)
 
     def grow(self, cache: KVCache | None, positions: int, keep: int) -> KVCache:
         """`cache` when it holds `positions` already; else a new batch-1 cache that does, holding

@@ -20,10 +20,14 @@ from torch import Tensor, nn
 
 from rgpt_rt.bundle import LLM_FILE
 from rgpt_rt.config import LLMConfig
-from rgpt_rt.ops.int4_format import Int4Weight, load_int4
+from rgpt_rt.ops.int4_format import Int4Weight, split_int4_tensors
 from rgpt_rt.runtime.hf_llama import read_hf_tensors, read_llm_config
 from rgpt_rt.runtime.int4_linear import Int4Linear
 from rgpt_rt.runtime.model import QUANTIZED_LINEARS, LlamaDecoder
+from rgpt_rt.safetensors_io import read_header, read_tensors
+
+# stored in fp16 by a bundle, and kept so under fp32 activations (the rest is small)
+HALF_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
 
 def load_decoder(
@@ -51,10 +55,15 @@ def decoder_from_state(
     quant: str | None = None,
     group_size: int = 128,
     device: str | torch.device = "cpu",
+    keep_half: bool = False,
+    where: str = "the weights",
 ) -> LlamaDecoder:
     """Build from HF-named tensors. int4_weights: already-quantized linears by HF module name
     ("model.layers.0.mlp.up_proj" -> Int4Weight), e.g. from a bundle's llm.safetensors; those
-    need no fp tensor. quant="int4": the remaining q/k/v/o/gate/up/down linears by RTN."""
+    need no fp tensor. Linears may come stacked (self_attn.qkv_proj, mlp.gate_up_proj), as a
+    bundle stores them. quant="int4": the remaining q/k/v/o/gate/up/down linears by RTN.
+    keep_half: fp16 embed_tokens / lm_head stay fp16 under fp32 activations (half the memory).
+    `where` names the weights' file in errors."""
     if quant not in (None, "int4"):
         raise ValueError(f"quant {quant!r} is unknown; use None or 'int4'")
     int4_weights = {_runtime_name(k): w for k, w in (int4_weights or {}).items()}
@@ -62,7 +71,9 @@ def decoder_from_state(
     for name, tensor in tensors.items():
         if name.endswith("rotary_emb.inv_freq"):  # saved by old transformers; recomputed here
             continue
-        state[_runtime_name(name)] = tensor.to(device=device, dtype=dtype)
+        name = _runtime_name(name)
+        half = keep_half and tensor.dtype == torch.float16 and name in HALF_TENSORS
+        state[name] = tensor.to(device=device, dtype=None if half else dtype)
     if (
         config.tie_word_embeddings
         and "lm_head.weight" not in state
@@ -71,30 +82,51 @@ def decoder_from_state(
         state["lm_head.weight"] = state["embed_tokens.weight"]
     with torch.device("meta"):
         model = LlamaDecoder(config)
+        _stack_like(model, set(state) | {f"{n}.weight" for n in int4_weights})
+    params = dict(model.named_parameters(remove_duplicate=False))
     expected = {n for n in model.state_dict() if n.rsplit(".", 1)[0] not in int4_weights}
     missing, unknown = expected - set(state), set(state) - set(model.state_dict())
     if missing or unknown:
         raise ValueError(
-            f"the weights do not fit a LLaMA of this config: missing {sorted(missing)[:8]}, "
+            f"{where} do not fit config.json's LLaMA: missing {sorted(missing)[:8]}, "
             f"unexpected {sorted(unknown)[:8]} (names are HF's, e.g. model.layers.0.self_attn.q_proj.weight)"
         )
     for name, tensor in state.items():
-        module_name, attr = name.rsplit(".", 1)
-        expected_shape = model.get_submodule(module_name).get_parameter(attr).shape
-        if tensor.shape != expected_shape:
+        if tensor.shape != params[name].shape:
             raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)}; the config needs {tuple(expected_shape)}"
+                f"{where}: {name} is {list(tensor.shape)} but config.json implies "
+                f"{list(params[name].shape)}; the files disagree: rebuild the bundle"
             )
+        module_name, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     for name, weight in int4_weights.items():
+        shape = tuple(params[f"{name}.weight"].shape)
+        if tuple(weight.shape) != shape:
+            raise ValueError(
+                f"{where}: INT4 {name} is {list(weight.shape)} but config.json implies "
+                f"{list(shape)}; the files disagree: rebuild the bundle"
+            )
         _replace(model, name, Int4Linear(weight).to(device))
     if quant == "int4":
         quantize_int4(model, group_size)
     model.rope_cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
     model.rope_signed_sin = torch.empty(0, config.head_dim, dtype=dtype, device=device)
     return model.eval()
+
+
+def _stack_like(model: LlamaDecoder, names: set[str]) -> None:
+    """Give the (meta) layers whose weights come stacked their stacked linears."""
+    for i, layer in enumerate(model.layers):
+        for part, stacked, parts in (
+            (layer.self_attn, "self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            (layer.mlp, "mlp.gate_up_proj", ("gate_proj", "up_proj")),
+        ):
+            if f"layers.{i}.{stacked}.weight" in names:
+                linears = [getattr(part, p) for p in parts]
+                rows = sum(m.out_features for m in linears)
+                part.fuse(nn.Linear(linears[0].in_features, rows, bias=False))
 
 
 def quantize_int4(decoder: LlamaDecoder, group_size: int = 128) -> None:
@@ -107,11 +139,22 @@ def quantize_int4(decoder: LlamaDecoder, group_size: int = 128) -> None:
 def load_bundle_decoder(
     folder: Path, config: LLMConfig, dtype: torch.dtype, device: torch.device
 ) -> LlamaDecoder:
-    """The decoder of a bundle (its llm.safetensors: INT4 linears in the kernels' layout, the
-    rest fp16; a file without INT4 weights is a plain fp16 LLM), fused for inference."""
-    int4, tensors = load_int4(folder / LLM_FILE)
-    decoder = decoder_from_state(config, tensors, int4_weights=int4, dtype=dtype, device=device)
-    decoder.fuse_projections()
+    """The decoder of a bundle's llm.safetensors (INT4 linears in the kernels' layout, q/k/v
+    and gate/up stacked, the rest fp16; a file without INT4 weights is a plain LLM). Each tensor
+    is read once, straight to `device`; nothing of the file stays mapped. fp16 embeddings and
+    lm_head stay fp16 under fp32 activations."""
+    path = folder / LLM_FILE
+    _, metadata, _ = read_header(path)
+    tensors = read_tensors(path, device)
+    int4, rest = split_int4_tensors(tensors, metadata, where=f"{folder.name}/{LLM_FILE}")
+    del tensors
+    decoder = decoder_from_state(
+        config, rest, int4_weights=int4, dtype=dtype, device=device, keep_half=True,
+        where=f"{folder.name}/{LLM_FILE}",
+    )  # fmt: skip
+    decoder.fuse_projections()  # layers a bundle did not store stacked
+    if int4:
+        decoder.kv_dtype = torch.float16  # weights already 4-bit: the cache in fp16 too
     return decoder
 
 

@@ -112,11 +112,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * hd, D, bias=False)
         self.qkv_proj: nn.Module | None = None  # q, k, v in one linear after fuse()
 
-    def fuse(self) -> bool:
-        """Replace q/k/v by one linear of their stacked outputs (see LlamaDecoder.fuse_projections)."""
+    def fuse(self, fused: nn.Module | None = None) -> bool:
+        """Replace q/k/v by one linear of their stacked outputs: `fused` (a bundle stores them
+        stacked), or their concatenation (see LlamaDecoder.fuse_projections)."""
         if self.qkv_proj is not None:
             return True
-        fused = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        fused = fused or concat_linears([self.q_proj, self.k_proj, self.v_proj])
         if fused is None:
             return False
         self.qkv_proj = fused
@@ -141,9 +142,12 @@ class Attention(nn.Module):
             v = v.view(B, T, Hkv, hd)  # [B, T, Hkv, hd]
             q, k = apply_rope(q, pos.cos, pos.signed_sin), apply_rope(k, pos.cos, pos.signed_sin)
 
-        k_cache[pos.rows, :, pos.input_pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into the slots
-        v_cache[pos.rows, :, pos.input_pos] = v
+        # [B, T, Hkv, hd] into the slots (in the cache's dtype)
+        k_cache[pos.rows, :, pos.input_pos] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[pos.rows, :, pos.input_pos] = v.to(v_cache.dtype)
         keys, values = k_cache[:, :, : pos.kv_len], v_cache[:, :, : pos.kv_len]  # [B, Hkv, S, hd]
+        if keys.dtype != q.dtype:  # an fp16 cache under fp32 activations (a CPU session)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
 
         # Grouped-query attention without repeating K/V: the G = H / Hkv query heads that share a
         # KV head are folded into the query length (head h = j*G + r reads KV head j).
@@ -164,11 +168,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, D, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up in one linear after fuse()
 
-    def fuse(self) -> bool:
-        """Replace gate/up by one linear of their stacked outputs."""
+    def fuse(self, fused: nn.Module | None = None) -> bool:
+        """Replace gate/up by one linear of their stacked outputs (`fused`, or concatenated)."""
         if self.gate_up_proj is not None:
             return True
-        fused = concat_linears([self.gate_proj, self.up_proj])
+        fused = fused or concat_linears([self.gate_proj, self.up_proj])
         if fused is None:
             return False
         self.gate_up_proj = fused
@@ -214,10 +218,15 @@ class LlamaDecoder(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0, config.head_dim), persistent=False)
         self.register_buffer("rope_signed_sin", torch.empty(0, config.head_dim), persistent=False)
         self.use_cuda_graphs = True
+        # the KV cache's dtype (None: the activations'); a bundle's INT4 decoder keeps it in
+        # fp16 on a CPU too, for half the memory (loading.py)
+        self.kv_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activations' dtype (the norms'): fp32 on a CPU, fp16 on CUDA. The embedding
+        table and lm_head may be stored in fp16 on a CPU too (half the memory)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +267,7 @@ class LlamaDecoder(nn.Module):
                 f"token ids must be in 0..{self.config.vocab_size - 1}; got {int(input_ids.min())}..{int(input_ids.max())} "
                 "(placeholders such as <image> are spliced as embeddings, not passed as ids)"
             )
-        return self.embed_tokens(input_ids.to(self.device))
+        return self.embed_tokens(input_ids.to(self.device)).to(self.dtype)
 
     def forward(
         self, x: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
@@ -287,6 +296,14 @@ class LlamaDecoder(nn.Module):
             x = layer(x, pos, cache.k[i], cache.v[i])
         return self.norm(x).view(B, T, D)
 
+    def head(self, h: Tensor) -> Tensor:
+        """Logits [..., V] of final hidden states [..., D]. An fp16 lm_head under fp32
+        activations (a CPU session) multiplies in fp16, as CUDA does: it reads half the bytes."""
+        weight = self.lm_head.weight
+        if weight.dtype == h.dtype:
+            return self.lm_head(h)
+        return self.lm_head(h.to(weight.dtype)).to(h.dtype)
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """A zeroed static KV cache for `batch_size` rows of up to `max_len` positions."""
         c = self.config
@@ -298,7 +315,7 @@ class LlamaDecoder(nn.Module):
         self._ensure_rope(max_len)
         return KVCache(
             c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,
-            dtype=dtype or self.dtype, device=self.device,
+            dtype=dtype or self.kv_dtype or self.dtype, device=self.device,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -343,9 +360,9 @@ class LlamaDecoder(nn.Module):
         h = self(x, input_pos, cache, kv_len)  # [B, T, D]
         cache.lengths += lengths
         if all_logits:
-            return self.lm_head(h)  # [B, T, V]
+            return self.head(h)  # [B, T, V]
         last = (lengths - 1).to(self.device)
-        return self.lm_head(h[torch.arange(B, device=self.device), last])  # [B, V]
+        return self.head(h[torch.arange(B, device=self.device), last])  # [B, V]
 
     @torch.no_grad()
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
@@ -379,9 +396,9 @@ class LlamaDecoder(nn.Module):
     ) -> Tensor:
         """tokens [B], input_pos [B] (device) -> logits [B, V]: the body of a decode step, without
         its checks or bookkeeping, so a CUDA graph can capture it (graphs.py)."""
-        x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
+        x = self.embed_tokens(tokens[:, None]).to(self.dtype)  # [B, 1, D]
         h = self(x, input_pos[:, None], cache, kv_len, unmasked)  # [B, 1, D]
-        return self.lm_head(h[:, 0])  # [B, V]
+        return self.head(h[:, 0])  # [B, V]
 
     def _ensure_rope(self, length: int) -> None:
         """Grow the cos/sin tables [length, hd] to cover positions 0..length-1 (never shrinks; CUDA

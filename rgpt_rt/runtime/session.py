@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.inputs import ImageLike, MaskLike
@@ -39,11 +38,13 @@ from rgpt_rt.prompts import (
 )
 from rgpt_rt.runtime.answer import AnswerStream, Chat
 from rgpt_rt.runtime.arguments import check_int, check_number, check_optional_text, check_text
-from rgpt_rt.runtime.generate import SamplingParams, decode
+from rgpt_rt.runtime.generate import SamplingParams, decode_steps
 from rgpt_rt.runtime.loading import load_bundle_decoder
+from rgpt_rt.runtime.memory import MemoryPlan, parse_bytes
 from rgpt_rt.runtime.model import LlamaDecoder
 from rgpt_rt.runtime.stages import Stages, elapsed_ms
 from rgpt_rt.runtime.vision import select_vision_backend
+from rgpt_rt.safetensors_io import read_tensors
 from rgpt_rt.tokenizer import load_tokenizer
 
 BUNDLE_ENV = "RGPT_RT_BUNDLE"
@@ -88,26 +89,39 @@ class Session:
         prefix_cache_bytes: int = 512 << 20,
         max_batch: int = 16,
         verify: bool = True,
+        sha256: str | None = None,
+        memory_budget: str | int | None = None,
     ):
         """bundle: a folder from export/build_engine.py (None: the embedded default model);
         device: "auto" (cuda when available), "cpu" or "cuda"; vision_backend: force
         "tensorrt", "onnxruntime" or "torch"; max_context: the longest prompt + answer a call
-        may use (default: the model's); verify: check every file's sha256 at load."""
+        may use (default: the model's); verify: check every file's sha256 at load; sha256:
+        pin the bundle by the manifest digest its build printed; memory_budget: bytes or
+        "8GiB": refuse, before loading anything, a configuration that cannot fit (memory.py)."""
         if bundle is not None and not isinstance(bundle, str | Path):
             raise TypeError(f"bundle must be a folder path; got {type(bundle).__name__}")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise TypeError(f"sha256 must be a hex digest str; got {type(sha256).__name__}")
         device = resolve_device(device)
         folder = Path(bundle) if bundle is not None else default_bundle()
-        manifest = verify_bundle(folder, hashes=verify)
+        manifest = verify_bundle(folder, hashes=verify, sha256=sha256)
         config = manifest.config
+        if memory_budget is not None:
+            plan = MemoryPlan.of_bundle(
+                manifest, device.type, max_context, vision_cache_bytes, prefix_cache_bytes,
+                max_batch,
+            )  # fmt: skip
+            plan.check(parse_bytes(memory_budget))
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._setup(
             config=config,
             tokenizer=load_tokenizer(folder),
             vision=select_vision_backend(folder, manifest, device, prefer=vision_backend),
-            connector=load_file(str(folder / "connector.safetensors")),
+            connector=read_tensors(folder / "connector.safetensors", device),
             decoder=load_bundle_decoder(folder, config.llm, dtype, device),
             source={
                 "bundle": str(folder),
+                "sha256": manifest.sha256,
                 "quantization": manifest.quantization,
                 "tensorrt": manifest.data.get("tensorrt"),
             },
@@ -157,6 +171,7 @@ class Session:
             connector=connector,
             decoder=decoder,
             max_context=max_context or model_context,
+            max_batch=self.max_batch,
             max_image_side=check_int("max_image_side", max_image_side, low=16),
             vision_cache_bytes=check_int("vision_cache_bytes", vision_cache_bytes, low=0),
             prefix_cache_bytes=check_int("prefix_cache_bytes", prefix_cache_bytes, low=0),
@@ -195,8 +210,11 @@ class Session:
         detailed: bool = True,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
+        between_steps: Callable[[], None] | None = None,
     ) -> list[str]:
-        """Every region of one image: one vision pass, one shared prefix, one batched decode."""
+        """Every region of one image: one vision pass, one shared prefix, one batched decode.
+        between_steps: called after every decode step; what it raises stops the answer (a
+        server passes a check that raises when its client went away)."""
         params = self._params(max_new_tokens, temperature)
         question = describe_prompt(_flag("detailed", detailed))
         started = time.perf_counter()
@@ -215,22 +233,36 @@ class Session:
                 cache, logits = stages.prefill(seen, ids, rows, params, stats)
                 stats.setdefault("ttft_ms", elapsed_ms(started))
                 start = time.perf_counter()
+                steps = decode_steps(
+                    self.decoder, cache, logits, params, self.tokenizer, None, None
+                )
+                generations = []
                 try:
-                    generations = decode(
-                        self.decoder, cache, logits, params, tokenizer=self.tokenizer
-                    )
+                    for rows, _ in steps:
+                        generations = rows
+                        if between_steps is not None:
+                            between_steps()
                 finally:
-                    stages.pool.release(cache)
+                    steps.close()
+                    stages.release(cache)
                 stats["decode_ms"] += elapsed_ms(start)
             answers.extend(g.text.strip() for g in generations)
             stats["new_tokens"] += sum(len(g.ids) for g in generations)
         self._report(stats, started)
         return answers
 
-    def classify(self, image: ImageLike, mask: MaskLike, *, vocabulary: str | None = None) -> str:
+    def classify(
+        self,
+        image: ImageLike,
+        mask: MaskLike,
+        *,
+        vocabulary: str | None = None,
+        between_steps: Callable[[], None] | None = None,
+    ) -> str:
         """The category of one region, in `vocabulary` (default: the model's, config.vocabulary)."""
         vocabulary = check_optional_text("vocabulary", vocabulary) or self.config.vocabulary
-        return self._answer(image, [mask], classify_prompt(vocabulary), self._params(32, 0.0))
+        prompt, params = classify_prompt(vocabulary), self._params(32, 0.0)
+        return self._answer(image, [mask], prompt, params, between_steps=between_steps)
 
     def ask(
         self,
@@ -247,7 +279,14 @@ class Session:
         params = self._params(max_new_tokens, temperature)
         return self._answer(image, _masks(masks), question, params, _flag("stream", stream))
 
-    def refer(self, image: ImageLike, expression: str, masks: Sequence[MaskLike]) -> int | None:
+    def refer(
+        self,
+        image: ImageLike,
+        expression: str,
+        masks: Sequence[MaskLike],
+        *,
+        between_steps: Callable[[], None] | None = None,
+    ) -> int | None:
         """Which region (0-based) fits the expression; None for "No corresponding options found."."""
         masks = _masks(masks)
         try:
@@ -256,10 +295,9 @@ class Session:
             raise ValueError(
                 "the expression is empty; describe the region to find, e.g. 'the red star'"
             ) from None
-        prompt = refer_prompt(expression, len(masks))
-        return parse_refer_answer(
-            self._answer(image, masks, prompt, self._params(16, 0.0)), len(masks)
-        )
+        prompt, params = refer_prompt(expression, len(masks)), self._params(16, 0.0)
+        text = self._answer(image, masks, prompt, params, between_steps=between_steps)
+        return parse_refer_answer(text, len(masks))
 
     def chat(self, image: ImageLike, masks: Sequence[MaskLike] | MaskLike) -> Chat:
         """A multi-turn conversation about regions of one image: chat.send(text, stream=False)."""
@@ -308,7 +346,10 @@ class Session:
             eos_token_id=self.stages.eos_id,
         )
 
-    def _answer(self, image, masks, question: str, params: SamplingParams, streaming=False):
+    def _answer(
+        self, image, masks, question: str, params: SamplingParams, streaming=False,
+        between_steps: Callable[[], None] | None = None,
+    ):  # fmt: skip
         started = time.perf_counter()
         stats: dict[str, Any] = {}
         stages = self.stages
@@ -318,7 +359,15 @@ class Session:
         with stages.lock:
             cache, logits = stages.prefill(seen, ids, [region_embeds[order]], params, stats)
         stream = AnswerStream(stages, cache, logits, params, stats, started, self._report)
-        return stream if streaming else stream.text()
+        if streaming:
+            return stream
+        try:
+            for _ in stream:
+                if between_steps is not None:
+                    between_steps()
+        finally:
+            stream.close()
+        return stream.text()
 
     def _report(self, stats: dict[str, Any], started: float) -> None:
         stats["total_ms"] = elapsed_ms(started)

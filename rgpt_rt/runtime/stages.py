@@ -31,7 +31,7 @@ from rgpt_rt.runtime.kv_cache import KVCache
 from rgpt_rt.runtime.kv_pool import KVPool
 from rgpt_rt.runtime.model import LlamaDecoder
 from rgpt_rt.runtime.preprocess import Frame, prepare_image, prepare_masks
-from rgpt_rt.runtime.vision import VisionBackend, connect
+from rgpt_rt.runtime.vision import VisionBackend, Widened, connect
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Stages:
         connector: dict[str, torch.Tensor],
         decoder: LlamaDecoder,
         max_context: int,
+        max_batch: int = 16,
         max_image_side: int = 2048,
         vision_cache_bytes: int = 256 << 20,
         prefix_cache_bytes: int = 512 << 20,
@@ -62,10 +63,12 @@ class Stages:
         self.vision = vision
         self.decoder = decoder
         self.device, self.dtype = decoder.device, decoder.dtype
-        # connector: {"connector.fc1.weight", ...} on the decoder's device and dtype
-        self.connector = {
-            f"connector.{k}": v.to(self.device, self.dtype) for k, v in connector.items()
-        }
+        # connector: {"connector.fc1.weight_t", ...} on the decoder's device, read in its dtype
+        # (a CPU keeps the bundle's fp16 and widens each weight when it is used)
+        stored = self.dtype if self.device.type == "cuda" else None
+        self.connector = Widened(
+            {f"connector.{k}": v.to(self.device, stored) for k, v in connector.items()}, self.dtype
+        )
         self._check_connector_parts()
         names = config.tokens
         self.eos_id = tokenizer.token_to_id(names.eos)
@@ -76,7 +79,7 @@ class Stages:
         self.lock = threading.RLock()
         self.vision_cache = ByteLRU(vision_cache_bytes)
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
-        self.pool = KVPool(decoder, max_context)
+        self.pool = KVPool(decoder, max_context, max_batch)
 
     # --- image and regions ----------------------------------------------------------------------
     def see(self, image: ImageLike, stats: dict[str, Any]) -> Seen:
@@ -107,9 +110,9 @@ class Stages:
         with self.lock:
             pooled = mask_pool(seen.hires, prepared, mode=self.config.pool_mode)  # [N, C]
             embeds = connect(pooled, self.connector)  # [N, D]
-            projection = self.connector.get("connector.region_position.weight")
+            projection = self.connector.get("connector.region_position.weight_t")  # [4F, D]
             if projection is not None:
-                embeds = add_region_positions(embeds, prepared, projection)
+                embeds = add_region_positions(embeds, prepared, projection.t())
         self.sync()
         stats["regions_ms"] = elapsed_ms(start)
         stats["regions"] = int(prepared.shape[0])
@@ -157,8 +160,7 @@ class Stages:
         if needed > self.max_context:
             raise ValueError(
                 f"{what}: {needed} positions are needed but this Session holds "
-                f"{self.max_context}; "
-                + (fix or "ask a shorter question or lower max_new_tokens")
+                f"{self.max_context}; " + (fix or "ask a shorter question or lower max_new_tokens")
             )
 
     # --- prefill --------------------------------------------------------------------------------
@@ -171,30 +173,59 @@ class Stages:
         stats: dict[str, Any],
     ) -> tuple[KVCache, torch.Tensor]:
         """The prefix from the cache (or computed once), then each row's own suffix: the question
-        with its region embeddings. region_rows: one [R, D] tensor per row. Returns a pooled cache
-        (give it back with `pool.release`) and the logits [B, V] at each row's last token."""
+        with its region embeddings. region_rows: one [R, D] tensor per row. Returns a cache (give
+        it back with `release`) and the logits [B, V] at each row's last token."""
         start = time.perf_counter()
-        prefix, length = self._prefix(seen, ids)
-        suffix = torch.tensor([ids[length:]] * len(region_rows), device=self.device)  # [B, Ts]
-        needed = length + suffix.shape[1] + params.max_new_tokens
-        self.check_room(needed)
         rows = len(region_rows)
-        if rows > 1 and self.region_id in ids[length:]:
-            # Several regions, one question: the question's tokens before its first region
-            # token are the same in every row, so they are prefilled once, into the prefix.
-            shared = ids.index(self.region_id, length)
-            if shared > length:
-                prefix = self._extend(prefix, length, ids[length:shared])
-                length, suffix = shared, suffix[:, shared - length :]
-        cache = self.pool.acquire(rows, needed)
-        cache.copy_prefix(prefix, 0, list(range(rows)), length)
-        embeds = self.splice(suffix, None, torch.cat(list(region_rows)))  # [B, Ts, D]
-        logits = self.decoder.prefill(cache, inputs_embeds=embeds)
+        length = self._prefix_length(ids)
+        needed = len(ids) + params.max_new_tokens
+        self.check_room(needed)
+        key = self._prefix_key(seen, ids, length)
+        if rows == 1 and key not in self.prefix_cache:
+            # A new image: one prefill of the image and the question together (after the
+            # system prompt's KV, computed once per Session); the image prefix is kept from it
+            # for the next question about this image.
+            cache = self.pool.acquire(1, needed)
+            text = self._copy_text_prefix(cache, ids)
+            tokens = torch.tensor([ids[text:]], device=self.device)
+            embeds = self.splice(tokens, seen.image_embeds, region_rows[0])  # [1, T - text, D]
+            logits = self.decoder.prefill(cache, inputs_embeds=embeds)
+            cache.prefix_of = (key, length)  # kept as this image's prefix when released
+            prefilled = len(ids) - text
+        else:
+            prefix = self._prefix(seen, ids, key, length)
+            suffix = torch.tensor([ids[length:]] * rows, device=self.device)  # [B, Ts]
+            if rows > 1 and self.region_id in ids[length:]:
+                # Several regions, one question: the question's tokens before its first region
+                # token are the same in every row, so they are prefilled once, into the prefix.
+                shared = ids.index(self.region_id, length)
+                if shared > length:
+                    prefix = self._extend(prefix, length, ids[length:shared])
+                    length, suffix = shared, suffix[:, shared - length :]
+            cache = self.pool.acquire(rows, needed)
+            cache.copy_prefix(prefix, 0, list(range(rows)), length)
+            embeds = self.splice(suffix, None, torch.cat(list(region_rows)))  # [B, Ts, D]
+            logits = self.decoder.prefill(cache, inputs_embeds=embeds)
+            prefilled = int(suffix.numel())
         self.sync()
         stats["prefill_ms"] = stats.get("prefill_ms", 0.0) + elapsed_ms(start)
-        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + int(suffix.numel())
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + prefilled
         stats["prefix_tokens"] = length
         return cache, logits
+
+    def release(self, cache: KVCache) -> None:
+        """An answer's cache is done: it becomes its image's cached prefix when it holds one that
+        is not cached yet (no copy: the answer's own KV, cut back to the prefix), else it goes
+        back to the pool."""
+        parked, cache.prefix_of = cache.prefix_of, None
+        if parked is not None:
+            key, length = parked
+            with self.lock:
+                if key not in self.prefix_cache and self.prefix_cache.fits(cache.nbytes):
+                    cache.lengths.fill_(length)
+                    self.prefix_cache.put(key, cache, cache.nbytes)
+                    return
+        self.pool.release(cache)
 
     def prefill_turn(
         self,
@@ -214,7 +245,8 @@ class Stages:
         self.check_room(len(ids) + params.max_new_tokens, "the conversation", "start a new chat")
         keep = min(keep, len(ids) - 1)  # always prefill at least one token, for fresh logits
         if cache is None:
-            prefix, keep = self._prefix(seen, ids)
+            keep = self._prefix_length(ids)
+            prefix = self._prefix(seen, ids, self._prefix_key(seen, ids, keep), keep)
             cache = self.pool.grow(None, len(ids) + params.max_new_tokens, 0)
             cache.copy_prefix(prefix, 0, [0], keep)
         else:
@@ -228,25 +260,40 @@ class Stages:
         stats["prefill_tokens"] = len(ids) - keep
         return cache, logits
 
-    def _prefix(self, seen: Seen, ids: list[int]) -> tuple[KVCache, int]:
-        """The KV of the shared prefix (BOS + system prompt + user role + image tokens), cached per
-        image. Returns a batch-1 cache holding it and its length P."""
-        length = max(i for i, t in enumerate(ids) if t == self.image_id) + 1
-        key = f"{seen.frame.key}:{hash(tuple(ids[:length]))}"
+    def _prefix_length(self, ids: list[int]) -> int:
+        """P: the shared prefix is BOS + system prompt + user role + image tokens."""
+        return max(i for i, t in enumerate(ids) if t == self.image_id) + 1
+
+    def _prefix_key(self, seen: Seen, ids: list[int], length: int) -> str:
+        return f"{seen.frame.key}:{hash(tuple(ids[:length]))}"
+
+    def _prefix(self, seen: Seen, ids: list[int], key: str, length: int) -> KVCache:
+        """A batch-1 cache holding the image prefix's KV (length P), from the prefix cache or
+        computed (and kept there when it fits)."""
         cached = self.prefix_cache.get(key)
         if cached is not None:
-            return cached, length
-        prefix_ids = torch.tensor([ids[:length]], device=self.device)
-        embeds = self.splice(prefix_ids, seen.image_embeds, None)  # [1, P, D]
+            return cached
         cache = self.decoder.new_cache(1, length)
-        # The text before the first image token (BOS, system prompt, user role) is the same for
-        # every image: its KV is computed once and copied, and only the image tokens are prefilled.
+        text = self._copy_text_prefix(cache, ids)
+        tokens = torch.tensor([ids[text:length]], device=self.device)
+        self.decoder.prefill(cache, inputs_embeds=self.splice(tokens, seen.image_embeds, None))
+        self.prefix_cache.put(key, cache, cache.nbytes)
+        return cache
+
+    def _copy_text_prefix(self, cache: KVCache, ids: list[int]) -> int:
+        """Put the KV of the text before the first image token (BOS, system prompt, user role:
+        the same for every image, computed once) into row 0 of `cache`; returns its length."""
         text = ids.index(self.image_id)
         if text > 0:
-            cache.copy_prefix(self._text_prefix(ids[:text], embeds[:, :text]), 0, [0], text)
-        self.decoder.prefill(cache, inputs_embeds=embeds[:, text:])
-        self.prefix_cache.put(key, cache, cache.nbytes)
-        return cache, length
+            key = f"text:{hash(tuple(ids[:text]))}"
+            cached = self.prefix_cache.get(key)
+            if cached is None:
+                cached = self.decoder.new_cache(1, text)
+                tokens = torch.tensor([ids[:text]], device=self.device)
+                self.decoder.prefill(cached, inputs_embeds=self.splice(tokens, None, None))
+                self.prefix_cache.put(key, cached, cached.nbytes)
+            cache.copy_prefix(cached, 0, [0], text)
+        return text
 
     def _extend(self, prefix: KVCache, length: int, ids: list[int]) -> KVCache:
         """A new batch-1 cache: the first `length` positions of `prefix`, then `ids`."""
@@ -256,25 +303,21 @@ class Stages:
         self.decoder.prefill(longer, inputs_embeds=self.splice(tokens, None, None))
         return longer
 
-    def _text_prefix(self, ids: list[int], embeds: torch.Tensor) -> KVCache:
-        key = f"text:{hash(tuple(ids))}"
-        cached = self.prefix_cache.get(key)
-        if cached is None:
-            cached = self.decoder.new_cache(1, len(ids))
-            self.decoder.prefill(cached, inputs_embeds=embeds)
-            self.prefix_cache.put(key, cached, cached.nbytes)
-        return cached
-
     # --- housekeeping ---------------------------------------------------------------------------
     def _check_connector_parts(self) -> None:
         """The connector holds the optional parts the config names, with their shapes, and no
-        other: a region-number table [numbers, D] and a centroid projection [D, 4F]."""
+        other: a region-number table [numbers, D] and a centroid projection [4F, D]."""
         hidden = self.config.llm.hidden_size
         numbers = self.config.connector.region_numbers
         frequencies = self.config.connector.region_positions
         parts = (
             ("region_numbers", numbers, "region_number", (numbers, hidden)),
-            ("region_positions", frequencies, "region_position.weight", (hidden, 4 * frequencies)),
+            (
+                "region_positions",
+                frequencies,
+                "region_position.weight_t",
+                (4 * frequencies, hidden),
+            ),
         )
         for field, size, name, shape in parts:
             weight = self.connector.get(f"connector.{name}")

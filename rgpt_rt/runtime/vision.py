@@ -6,18 +6,22 @@
 On a GPU: a TensorRT engine built for this card -> ONNX Runtime's CUDA provider -> torch fp16
 under a CUDA graph. On a CPU: ONNX Runtime -> torch. ONNX Runtime's CPU provider is never used
 for a GPU session. The torch backend is a lean CLIP ViT written here (no transformers), fed by
-vision.safetensors; the tests hold it to the reference model.
+vision.safetensors and connector.safetensors (fp16; widened to fp32 on a CPU); the tests hold
+it to the reference model and to vision.onnx, whose weights are the same two files. Linear
+weights are stored as weight_t [in, out]: y = x @ weight_t + bias.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from rgpt_rt.bundle import BUILD_ID_KEY
 from rgpt_rt.config import RGPTConfig
+from rgpt_rt.safetensors_io import read_tensors
 
 
 class VisionBackend:
@@ -37,7 +41,10 @@ class VisionBackend:
 
 
 class OnnxRuntimeVision(VisionBackend):
-    def __init__(self, config: RGPTConfig, device: torch.device, onnx_path: Path):
+    def __init__(
+        self, config: RGPTConfig, device: torch.device, onnx_path: Path, build_id: str | None = None
+    ):
+        """build_id: the bundle's; a graph another build wrote is refused (bundle.py)."""
         super().__init__(config, device)
         import onnxruntime as ort
 
@@ -61,6 +68,19 @@ class OnnxRuntimeVision(VisionBackend):
             provider_options=provider_options,
         )
         self.name = f"onnxruntime-{'cuda' if device.type == 'cuda' else 'cpu'}"
+        written_by = self.session.get_modelmeta().custom_metadata_map.get(BUILD_ID_KEY)
+        if build_id is not None and written_by != build_id:
+            raise ValueError(
+                f"{onnx_path.name} comes from build {written_by}, not this bundle's {build_id}; "
+                "the bundle's files were mixed: rebuild it"
+            )
+        size = config.vision.image_size
+        shape = self.session.get_inputs()[0].shape  # [batch, 3, S, S]
+        if list(shape[1:]) != [3, size, size]:
+            raise ValueError(
+                f"{onnx_path.name} takes images of shape {shape[1:]} but config.json's "
+                f"vision.image_size is {size}; the bundle's files disagree: rebuild it"
+            )
 
     def __call__(self, pixel_values):
         image_embeds, hires = self.session.run(
@@ -110,20 +130,42 @@ class TensorRTVision(VisionBackend):
 # --- torch (lean CLIP, no transformers) ------------------------------------------------------------
 
 
+class Widened(Mapping):
+    """Weights kept in their stored dtype, each widened to `dtype` when it is read: a CPU
+    computes in fp32 on the bundle's fp16 weights holding one layer's fp32 copy at a time."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype):
+        self.stored, self.dtype = weights, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.stored[name].to(self.dtype)  # no copy when the dtypes agree
+
+    def __iter__(self):
+        return iter(self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+
 class TorchVision(VisionBackend):
     """CLIP ViT + refinement + patch merge + connector, written with torch functions over the
     weights of vision.safetensors and connector.safetensors. On CUDA it runs in fp16 and, for
-    each batch size, replays a captured CUDA graph."""
+    each batch size, replays a captured CUDA graph. On a CPU it computes in fp32 and keeps the
+    weights as stored (fp16: half the memory of ONNX Runtime's fp32 copy)."""
 
     name = "torch"
 
     def __init__(
         self, config: RGPTConfig, device: torch.device, weights: dict[str, torch.Tensor], dtype=None
     ):
-        """weights: clip.*, refinement.* (vision.safetensors) and connector.* tensors."""
+        """weights: clip.*, refinement.* (vision.safetensors) and connector.* tensors, in any
+        float dtype; dtype: the compute dtype (default fp16 on CUDA, fp32 on a CPU)."""
         super().__init__(config, device)
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        self.weights = {k: v.to(device=device, dtype=self.dtype) for k, v in weights.items()}
+        stored = self.dtype if device.type == "cuda" else None  # CUDA: convert once
+        self.weights = Widened(
+            {k: v.to(device=device, dtype=stored) for k, v in weights.items()}, self.dtype
+        )
         self._graphs: dict[
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
         ] = {}
@@ -131,11 +173,20 @@ class TorchVision(VisionBackend):
 
     @classmethod
     def from_files(
-        cls, config: RGPTConfig, device: torch.device, vision_path: Path, connector_path: Path
+        cls,
+        config: RGPTConfig,
+        device: torch.device,
+        vision_path: Path,
+        connector_path: Path,
+        dtype: torch.dtype | None = None,
     ) -> TorchVision:
-        weights = load_file(str(vision_path))
-        weights.update({f"connector.{k}": v for k, v in load_file(str(connector_path)).items()})
-        return cls(config, device, weights)
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        stored = dtype if device.type == "cuda" else None  # a CPU keeps the files' fp16
+        weights = read_tensors(vision_path, device, stored)
+        connector = read_tensors(connector_path, device, stored)
+        weights.update({f"connector.{k}": v for k, v in connector.items()})
+        check_vision_weights(config, weights, vision_path)
+        return cls(config, device, weights, dtype)
 
     def __call__(self, pixel_values):
         pixels = pixel_values.to(self.device, self.dtype)
@@ -215,8 +266,31 @@ def connect(features: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     return _linear(F.gelu(_linear(features, w, "connector.fc1")), w, "connector.fc2")
 
 
+def check_vision_weights(config: RGPTConfig, w: dict[str, torch.Tensor], where: Path) -> None:
+    """The weights have the shapes config.json implies; an error names both files."""
+    cfg, hidden = config.vision, config.llm.hidden_size
+    C, p, g = cfg.hidden_size, cfg.patch_size, cfg.grid
+    expected = {
+        "clip.embeddings.patch_embedding.weight": (C, 3, p, p),
+        "clip.embeddings.position_embedding.weight": (g * g + 1, C),
+        f"clip.encoder.layers.{cfg.layers_used - 1}.mlp.fc1.weight_t": (C, cfg.intermediate_size),
+        "refinement.up1.weight": (C, C, 2, 2),
+        "connector.fc1.weight_t": (C, hidden),
+        "connector.fc2.weight_t": (hidden, hidden),
+    }
+    for name, shape in expected.items():
+        got = tuple(w[name].shape) if name in w else None
+        if got != shape:
+            raise ValueError(
+                f"{where.parent.name}: config.json implies {name} {list(shape)} but "
+                f"{where.name} / connector.safetensors hold {list(got) if got else 'no such tensor'}"
+            )
+
+
 def _linear(x, w, prefix):
-    return F.linear(x, w[f"{prefix}.weight"], w.get(f"{prefix}.bias"))
+    y = torch.matmul(x, w[f"{prefix}.weight_t"])  # [..., in] @ [in, out]
+    bias = w.get(f"{prefix}.bias")
+    return y if bias is None else y + bias
 
 
 def _layer_norm(x, w, prefix, eps):
@@ -234,6 +308,16 @@ def _activation(x, name: str):
 
 
 # --- choosing a backend ----------------------------------------------------------------------------
+# On a CPU, ONNX Runtime folds the graph's casts into fp32 weights (twice the file) and is the
+# faster of the two (tiny: 1.5 ms against 2.3 ms); past this size of vision weights memory
+# matters more, and the torch backend, which keeps them in fp16, goes first (CLIP-L: 0.6 GB
+# held instead of 1.35 GB, for ~0.5 s more per image on 2 cores).
+ONNXRUNTIME_CPU_LIMIT = 256 << 20
+
+
+def vision_bytes(manifest) -> int:
+    files = manifest.files
+    return files["vision.safetensors"]["bytes"] + files["connector.safetensors"]["bytes"]
 
 
 def select_vision_backend(
@@ -242,9 +326,12 @@ def select_vision_backend(
     """The fastest backend that works here (see the module docstring). `prefer` forces one:
     "tensorrt", "onnxruntime" or "torch"."""
     config = manifest.config
-    candidates = (
-        ["tensorrt", "onnxruntime", "torch"] if device.type == "cuda" else ["onnxruntime", "torch"]
-    )
+    if device.type == "cuda":
+        candidates = ["tensorrt", "onnxruntime", "torch"]
+    elif vision_bytes(manifest) <= ONNXRUNTIME_CPU_LIMIT:
+        candidates = ["onnxruntime", "torch"]
+    else:  # ONNX Runtime would hold the weights in fp32: the torch backend keeps them in fp16
+        candidates = ["torch", "onnxruntime"]
     if prefer is not None:
         if prefer not in candidates:
             raise ValueError(
@@ -260,10 +347,13 @@ def select_vision_backend(
                     raise RuntimeError("the bundle holds no TensorRT engine for this GPU")
                 return TensorRTVision(config, device, engine)
             if name == "onnxruntime":
-                return OnnxRuntimeVision(config, device, folder / "vision.onnx")
+                build_id = manifest.data.get("build_id")
+                return OnnxRuntimeVision(config, device, folder / "vision.onnx", build_id)
             return TorchVision.from_files(
                 config, device, folder / "vision.safetensors", folder / "connector.safetensors"
             )
         except (ImportError, RuntimeError) as error:
             reasons.append(f"{name}: {error}")
+        except ValueError:
+            raise  # the bundle's files disagree: no other backend would fix that
     raise RuntimeError("no vision backend works here: " + "; ".join(reasons))

@@ -172,7 +172,9 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
                 )
                 answers = [text]
             else:
-                answers = session.describe_many(image, regions, detailed=body.detailed, **sampling)
+                answers = session.describe_many(
+                    image, regions, detailed=body.detailed, between_steps=run.check, **sampling
+                )
             return DescribeResponse(answer=answers[0], answers=answers, stats=service.stats())
 
         return await answer(service.submit(work), body.stream, request)
@@ -186,7 +188,9 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
 
         def work(run: Run) -> ClassifyResponse:
             image, regions = task_inputs(body, service.limits)
-            text = session.classify(image, regions[0], vocabulary=body.vocabulary)
+            text = session.classify(
+                image, regions[0], vocabulary=body.vocabulary, between_steps=run.check
+            )
             run.emit(text)
             return ClassifyResponse(answer=text, stats=service.stats())
 
@@ -200,7 +204,7 @@ def add_task_routes(app: FastAPI, service: Service) -> None:
 
         def work(run: Run) -> ReferResponse:
             image, regions = task_inputs(body, service.limits)
-            index = session.refer(image, body.expression, regions)
+            index = session.refer(image, body.expression, regions, between_steps=run.check)
             text = refer_answer(index)
             run.emit(text)
             return ReferResponse(region=index, answer=text, stats=service.stats())

@@ -22,6 +22,7 @@ from rgpt_rt.bundle import BundleError, verify_bundle
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.export.onnx_vision import TENSORRT_ONNX_OPS, check_onnx_graph, unsupported_ops
+from rgpt_rt.safetensors_io import read_header
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "build_engine.py"
@@ -50,12 +51,28 @@ def test_the_bundle_holds_every_file_with_its_hash(bundle):
     data = manifest.data
     assert data["tensorrt"] == "TensorRT not installed: ONNX only" and data["engines"] == {}
     assert set(data["tools"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}
-    assert set(data["build_seconds"]) >= {
-        "export vision.onnx",
-        "ONNX Runtime parity",
-        "LLM weights",
-    }
+    steps = " / ".join(data["build_seconds"])
+    for step in ("export vision.onnx", "ONNX Runtime parity", "LLM weights"):
+        assert step in steps
     assert manifest.config == RGPTConfig.from_preset("tiny")
+    # the vision weights are stored once, fp16: vision.onnx points into the two safetensors
+    model = onnx.load(str(bundle / "vision.onnx"), load_external_data=False)
+    pointed = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            where = {item.key: item.value for item in tensor.external_data}
+            pointed.add((where["location"], int(where["offset"])))
+    starts = set()
+    for name in ("vision.safetensors", "connector.safetensors"):
+        entries, _, start = read_header(bundle / name)
+        starts |= {(name, start + entry.start) for entry in entries.values()}
+    assert pointed and pointed <= starts, "the graph points at the files' tensors"
+    for tensor in model.graph.initializer:  # no weight of the graph is stored inline
+        size = 1
+        for dim in tensor.dims:
+            size *= dim
+        assert tensor.data_location == TensorProto.EXTERNAL or size < 4096, tensor.name
+    assert (bundle / "vision.onnx").stat().st_size < manifest.files["vision.safetensors"]["bytes"]
 
 
 def test_onnx_graph_is_checked_with_a_dynamic_batch(bundle):
@@ -115,7 +132,7 @@ def test_check_command_passes_then_fails_with_exit_code(bundle, checkpoint, tmp_
     result = run_script("--check", str(bundle))
     assert result.returncode == 0, result.stderr
     assert '"hashes": "ok"' in result.stdout and "max_abs" in result.stdout, (
-        "parity re-run on fresh inputs"
+        "parity re-run on fresh inputs, from the bundle alone"
     )
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -152,7 +169,7 @@ def test_a_build_killed_midway_leaves_the_previous_bundle(bundle, checkpoint, tm
     )
     deadline = time.time() + 120
     for line in process.stdout:
-        if "export vision.onnx ..." in line or time.time() > deadline:
+        if "export vision.onnx" in line or time.time() > deadline:
             break
     time.sleep(1.0)  # well inside the export: the temporary bundle is half written
     process.send_signal(signal.SIGKILL)

@@ -1,51 +1,53 @@
 """The default bundle: `python export/build_engine.py` with no arguments builds it, and the
 bundle shipped in the package (the Session's default) is exactly what that build makes of the
-shipped checkpoint."""
+shipped checkpoint: the same tensors in every weight file, the same graph, config and
+tokenizer (only the build id and timestamps differ)."""
 
 import json
 
+import onnx
+import pytest
 import torch
 from build_script import run_build_script
-from safetensors.torch import load_file
 
-import rgpt_rt
-from rgpt_rt.bundle import verify_bundle
-from rgpt_rt.export.build import check_bundle
-from rgpt_rt.model import RGPT
-from rgpt_rt.ops.int4_format import load_int4
-from rgpt_rt.quant import quantize_rtn
+from rgpt_rt.bundle import BUILD_ID_KEY, verify_bundle
+from rgpt_rt.export.check import check_bundle
 from rgpt_rt.runtime.session import default_bundle
+from rgpt_rt.safetensors_io import read_header, read_tensors
 
 
-def test_no_arguments_build_the_default_bundle(tmp_path):
-    result = run_build_script(cwd=tmp_path)
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("default")
+    result = run_build_script(cwd=cwd)
     assert result.returncode == 0, result.stderr + result.stdout
-    manifest = verify_bundle(tmp_path / "build" / "bundles" / "tiny")
-    assert manifest.quantization["method"] == "rtn"
+    return cwd / "build" / "bundles" / "tiny"
+
+
+def test_no_arguments_build_the_default_bundle(fresh):
+    manifest = verify_bundle(fresh)
+    assert manifest.quantization["method"] == "rtn" and manifest.quantization["fused"]
     assert manifest.data["source"] == {"kind": "default"}
     assert manifest.data["tensorrt"] == "TensorRT not installed: ONNX only"
 
 
-def test_the_shipped_bundle_is_the_build_of_the_shipped_checkpoint():
-    folder = default_bundle()
-    manifest = verify_bundle(folder)  # every file against its sha256
-    model = RGPT.from_pretrained(rgpt_rt.default_checkpoint())
-    assert manifest.config == model.config
-    shipped = json.loads((folder / "tokenizer.json").read_text())
-    assert shipped == json.loads(model.tokenizer.to_str())
-    connector = load_file(str(folder / "connector.safetensors"))
-    for name, value in model.connector.state_dict().items():
-        assert torch.equal(connector[name], value.float()), name
-    int4, rest = load_int4(folder / "llm.safetensors")
-    group = manifest.quantization["group_size"]
-    llm = model.llm.state_dict()
-    for name, weight in int4.items():  # RTN is deterministic: the same codes, scales, zeros
-        fresh = quantize_rtn(llm[f"{name}.weight"].float(), group)
-        assert torch.equal(weight.qweight, fresh.qweight) and torch.equal(
-            weight.scales, fresh.scales
-        ), name
-    for name, value in rest.items():
-        assert torch.equal(value, llm[name].to(torch.float16)), name
-    report = check_bundle(folder, seed=4321)  # vision.onnx against the checkpoint, fresh images
+def test_the_shipped_bundle_is_the_build_of_the_shipped_checkpoint(fresh):
+    shipped = default_bundle()
+    manifest = verify_bundle(shipped)  # every file against its sha256
+    assert manifest.config == verify_bundle(fresh).config
+    for name in ("config.json", "tokenizer.json"):
+        assert (shipped / name).read_bytes() == (fresh / name).read_bytes(), name
+    for name in ("vision.safetensors", "connector.safetensors", "llm.safetensors"):
+        ours, theirs = read_tensors(shipped / name), read_tensors(fresh / name)
+        assert ours.keys() == theirs.keys(), name
+        for key in ours:  # RTN is deterministic: the same codes, scales and zeros
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key}"
+        metadata = read_header(shipped / name)[1]
+        assert metadata[BUILD_ID_KEY] == manifest.data["build_id"]
+    graphs = [onnx.load(str(b / "vision.onnx"), load_external_data=False) for b in (shipped, fresh)]
+    for graph in graphs:
+        del graph.metadata_props[:]  # the build id
+    assert graphs[0].graph == graphs[1].graph
+    report = check_bundle(shipped, seed=4321)  # vision.onnx against the torch backend, fresh images
     assert report["parity"]["max_abs"] <= report["parity"]["tolerance"]
-    assert json.loads((folder / "manifest.json").read_text())["source"]["kind"] == "default"
+    assert json.loads((shipped / "manifest.json").read_text())["source"]["kind"] == "default"

@@ -71,7 +71,11 @@ def write_llama(
     return total
 
 
-def test_quantize_checkpoint_output(tmp_path):
+def test_quantize_checkpoint_output(tmp_path, monkeypatch):
+    from rgpt_rt.quant import checkpoint as checkpoint_module
+
+    # blocks of 48 rows (3 tiles of 16): 256 and 384 rows take several, 256 a partial last one
+    monkeypatch.setattr(checkpoint_module, "ROWS_PER_BLOCK", 48)
     write_llama(
         tmp_path / "src",
         hidden=256,
@@ -90,7 +94,8 @@ def test_quantize_checkpoint_output(tmp_path):
         *(f"model.layers.{i}.{n}_layernorm.weight" for i in range(2) for n in ("input", "post_attention")),
     }  # fmt: skip
     assert all(t.dtype == torch.float16 for t in checkpoint.tensors.values())
-    assert checkpoint.config["rgpt_quantization"]["layout"] == "nk8i"
+    assert checkpoint.config["rgpt_quantization"]["layout"] == "n16k64"
+    assert checkpoint.config["rgpt_quantization"]["format_version"] == 2
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "src" / "model-00002-of-00002.safetensors"), "pt") as handle:

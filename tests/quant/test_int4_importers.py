@@ -1,5 +1,9 @@
 """AutoAWQ GEMM and GPTQ imports: bit-exact against packings and unpackings written here from
-the format facts of DESIGN.md §2 (not from the importer's code), and whole HF folders."""
+the format facts of DESIGN.md §2 (not from the importer's code), and whole HF folders.
+
+Bit-exact means: the codes, scales and zeros come over unchanged, the value is the exact
+(q − z)·s (rgpt_rt's format version 2), and that value rounded to fp16 is the fp16 weight
+AutoAWQ / GPTQ compute, bit for bit (the one rounding they apply and rgpt_rt does not)."""
 
 import json
 
@@ -63,6 +67,19 @@ def awq_reference(codes, zeros, scales, group_size):
     return (diff * scales[groups]).T
 
 
+def exact_reference(codes, zeros, scales, groups):
+    """w [N, K] = (q − z) · s in float64 (exact), from [K, N] codes and the group of each input."""
+    diff = torch.from_numpy(codes - zeros[groups]).double()  # [K, N]
+    return (diff * scales[torch.from_numpy(groups)].double()).T
+
+
+def check_value(q, exact, fp16_reference):
+    """dequantize(q) is the exact product; rounded to fp16 it is the source's fp16 weight."""
+    ours = dequantize(q)
+    assert ours.dtype == torch.float32 and torch.equal(ours.double(), exact)
+    assert torch.equal(ours.half().view(torch.int16), fp16_reference.view(torch.int16))
+
+
 def test_awq_test_packing_agrees_with_the_documented_unpack_order():
     values = np.random.randint(0, 16, (3, 32))
     assert np.array_equal(awq_unpack(awq_pack(values)), values)
@@ -74,8 +91,15 @@ def test_from_awq_is_bit_exact(k, n, group_size):
     codes, zeros, scales = make_awq(k, n, group)
     q = from_awq(awq_pack(codes), awq_pack(zeros), scales, group_size)
     assert q.shape == (n, k) and q.group_size == group
-    assert torch.equal(q.codes(), torch.from_numpy(codes.T).to(torch.uint8))
-    assert torch.equal(dequantize(q), awq_reference(codes, zeros, scales, group))
+    ours_codes, ours_scales, ours_zeros = q.unpack()
+    assert torch.equal(ours_codes, torch.from_numpy(codes.T).to(torch.uint8))
+    assert torch.equal(ours_scales, scales.T) and torch.equal(
+        ours_zeros, torch.from_numpy(zeros.T).to(torch.uint8)
+    )
+    groups = np.arange(k) // group
+    check_value(
+        q, exact_reference(codes, zeros, scales, groups), awq_reference(codes, zeros, scales, group)
+    )
 
 
 def gptq_pack_k(codes: np.ndarray) -> torch.Tensor:
@@ -121,12 +145,15 @@ def test_from_gptq_is_bit_exact(sym, act_order):
         assert bool((qzeros == 0x77777777).all())
     q = from_gptq(gptq_pack_k(codes), qzeros, scales, g_idx, group_size, sym)
     assert q.shape == (n, k) and (q.perm is not None) == act_order
-    assert torch.equal(dequantize(q), gptq_reference(codes, stored, scales, g_idx))
+    exact = exact_reference(codes, stored + 1, scales, g_idx.numpy())
+    check_value(q, exact, gptq_reference(codes, stored, scales, g_idx))
+    ours_zeros = q.unpack()[2]
+    assert torch.equal(ours_zeros, torch.from_numpy(stored.T + 1).to(torch.uint8))
     if sym:
-        assert bool((q.zeros == 8).all())
-    # the matmul sees the same weights: x @ W.T through the permuted layout
+        assert bool((ours_zeros == 8).all())
+    # the matmul sees the same (exact) weights: x @ W.T through the permuted layout
     x = torch.randn(3, k)
-    expected = x.double() @ gptq_reference(codes, stored, scales, g_idx).double().T
+    expected = x.double() @ exact.T
     torch.testing.assert_close(int4_linear(x, q).double(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -138,10 +165,11 @@ def test_gptq_zero_of_zero_wraps_to_sixteen_like_gptq_v1():
     scales = torch.full((1, n), 0.5, dtype=torch.float16)
     g_idx = torch.zeros(k, dtype=torch.int32)
     q = from_gptq(gptq_pack_k(codes), gptq_pack_n(stored), scales, g_idx, 128, sym=False)
-    assert bool((q.zeros == 16).all())
-    assert torch.equal(dequantize(q), gptq_reference(codes, stored, scales, g_idx))
+    assert bool((q.unpack()[2] == 16).all())
+    exact = exact_reference(codes, stored + 1, scales, g_idx.numpy())
+    check_value(q, exact, gptq_reference(codes, stored, scales, g_idx))
     v2 = from_gptq(gptq_pack_k(codes), gptq_pack_n(stored), scales, g_idx, 128, False, "gptq_v2")
-    assert bool((v2.zeros == 15).all())
+    assert bool((v2.unpack()[2] == 15).all())
 
 
 def test_gptq_groups_of_uneven_size_are_refused():
@@ -182,17 +210,14 @@ def test_an_awq_folder_loads_without_autoawq(tmp_path):
     folder = load_quantized_folder(tmp_path / "awq")
     assert set(folder.int4) == {"model.layers.0.mlp.up_proj"}
     assert set(folder.tensors) == {"model.embed_tokens.weight"}
-    assert torch.equal(
-        dequantize(folder.int4["model.layers.0.mlp.up_proj"]),
-        awq_reference(codes, zeros, scales, 128),
-    )
+    exact = exact_reference(codes, zeros, scales, np.arange(256) // 128)
+    fp16 = awq_reference(codes, zeros, scales, 128)
+    check_value(folder.int4["model.layers.0.mlp.up_proj"], exact, fp16)
 
     convert_quantized_folder(tmp_path / "awq", tmp_path / "out")
     checkpoint = load_int4_checkpoint(tmp_path / "out")
-    assert torch.equal(
-        dequantize(checkpoint.int4["model.layers.0.mlp.up_proj"]),
-        awq_reference(codes, zeros, scales, 128),
-    )
+    check_value(checkpoint.int4["model.layers.0.mlp.up_proj"], exact, fp16)
+    assert checkpoint.config["rgpt_quantization"]["format_version"] == 2
     assert torch.equal(checkpoint.tensors["model.embed_tokens.weight"], embed)
     assert checkpoint.config["rgpt_quantization"]["method"] == "import:awq"
 
@@ -214,7 +239,8 @@ def test_a_gptq_act_order_folder_loads_without_autogptq(tmp_path):
     )
     folder = load_quantized_folder(tmp_path / "gptq")
     q = folder.int4["model.layers.0.self_attn.q_proj"]
-    assert torch.equal(dequantize(q), gptq_reference(codes, stored, scales, g_idx))
+    exact = exact_reference(codes, stored + 1, scales, g_idx.numpy())
+    check_value(q, exact, gptq_reference(codes, stored, scales, g_idx))
     assert torch.equal(folder.biases["model.layers.0.self_attn.q_proj"], bias)
     assert set(folder.tensors) == {"model.norm.weight"}
 

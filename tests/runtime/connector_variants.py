@@ -3,6 +3,10 @@ a tiny config with one connector field changed, a random model of it whose new p
 enough to change every answer, saved and built into an fp32 bundle, and a scene of 3 boxes."""
 
 import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +36,23 @@ def bundle_of(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     build_bundle(BuildOptions(out=out, checkpoint=checkpoint, quant="none", log=lambda _: None))
     return out
+
+
+def with_connector_field(bundle: Path, copy: Path, field: str, value) -> Path:
+    """A copy of `bundle` whose config.json sets connector.`field` to `value`, its size and
+    sha256 updated in the manifest: every file checks out, but config and weights disagree."""
+    shutil.copytree(bundle, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["connector"][field] = value
+    raw = json.dumps(config).encode()
+    (copy / "config.json").write_bytes(raw)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["config.json"] = {
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "bytes": len(raw),
+    }
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
 
 
 def scene(seed=0, size=96):

@@ -70,7 +70,7 @@ def test_int4_concat_is_the_outputs_side_by_side():
     x = torch.randn(3, 5, 256)
     expected = torch.cat([layer(x) for layer in layers], dim=-1)
     assert torch.equal(fused(x), expected)  # rows are independent: bit for bit
-    with pytest.raises(ValueError, match="same in_features and group_size"):
+    with pytest.raises(ValueError, match="same K and group size"):
         Int4Linear.concat([layers[0], Int4Linear.from_linear(torch.nn.Linear(256, 8), 128)])
 
 

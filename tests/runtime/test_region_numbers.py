@@ -4,8 +4,8 @@ model, which must compute what the reference does."""
 
 import pytest
 import torch
-from connector_variants import bundle_of, saved_variant, scene, variant_config
-from prefill_parity import reference_logits, session_logits
+from connector_variants import bundle_of, saved_variant, scene, variant_config, with_connector_field
+from prefill_parity import as_the_bundle_stores, reference_logits, session_logits
 
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.model import RGPT
@@ -59,7 +59,7 @@ def test_the_reference_adds_each_regions_number_and_saves_the_table(numbered_che
 
 def test_the_session_computes_the_references_logits(numbered_checkpoint, numbered_bundle):
     """Three regions in one question: the Session numbers them 1, 2, 3 as the reference does."""
-    reference = RGPT.from_pretrained(numbered_checkpoint).eval()
+    reference = as_the_bundle_stores(RGPT.from_pretrained(numbered_checkpoint).eval())
     session = Session(numbered_bundle, device="cpu")
     image, masks = scene(1)
     question = refer_prompt("the red star", 3)
@@ -87,14 +87,6 @@ def test_a_question_with_more_regions_than_numbers_says_so(numbered_bundle):
 
 
 def test_a_bundle_whose_config_and_table_disagree_is_refused(numbered_bundle, tmp_path):
-    import json
-    import shutil
-
-    copy = tmp_path / "bundle"
-    shutil.copytree(numbered_bundle, copy)
-    manifest_path = copy / "manifest.json"  # the bundle's config is the manifest's
-    manifest = json.loads(manifest_path.read_text())
-    manifest["config"]["connector"]["region_numbers"] = 0
-    manifest_path.write_text(json.dumps(manifest))
+    copy = with_connector_field(numbered_bundle, tmp_path / "bundle", "region_numbers", 0)
     with pytest.raises(ValueError, match="connector weights hold region_number"):
-        Session(copy, device="cpu", verify=False)
+        Session(copy, device="cpu")

@@ -2,14 +2,12 @@
 mask's centroid. The op itself, the reference model that trains the projection, and the Session
 on a bundle of such a model, which must compute what the reference does."""
 
-import json
 import math
-import shutil
 
 import pytest
 import torch
-from connector_variants import bundle_of, saved_variant, scene, variant_config
-from prefill_parity import reference_logits, session_logits
+from connector_variants import bundle_of, saved_variant, scene, variant_config, with_connector_field
+from prefill_parity import as_the_bundle_stores, reference_logits, session_logits
 
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.model import RGPT
@@ -81,7 +79,7 @@ def test_the_reference_adds_each_masks_projection_and_saves_it(placed_checkpoint
 
 
 def test_the_session_computes_the_references_logits(placed_checkpoint, placed_bundle):
-    reference = RGPT.from_pretrained(placed_checkpoint).eval()
+    reference = as_the_bundle_stores(RGPT.from_pretrained(placed_checkpoint).eval())
     session = Session(placed_bundle, device="cpu")
     image, masks = scene(1)
     question = refer_prompt("the red star", 3)
@@ -94,11 +92,6 @@ def test_the_session_computes_the_references_logits(placed_checkpoint, placed_bu
 
 
 def test_a_bundle_whose_config_and_projection_disagree_is_refused(placed_bundle, tmp_path):
-    copy = tmp_path / "bundle"
-    shutil.copytree(placed_bundle, copy)
-    manifest_path = copy / "manifest.json"  # the bundle's config is the manifest's
-    manifest = json.loads(manifest_path.read_text())
-    manifest["config"]["connector"]["region_positions"] = 0
-    manifest_path.write_text(json.dumps(manifest))
+    copy = with_connector_field(placed_bundle, tmp_path / "bundle", "region_positions", 0)
     with pytest.raises(ValueError, match="connector weights hold region_position"):
-        Session(copy, device="cpu", verify=False)
+        Session(copy, device="cpu")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from prefill_parity import reference_logits, session_logits
+from prefill_parity import as_the_bundle_stores, reference_logits, session_logits
 
 from rgpt_rt.bundle import BundleError
 from rgpt_rt.export.build import BuildOptions, build_bundle
@@ -105,9 +105,10 @@ def test_a_warm_question_prefills_only_its_own_tokens(int4_bundle):
     assert isinstance(first, str)
 
 
-def test_the_system_prompts_kv_is_computed_once_per_session(int4_bundle):
-    # the text before the image tokens is the same for every image: a new image prefills only
-    # its image tokens and then the question
+def test_one_prefill_per_new_image_and_the_prefix_kept_for_the_next_question(int4_bundle):
+    # The text before the image tokens is the same for every image: its KV is computed once per
+    # Session. A new image and its question are then prefilled in one call, and the image
+    # prefix is kept from it: a second question about that image prefills only its own tokens.
     fresh = Session(int4_bundle, device="cpu")
     prefilled = []
     prefill = fresh.decoder.prefill
@@ -120,11 +121,15 @@ def test_the_system_prompts_kv_is_computed_once_per_session(int4_bundle):
     image, masks = scene(3)
     other, _ = scene(4)
     fresh.describe(image, masks[0], max_new_tokens=6)
-    text_tokens, image_tokens, _question = prefilled
-    assert image_tokens == fresh.config.num_image_tokens and text_tokens > 10
+    text_tokens, image_and_question = prefilled
+    question = image_and_question - fresh.config.num_image_tokens
+    assert text_tokens > 10 and question > 5
     prefilled.clear()
     answer = fresh.describe(other, masks[0], max_new_tokens=6)
-    assert prefilled[0] == image_tokens and len(prefilled) == 2
+    assert prefilled == [image_and_question]
+    prefilled.clear()
+    again = fresh.describe(other, masks[0], max_new_tokens=6)
+    assert prefilled == [question] and again == answer
     assert answer == Session(int4_bundle, device="cpu").describe(other, masks[0], max_new_tokens=6)
 
 
@@ -204,7 +209,7 @@ def test_a_chat_turn_answers_what_the_whole_conversation_asks(session):
 
 def test_session_prefill_matches_the_reference_model(tiny_checkpoint, tiny_bundle):
     """The unquantized bundle through the Session computes the reference model's logits."""
-    reference = RGPT.from_pretrained(tiny_checkpoint).eval()
+    reference = as_the_bundle_stores(RGPT.from_pretrained(tiny_checkpoint).eval())
     session = Session(tiny_bundle, device="cpu")
     image, masks = scene(5)
     question = describe_prompt(True)
@@ -233,13 +238,18 @@ def test_threads_share_a_session_correctly(session):
 
 def test_an_abandoned_stream_returns_its_cache(session):
     image, masks = scene(7)
-    before = session.stages.pool.free_caches
+    stages = session.stages
+    cached = len(stages.prefix_cache)
     answer = session.describe(image, masks[0], stream=True, max_new_tokens=20)
+    next(answer, None)
+    del answer  # a new image: its cache becomes the image's prefix, no copy made
+    assert len(stages.prefix_cache) == cached + 1
+    before = stages.pool.free_caches
+    answer = session.describe(image, masks[1], stream=True, max_new_tokens=20)
     assert isinstance(answer, AnswerStream)
     next(answer, None)
-    del answer
-    after = session.stages.pool.free_caches
-    assert after == max(before, 1)
+    del answer  # the prefix is cached now: the cache goes back to the pool
+    assert stages.pool.free_caches == max(before, 1)
 
 
 def test_gray_rgba_and_huge_images_are_converted(session, tmp_path):
@@ -326,14 +336,18 @@ def test_stats_count_the_decoded_tokens_and_why_the_answer_ended(session):
 def test_a_chat_cache_grows_with_the_conversation(session):
     image, masks = scene(12)
     chat = session.chat(image, masks[:1])
+    bucket = session.stages.pool.bucket
     chat.send("What is <region1>?", max_new_tokens=4)
-    assert chat.kv_slots == 256  # the first turn's prompt and answer, rounded up to a bucket
+    first = chat.kv_slots  # the first turn's prompt and answer, rounded up to a bucket
+    assert first % bucket == 0 and first < session.max_context
     long_question = "Tell me about <region1>, " + "and its colour, " * 15 + "please."
     for _ in range(5):
         chat.send(long_question, max_new_tokens=4)
-        if chat.kv_slots > 256:
+        if chat.kv_slots > first:
             break
-    assert chat.kv_slots == 512  # grown by one bucket when the turns outgrew the first
+    grown = chat.kv_slots  # grown by whole buckets when the turns outgrew the first
+    assert grown > first and (grown - first) % bucket == 0
+    assert grown - bucket < len(chat._cached_ids) + 4 <= grown, "never more than a bucket spare"
 
 
 def test_a_system_prompt_may_not_hold_placeholders(session):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from prefill_parity import as_the_bundle_stores
 
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.model import RGPT
@@ -10,7 +11,7 @@ from rgpt_rt.runtime.vision import OnnxRuntimeVision, TorchVision, select_vision
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    return RGPT.from_pretrained(tiny_checkpoint).eval()
+    return as_the_bundle_stores(RGPT.from_pretrained(tiny_checkpoint).eval())
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
