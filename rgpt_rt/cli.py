@@ -222,7 +222,7 @@ def cmd_info(args) -> int:
     budget = parse_bytes(args.memory) if args.memory is not None else None
     print(f"bundle {args.bundle}: {manifest.config.name}, sha256 {manifest.sha256}")
     for device in args.plan_device or ("cpu", "cuda"):
-        plan = MemoryPlan.of_bundle(manifest, device, args.max_context)
+        plan = MemoryPlan.of_bundle(manifest, device, max_context=args.max_context)
         print()
         print(plan.table(budget))
     return 0

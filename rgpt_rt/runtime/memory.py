@@ -59,15 +59,9 @@ class MemoryPlan:
     runtime: int  # the process's own baseline (estimate)
 
     @classmethod
-    def of_bundle(
-        cls,
-        manifest,
-        device: str = "cpu",
-        max_context: int | None = None,
-        vision_cache_bytes: int = 256 * MiB,
-        prefix_cache_bytes: int = 512 * MiB,
-        max_batch: int = 16,
-    ) -> MemoryPlan:
+    def of_bundle(cls, manifest, device: str = "cpu", **options) -> MemoryPlan:
+        """The plan of a verified bundle's Session; options as of_config's (max_context,
+        vision_cache_bytes, prefix_cache_bytes, max_batch)."""
         files = manifest.files
         return cls.of_config(
             manifest.config,
@@ -76,10 +70,7 @@ class MemoryPlan:
             vision_file_bytes=files["vision.safetensors"]["bytes"]
             + files["connector.safetensors"]["bytes"],
             device=device,
-            max_context=max_context,
-            vision_cache_bytes=vision_cache_bytes,
-            prefix_cache_bytes=prefix_cache_bytes,
-            max_batch=max_batch,
+            **options,
         )
 
     @classmethod
@@ -188,8 +179,8 @@ class MemoryPlan:
             ("KV cache per 1k positions", self.kv_per_token * 1024, "fp16 for an INT4 model"),
             (f"KV cache at max_context {self.max_context}", self.kv_per_token * self.max_context, ""),
             (f"KV cache of describe_many, {self.max_batch} rows", self.kv_per_token * self.max_batch * self.batch_row, f"{self.batch_row} positions a row"),
-            ("vision cache (budget)", self.vision_cache, f"holds {_fits(self.vision_cache, self.per_image_vision)} images, {self.per_image_vision / MiB:.0f} MiB each"),
-            ("prefix cache (budget)", self.prefix_cache, f"holds {_fits(self.prefix_cache, self.per_image_prefix)} image prefixes, {self.per_image_prefix / MiB:.0f} MiB each"),
+            ("vision cache (budget)", self.vision_cache, f"room for {_fits(self.vision_cache, self.per_image_vision)} × {self.per_image_vision / MiB:.0f} MiB (one image each)"),
+            ("prefix cache (budget)", self.prefix_cache, f"room for {_fits(self.prefix_cache, self.per_image_prefix)} × {self.per_image_prefix / MiB:.0f} MiB (one image prefix each)"),
             ("working set of one call", self.working, "estimate"),
             ("runtime (Python, torch, ONNX Runtime)", self.runtime, "estimate, measured on x86"),
             ("total, largest call in flight", self.total(), ""),

@@ -108,8 +108,8 @@ class Session:
         config = manifest.config
         if memory_budget is not None:
             plan = MemoryPlan.of_bundle(
-                manifest, device.type, max_context, vision_cache_bytes, prefix_cache_bytes,
-                max_batch,
+                manifest, device.type, max_context=max_context, max_batch=max_batch,
+                vision_cache_bytes=vision_cache_bytes, prefix_cache_bytes=prefix_cache_bytes,
             )  # fmt: skip
             plan.check(parse_bytes(memory_budget))
         dtype = torch.float16 if device.type == "cuda" else torch.float32
