@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The one GPU check: build with CUDA for this card only, run tests/gpu, run the GPU
-# benchmarks, run compute-sanitizer over small mask pooling and INT4 cases, and write a JSON
-# summary. Meant for a single device call (all steps: about 5 minutes on an H200):
-#   DEADLINE=420 bash scripts/gpu_check.sh
+# The GPU check: build with CUDA for this card only, run tests/gpu, run the GPU benchmarks (old
+# kernels beside new ones), the 7B full-size memory path, compute-sanitizer over small mask
+# pooling and INT4 cases, and write a JSON summary. Two device calls cover it:
+#   DEADLINE=540 bash scripts/gpu_check.sh                                  # tests + benchmarks
+#   DEADLINE=540 STEPS="memory sanitizer sanitizer_int4" bash scripts/gpu_check.sh   # the rest
 #
 # Every step gets the smaller of its own limit and the time left before DEADLINE seconds
 # (default 400), and steps that no longer fit are skipped and reported, so the script ends
 # by itself (summary written) before the device call's own limit kills it. STEPS picks the
-# steps after the build (default: all of tests latency decoder int4 mask_pool sanitizer
-# sanitizer_int4, run in that order). RUNS sets the decoder and latency benchmarks' timed runs.
+# steps after the build (default: tests latency decoder decoder_old int4 mask_pool, run in
+# that order; also memory, sanitizer, sanitizer_int4). decoder_old times the decode step on
+# the previous kernels (RGPT_INT4_KERNEL=nk8i, RGPT_DECODE_STEP=unfused) in the same call as
+# decoder. memory writes 7B-shaped random folders (~15 GB in $BIG, default /tmp/rgpt_big),
+# builds, checks and loads the bundle on CUDA (issue 22's host RSS + device memory target).
+# RUNS sets the decoder and latency benchmarks' timed runs.
 # Logs go to build/gpu_check; with $OUT set, $OUT receives summary.json and logs.tgz (two
 # files: a device call brings back at most eight).
 set -uo pipefail
@@ -18,7 +23,7 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-400}
-STEPS=" ${STEPS:-tests latency decoder int4 mask_pool sanitizer sanitizer_int4} "
+STEPS=" ${STEPS:-tests latency decoder decoder_old int4 mask_pool} "
 status=0
 started=$(date +%s)
 skipped=()
@@ -68,10 +73,17 @@ TAIL=30 run_step latency "benchmark latency (7B shape, random weights)" 150 "$LO
 TAIL=45 run_step decoder "benchmark decoder (7B shape, random weights, INT4 and fp16)" 150 "$LOGS/bench_decoder.log" \
   $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --profile \
   --json "$LOGS/bench_decoder.json"
+TAIL=45 RGPT_INT4_KERNEL=nk8i RGPT_DECODE_STEP=unfused run_step decoder_old \
+  "benchmark decoder, previous kernels (nk8i GEMV, unfused step)" 150 "$LOGS/bench_decoder_old.log" \
+  $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --profile \
+  --json "$LOGS/bench_decoder_old.json"
 TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
   $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
 TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
   $PY benchmarks/mask_pool.py --device cuda --json "$LOGS/bench_mask_pool.json"
+TAIL=20 run_step memory "7B full-size path: folders, build, --check, load + describe on CUDA" 420 \
+  "$LOGS/bench_memory.log" $PY benchmarks/memory.py --work "${BIG:-/tmp/rgpt_big}" --device cuda \
+  --threads "$(nproc)" --json "$LOGS/bench_memory.json"
 
 # compute-sanitizer: memcheck over the small mask pooling cases with torch's caching allocator
 # off, so each tensor is its own allocation and a read past one is caught (graph capture needs
