@@ -11,11 +11,18 @@ interleaved so that the load of a shared machine falls on both alike. Per-token 
 prefill logits. Ours decodes into a cache allocated once (as the Session does); on CUDA its
 decode step replays CUDA graphs and the weights are INT4 when rgpt_rt.quant is available
 (--quant none for fp16).
+
+Ours runs each of --steps: the fused decode step (rgpt_rt/ops/decode.py) and the unfused one it
+replaced, timed in the same run (issue 23). Per step kind it counts what one batch-1 decode step
+launches: on CUDA the kernels of the step's body (torch.profiler) and the kernel nodes of its
+captured CUDA graph (through cudart), with the per-layer figure (target: <= 9); on a CPU the
+torch ops it dispatches.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -23,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig
 
 from rgpt_rt.config import RGPTConfig
@@ -74,13 +82,15 @@ def copy_bandwidth(device: str) -> float | None:
     return 2 * src.numel() / seconds / 1e9
 
 
-def ours(decoder: LlamaDecoder, prompt: torch.Tensor, new_tokens: int) -> tuple:
-    """prompt [B, T] -> (prefill, generate, bytes a decode step moves) for the runtime decoder."""
+def ours(decoder: LlamaDecoder, prompt: torch.Tensor, new_tokens: int, kind: str) -> tuple:
+    """prompt [B, T] -> (prefill, generate, bytes a decode step moves) for the runtime decoder
+    running decode steps of `kind` ("fused" or "unfused"), on a cache of its own."""
     B, T = prompt.shape
     cache = decoder.new_cache(B, T + new_tokens)
     params = SamplingParams(max_new_tokens=new_tokens)
 
     def prefill():
+        decoder.decode_step_kind = kind
         cache.reset()
         return decoder.prefill(cache, input_ids=prompt)
 
@@ -107,7 +117,8 @@ def profile_kernels(fn: Callable[[], object], repeats: int) -> dict:
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
+        # kernels only: the host-to-device copies of a step's inputs are not launches
+        if event.device_type == DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset")):
             entry = kernels.setdefault(event.name, [0.0, 0])
             entry[0] += event.device_time_total / repeats
             entry[1] += 1 / repeats
@@ -121,10 +132,11 @@ def profile_kernels(fn: Callable[[], object], repeats: int) -> dict:
     }
 
 
-def profile_decoder(decoder: LlamaDecoder, prompt: torch.Tensor) -> dict:
-    """Kernels of one eager decode step and of one prefill of `prompt`'s first row (batch 1). A
-    graphed step runs the same kernels as an eager one, so the graphed step time minus the
-    summed kernel time is what remains between kernels."""
+def profile_decoder(decoder: LlamaDecoder, prompt: torch.Tensor, kind: str) -> dict:
+    """Kernels of one eager decode step of `kind` and of one prefill of `prompt`'s first row
+    (batch 1). A graphed step runs the same kernels as an eager one, so the graphed step time
+    minus the summed kernel time is what remains between kernels."""
+    decoder.decode_step_kind = kind
     cache = decoder.new_cache(1, prompt.shape[1] + 32)
     tokens = decoder.prefill(cache, input_ids=prompt[:1]).argmax(-1)
     graphs, decoder.use_cuda_graphs = decoder.use_cuda_graphs, False
@@ -138,6 +150,106 @@ def profile_decoder(decoder: LlamaDecoder, prompt: torch.Tensor) -> dict:
         decoder.prefill(cache, input_ids=prompt[:1])
 
     return {"decode_step": step, "prefill": profile_kernels(prefill, 2)}
+
+
+def _cudart():
+    """The CUDA runtime torch loaded (for the graph API torch does not wrap), or None."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def graph_kernel_nodes(fn: Callable[[], object]) -> int | None:
+    """The kernel nodes of a CUDA graph captured from fn (after a warm-up on a side stream), or
+    None where torch cannot keep the graph or cudart is not found."""
+    cudart = _cudart()
+    try:
+        graph = torch.cuda.CUDAGraph(keep_graph=True)
+    except TypeError:  # torch < 2.6
+        return None
+    if cudart is None:
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        fn()
+    handle = ctypes.c_void_p(graph.raw_cuda_graph())
+    count = ctypes.c_size_t(0)
+    if cudart.cudaGraphGetNodes(handle, None, ctypes.byref(count)) != 0:
+        return None
+    nodes = (ctypes.c_void_p * count.value)()
+    cudart.cudaGraphGetNodes(handle, nodes, ctypes.byref(count))
+    kernels, kind = 0, ctypes.c_int(0)
+    for node in nodes:
+        cudart.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
+        kernels += kind.value == 0  # cudaGraphNodeTypeKernel
+    return kernels
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_launches(decoder: LlamaDecoder, prompt: torch.Tensor, kind: str) -> dict:
+    """What one batch-1 decode step of `kind` launches: on CUDA the kernels of its body
+    (profiler) and its graph's kernel nodes; on a CPU the torch ops it dispatches. Per layer too."""
+    decoder.decode_step_kind = kind
+    cache = decoder.new_cache(1, prompt.shape[1] + 8)
+    tokens = decoder.prefill(cache, input_ids=prompt[:1]).argmax(-1)
+    positions = cache.lengths.to(decoder.device)
+    layers = decoder.config.num_layers
+    if decoder.device.type != "cuda":
+        with _CountOps() as mode:
+            decoder.decode_step(tokens, cache)
+        return {"step": kind, "torch_ops": mode.count, "torch_ops_per_layer": mode.count / layers}
+    kv_len = cache.max_len
+    decoder._attention_workspace(cache)  # as decode_step makes it, before any capture
+
+    def body():
+        return decoder.step_logits(tokens, positions, cache, kv_len)
+
+    kernels = profile_kernels(body, 4)["launches"]
+    nodes = graph_kernel_nodes(body)
+    return {
+        "step": kind,
+        "fused_kernels": decoder.runs_fused_step(cache),
+        "kernels": round(kernels),
+        "kernels_per_layer": kernels / layers,
+        "graph_kernel_nodes": nodes,
+        "graph_kernel_nodes_per_layer": None if nodes is None else nodes / layers,
+    }
+
+
+def print_launches(rows: list[dict]) -> None:
+    if "kernels" in rows[0]:
+        print("\none decode step, batch 1 (target: <= 9 kernels per layer)")
+        print("| step | kernels (profiler) | per layer | CUDA graph kernel nodes | per layer |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            nodes = r["graph_kernel_nodes"]
+            cells = (
+                ("–", "–") if nodes is None else (nodes, f"{r['graph_kernel_nodes_per_layer']:.2f}")
+            )
+            print(
+                f"| {r['step']} | {r['kernels']} | {r['kernels_per_layer']:.2f} | {cells[0]} | {cells[1]} |"
+            )
+    else:
+        print("\none decode step, batch 1: torch ops dispatched")
+        print("| step | torch ops | per layer |\n|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['step']} | {r['torch_ops']} | {r['torch_ops_per_layer']:.1f} |")
 
 
 def print_profile(profiles: dict) -> None:
@@ -258,6 +370,13 @@ def main() -> None:
         action="store_true",
         help="CUDA: list the kernels of one decode step and of one prefill",
     )
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        default=["fused", "unfused"],
+        choices=["fused", "unfused"],
+        help="the decode steps of ours to time (default: both, old beside new)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -280,15 +399,24 @@ def main() -> None:
         "runs": args.runs,
         "torch": torch.__version__,
         "rows": [],
+        "launches": [
+            step_launches(
+                decoder,
+                torch.randint(0, decoder.config.vocab_size, (1, 32), device=args.device),
+                kind,
+            )
+            for kind in args.steps
+        ],
     }
     for batch in batches:
         prompt = torch.randint(
             0, decoder.config.vocab_size, (batch, prompt_len), device=args.device
         )
         sides = {
-            label: ours(decoder, prompt, args.new_tokens),
-            "transformers generate": transformers_side(model, prompt, args.new_tokens),
+            f"{label}, {kind} step": ours(decoder, prompt, args.new_tokens, kind)
+            for kind in args.steps
         }
+        sides["transformers generate"] = transformers_side(model, prompt, args.new_tokens)
         fns = {}
         for name, (prefill, generate, _) in sides.items():
             fns[(name, "prefill")], fns[(name, "generate")] = prefill, generate
@@ -337,14 +465,30 @@ def main() -> None:
                 f"{ref['decode_step_cpu_ms'] / row['decode_step_cpu_ms']:.2f}x |"
             )
         print(line)
+    for batch in batches:
+        by_step = {
+            r["impl"].rsplit(", ", 1)[-1]: r
+            for r in rows
+            if r["batch"] == batch and ", " in r["impl"]
+        }
+        if {"fused step", "unfused step"} <= set(by_step):
+            fused, unfused = by_step["fused step"], by_step["unfused step"]
+            print(
+                f"\nbatch {batch}: the fused step decodes {fused['decode_tok_s'] / unfused['decode_tok_s']:.2f}x "
+                f"the unfused step's tok/s ({fused['decode_tok_s']:.0f} vs {unfused['decode_tok_s']:.0f})"
+            )
+    print_launches(results["launches"])
     if args.profile and args.device == "cuda":
-        try:
-            results["profile"] = profile_decoder(decoder, prompt)
-        except Exception as error:  # the timings above still stand and are written
-            results["profile"] = {"error": repr(error)}
-            print(f"\nprofile failed: {error!r}")
-        else:
-            print_profile(results["profile"])
+        results["profile"] = {}
+        for kind in args.steps:
+            try:
+                results["profile"][kind] = profile_decoder(decoder, prompt, kind)
+            except Exception as error:  # the timings above still stand and are written
+                results["profile"][kind] = {"error": repr(error)}
+                print(f"\nprofile of the {kind} step failed: {error!r}")
+            else:
+                print(f"\n### {kind} step")
+                print_profile(results["profile"][kind])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

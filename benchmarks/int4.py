@@ -1,9 +1,21 @@
-"""INT4 W4A16 linear: rgpt_rt's int4_linear (layout n16k64) and the previous kernels (layout nk8i,
-rgpt_rt/ops/int4_nk8i.py) in the same run, against a dense torch.matmul and torch's own INT4
-matmul, on LLaMA-7B shapes, in µs and in % of the memory floor measured in the same run.
+"""INT4 W4A16 linear: rgpt_rt's int4_linear (layout n16k64) on every path it has, the previous
+kernels (layout nk8i, rgpt_rt/ops/int4_nk8i.py), a dense torch.matmul and torch's own INT4 matmul,
+in the same run, on LLaMA-7B shapes, in µs and against the memory floor measured in the same run.
 
-    python benchmarks/int4.py --device cpu  [--rows 1,4] [--threads N] [--json FILE]
-    python benchmarks/int4.py --device cuda [--rows 1,4,16,128]     [--json FILE]
+    python benchmarks/int4.py --device cpu  [--rows 1,4,16,64] [--threads N] [--json FILE]
+    python benchmarks/int4.py --device cuda [--rows 1,4,16,32,64,128,640] [--splits 1,2,4,8]
+
+Columns, per shape and row count M:
+  int4_linear   what int4_linear runs for M (the path in brackets), with % of the memory floor and
+                TFLOP/s (GFLOP/s on the CPU)
+  GEMM          the n16k64 GEMM forced for this M (CUDA: the tensor-core kernel, which takes any M
+                in blocks of 64 rows; CPU: int4_gemm_n16k64_cpu), M > 8
+  dequant+GEMM  W dequantized into x's dtype, then cuBLAS / torch's GEMM: the prefill path before
+                issue 24 (RGPT_INT4_KERNEL=n16k64-dequant), M > 8
+  nk8i          the previous kernels (M ≤ 16 only: they dequantize for more rows too)
+  dense, torch int4 (M ≤ 128)
+Where GEMM beats dequant+GEMM decides ops/int4.GEMM_MAX_ROWS (CUDA) and the CPU bounds.
+--splits also times the CUDA GEMM at each given split-K factor (M ≤ 64), to tune its plan.
 
 floor = bytes the op must move (weights + scales + zeros + x + out) / copy bandwidth, where
 the copy bandwidth is measured here (a large tensor copy: read + write bytes / time).
@@ -28,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from rgpt_rt.ops import int4 as int4_ops
 from rgpt_rt.ops import int4_linear
 from rgpt_rt.ops.int4_format import Int4Weight
 from rgpt_rt.ops.int4_layout import packed_shapes
@@ -168,19 +181,55 @@ def torch_int4(x: torch.Tensor, n: int, k: int):
         return None, f"unavailable: {str(error).splitlines()[0][:80]}"
 
 
+def run_path(x: torch.Tensor, w: Int4Weight, path: str, splits: int | None = None):
+    """int4_linear's body on one path ("gemm", "dequant"), whatever M is."""
+    n = w.shape[0]
+    if x.is_cuda:
+        return int4_ops.linear_cuda(
+            x, w.qweight, w.scales, w.zeros, None, n, w.group_size, splits=splits, path=path
+        )
+    return int4_ops.linear_cpu(x, w.qweight, w.scales, w.zeros, None, n, w.group_size, 0, path=path)
+
+
+def dequantize_alone(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` through the CUDA prefill's dequantization kernel."""
+    from rgpt_rt import _C
+
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.qweight.device)
+    _C.int4_dequant_n16k64_cuda(
+        w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(), n, k,
+        w.group_size, int4_ops.DTYPE_TAGS[dtype], torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
+    return out
+
+
+def chosen_path(m: int, device: str, dtype: torch.dtype) -> str:
+    if device == "cuda":
+        return int4_ops.prefill_path(m, dtype)
+    if m <= int4_ops.CPU_GEMV_MAX_ROWS:
+        return "gemv"
+    return "gemm" if m < int4_ops.CPU_GEMM_MIN_ROWS else "dequant"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
-        "--rows", default=None, help="comma-separated M values (default: cpu 1,4; cuda 1,4,16,128)"
+        "--rows",
+        default=None,
+        help="comma-separated M values (default: cpu 1,4,16,64; cuda 1,4,16,32,64,128,640)",
     )
     parser.add_argument(
         "--shapes", default=None, help="comma-separated indices into the shape list (default: all)"
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU: torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--splits", default="", help="CUDA: also time the GEMM at these split-K factors (M ≤ 64)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
@@ -189,13 +238,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    rows = [int(m) for m in (args.rows or ("1,4" if device == "cpu" else "1,4,16,128")).split(",")]
+    default_rows = "1,4,16,64" if device == "cpu" else "1,4,16,32,64,128,640"
+    rows = [int(m) for m in (args.rows or default_rows).split(",")]
+    split_list = [int(s) for s in args.splits.split(",") if s]
     shapes = list(SHAPES.items())
     if args.shapes:
         shapes = [shapes[int(i)] for i in args.shapes.split(",")]
     dense_dtype = torch.float32 if device == "cpu" else torch.float16
     act_dtype = torch.float32 if device == "cpu" else torch.float16
     timer = time_cpu if device == "cpu" else time_cuda
+    per_second, unit = (1e12, "TFLOP/s") if device == "cuda" else (1e9, "GFLOP/s")
 
     bandwidth = copy_bandwidth(device)
     if device == "cuda":
@@ -206,13 +258,14 @@ def main() -> None:
         f"# INT4 linear on {hardware}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}"
     )
     print(
-        f"n16k64: rgpt_rt int4_linear ({act_dtype} x, INT4 g{GROUP}); nk8i: the previous kernels "
+        f"int4_linear: rgpt_rt n16k64 ({act_dtype} x, INT4 g{GROUP}; GEMV ≤ {int4_ops.GEMV_MAX_ROWS if device == 'cuda' else int4_ops.CPU_GEMV_MAX_ROWS} rows, "
+        f"GEMM ≤ {int4_ops.GEMM_MAX_ROWS if device == 'cuda' else int4_ops.CPU_GEMM_MIN_ROWS - 1}); nk8i: the previous kernels "
         f"(int4_linear_nk8i); dense: torch.matmul {dense_dtype}; torch int4: "
         "aten._weight_int4pack_mm" + ("_for_cpu" if device == "cpu" else "") + "\n"
     )
     header = (
-        "| shape (K→N) | M | n16k64 µs | % floor | nk8i (old) µs | % floor | dense µs | % floor "
-        "| torch int4 µs | % floor |"
+        f"| shape (K→N) | M | int4_linear µs [path] | % floor | {unit} | GEMM µs | dequant+GEMM µs "
+        "| nk8i µs | dense µs | torch int4 µs |"
     )
     print(header)
     print("|" + "---|" * 10)
@@ -228,25 +281,75 @@ def main() -> None:
             x = torch.randn(m, k, device=device).to(act_dtype)
             act_bytes = x.element_size() * (m * k + m * n)
             int4_floor = (w.nbytes + act_bytes) / bandwidth * 1e6
-            dense_floor = (dense_size + act_bytes) / bandwidth * 1e6
+            flops = 2 * m * n * k
             ours = timer(cycling(lambda w, x=x: int4_linear(x, w), weights))
-            old = timer(cycling(lambda p, x=x: int4_linear_nk8i(x, *p, GROUP), olds))
+            prefill = m > int4_ops.GEMV_MAX_ROWS
+            gemm = (
+                timer(cycling(lambda w, x=x: run_path(x, w, "gemm"), weights)) if prefill else None
+            )
+            dequant = (
+                timer(cycling(lambda w, x=x: run_path(x, w, "dequant"), weights))
+                if prefill
+                else None
+            )
+            by_splits = {}
+            if device == "cuda" and prefill and m <= int4_ops.GEMM_MAX_ROWS:
+                for splits in split_list:
+                    fn = cycling(lambda w, x=x, s=splits: run_path(x, w, "gemm", s), weights)
+                    by_splits[splits] = timer(fn)
+            old = (
+                timer(cycling(lambda p, x=x: int4_linear_nk8i(x, *p, GROUP), olds))
+                if m <= 16
+                else None
+            )
             dense_us = timer(cycling(lambda d, x=x: x.to(dense_dtype) @ d.T, denses))
-            fn, reason = torch_int4(x, n, k)
+            fn, reason = torch_int4(x, n, k) if m <= 128 else (None, "M > 128: not timed")
             theirs = timer(fn) if fn is not None else None
+            path = chosen_path(m, device, act_dtype)
+            plan = (
+                int4_ops.gemm_splits(m, n, k, GROUP, torch.cuda.current_device())
+                if device == "cuda" and path == "gemm"
+                else None
+            )
             row = {
-                "shape": name, "K": k, "N": n, "M": m, "n16k64_us": ours, "int4_floor_us": int4_floor,
-                "nk8i_us": old, "dense_us": dense_us, "dense_floor_us": dense_floor,
+                "shape": name, "K": k, "N": n, "M": m, "path": path, "gemm_splits": plan,
+                "n16k64_us": ours, "int4_floor_us": int4_floor, "gemm_us": gemm,
+                "dequant_gemm_us": dequant, "gemm_us_by_splits": by_splits, "nk8i_us": old,
+                "dense_us": dense_us, "dense_floor_us": dense_size / bandwidth * 1e6,
                 "torch_int4_us": theirs, "torch_int4_note": reason, "weight_copies": len(weights),
             }  # fmt: skip
             results.append(row)
-            t4 = f"{theirs:.0f} | {100 * int4_floor / theirs:.0f}%" if theirs else f"{reason} | –"
-            print(f"| {name} | {m} | {ours:.1f} | {100 * int4_floor / ours:.0f}% | {old:.1f} | "
-                  f"{100 * int4_floor / old:.0f}% | {dense_us:.0f} | {100 * dense_floor / dense_us:.0f}% "
-                  f"| {t4} |", flush=True)  # fmt: skip
+
+            def cell(us):
+                return "–" if us is None else f"{us:.1f}"
+
+            t4 = f"{theirs:.0f}" if theirs else reason
+            splits_note = "".join(f" s{s}={t:.1f}" for s, t in by_splits.items())
+            print(f"| {name} | {m} | {ours:.1f} [{path}{f' s{plan}' if plan else ''}] | "
+                  f"{100 * int4_floor / ours:.0f}% | {flops / (ours * 1e-6) / per_second:.1f} | "
+                  f"{cell(gemm)}{splits_note} | {cell(dequant)} | {cell(old)} | {dense_us:.0f} | {t4} |",
+                  flush=True)  # fmt: skip
+    # CUDA: the dequantization alone (the first half of dequant+GEMM), bytes read + written
+    # against the copy bandwidth; issue 24 asks >= 80%
+    dequant_rows = []
+    if device == "cuda":
+        print(f"\n| shape (K→N) | dequantize to {act_dtype} µs | GB/s | % of copy bandwidth |")
+        print("|---|---|---|---|")
+    for name, (k, n) in shapes if device == "cuda" else []:
+        weights = copies_past_l2(partial(random_int4, n, k, device), n * k // 2, device)
+        size = weights[0].nbytes + n * k * torch.tensor([], dtype=act_dtype).element_size()
+        us = timer(cycling(partial(dequantize_alone, dtype=act_dtype), weights))
+        rate = size / (us * 1e-6)
+        dequant_rows.append({"shape": name, "K": k, "N": n, "us": us, "GBps": rate / 1e9})
+        print(
+            f"| {name} | {us:.1f} | {rate / 1e9:.0f} | {100 * rate / bandwidth:.0f}% |", flush=True
+        )
     report = {
         "device": hardware, "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth / 1e9,
-        "group_size": GROUP, "act_dtype": str(act_dtype), "dense_dtype": str(dense_dtype), "results": results,
+        "group_size": GROUP, "act_dtype": str(act_dtype), "dense_dtype": str(dense_dtype),
+        "gemv_max_rows": int4_ops.GEMV_MAX_ROWS, "gemm_max_rows": int4_ops.GEMM_MAX_ROWS,
+        "cpu_gemv_max_rows": int4_ops.CPU_GEMV_MAX_ROWS, "cpu_gemm_min_rows": int4_ops.CPU_GEMM_MIN_ROWS,
+        "results": results, "dequantize": dequant_rows,
     }  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

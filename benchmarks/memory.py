@@ -5,6 +5,7 @@ Session's load and one describe, each step in its own process, timed, with its p
     python benchmarks/memory.py --work /big/disk              # writes ~14.5 GB of folders once
     python benchmarks/memory.py --work DIR --llm-layers 2 --clip-layers 2   # real widths, shallow
     python benchmarks/memory.py --work DIR --device cuda      # load + describe on a GPU too
+    python benchmarks/memory.py --work DIR --osprey           # Osprey-7b's layout: .bin shards + the OpenCLIP file (build only)
 
 Folders: lmsys/vicuna-7b-v1.5's config with random fp16 weights in two HF-named shards, and
 openai/clip-vit-large-patch14-336's (rgpt_rt/export/synthetic.py). Targets (issue 22): build
@@ -60,6 +61,20 @@ def make_folders(work: Path, llm_layers: int | None, clip_layers: int | None) ->
     return clip, llm
 
 
+def make_osprey_folders(work: Path, llm_layers: int | None) -> tuple[Path, Path]:
+    """Osprey-7b's folder (bf16 .bin shards, 4 of them so that writing holds ~3.4 GB at a
+    time) and OpenCLIP's ConvNeXt-L file (fp32, 1.4 GB), random weights."""
+    from rgpt_rt.export.synthetic_osprey import write_convnext_file, write_osprey_folder
+
+    folder = work / f"osprey-L{llm_layers or 32}"
+    convnext = work / "open_clip_pytorch_model.bin"
+    if not (folder / "pytorch_model.bin.index.json").is_file():
+        write_osprey_folder(folder, layers=llm_layers, shards=4)
+    if not convnext.is_file():
+        write_convnext_file(convnext)
+    return folder, convnext
+
+
 def run(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -76,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--osprey", action="store_true", help="Osprey-7b's files instead (build and bundle size)"
+    )
     args = parser.parse_args(argv)
+    if args.osprey:
+        return osprey_main(args)
 
     start = time.perf_counter()
     clip, llm = make_folders(args.work, args.llm_layers, args.clip_layers)
@@ -109,6 +129,33 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps({"rows": rows, "bundle_gb": size, "session": session}, indent=2)
         )
+    return 0
+
+
+def osprey_main(args) -> int:
+    """Build an Osprey-7b-shaped bundle from .bin shards: time, peak RSS, size. (--check's
+    parity and a Session describe follow once they run the osprey family.)"""
+    start = time.perf_counter()
+    folder, convnext = make_osprey_folders(args.work, args.llm_layers)
+    rows = [("write the random folder and file", time.perf_counter() - start, None)]
+    bundle, summary = args.work / f"bundle-{folder.name}", args.work / f"build-{folder.name}.json"
+    build = [sys.executable, "export/build_engine.py", "--osprey", str(folder)]
+    build += ["--convnext", str(convnext), "--out", str(bundle), "--trt", "off"]
+    _, seconds = run([*build, "--json", str(summary)])
+    manifest = json.loads(summary.read_text())
+    rows.append(("build (export/build_engine.py --osprey)", seconds, manifest["peak_rss_mb"] / 1e3))
+    size = sum(entry["bytes"] for entry in manifest["files"].values()) / GB
+    print(f"## Osprey full-size build, {folder.name}\n")
+    print("| step | seconds | peak memory (GB) |\n|---|---:|---:|")
+    for name, secs, peak in rows:
+        print(f"| {name} | {secs:.1f} | {'' if peak is None else f'{peak:.2f}'} |")
+    files = ", ".join(f"{k} {v['bytes'] / GB:.2f} GB" for k, v in manifest["files"].items())
+    print(f"\nbundle: {size:.2f} GB ({files})")
+    print(
+        "build steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in manifest["build_seconds"].items())
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "bundle_gb": size}, indent=2))
     return 0
 
 

@@ -5,6 +5,7 @@ and the INT4 LLM, with a manifest of hashes and parity errors.
     python export/build_engine.py                                   # the embedded default model -> build/bundles/tiny/
     python export/build_engine.py --checkpoint ckpt/ --out bundles/mine
     python export/build_engine.py --clip clip-vit-large-patch14-336/ --llm vicuna-7b-v1.5/ --rgpt-weights rgpt.safetensors
+    python export/build_engine.py --osprey Osprey-7b/ --convnext open_clip_pytorch_model.bin --out bundles/osprey
     python export/build_engine.py --check build/bundles/tiny        # re-verify from the bundle alone: exit 1 on any problem
 """
 
@@ -26,6 +27,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--llm", type=Path, help="a local LLaMA/Vicuna folder (with --clip)")
     source.add_argument(
         "--rgpt-weights", type=Path, help="refinement + connector weights (rgpt.safetensors)"
+    )
+    source.add_argument(
+        "--osprey", type=Path, help="an Osprey-7b folder (docs/osprey.md), with --convnext"
+    )
+    source.add_argument(
+        "--convnext",
+        type=Path,
+        help="OpenCLIP's ConvNeXt file for --osprey (open_clip_pytorch_model.bin or .safetensors)",
     )
     parser.add_argument(
         "--out",
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             clip=args.clip,
             llm=args.llm,
             rgpt_weights=args.rgpt_weights,
+            osprey=args.osprey,
+            convnext=args.convnext,
             quant=args.quant,
             group_size=args.group_size,
             calib=args.calib,

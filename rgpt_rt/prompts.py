@@ -1,4 +1,7 @@
-"""Task prompts (the paper's wording) and the Vicuna v1.1 chat template.
+"""Task prompts (the paper's wording) and the Vicuna v1.1 chat template, per model family.
+
+    template = chat_template(config.family)   # RegionGPT's, or Osprey's (system prompt, image line, prompts)
+    conv = Conversation.single(template.describe(detailed=True), template=template)
 
     conv = Conversation.single(describe_prompt(detailed=True))
     tokens = tokenize_conversation(tokenizer, conv, num_regions=1, num_image_tokens=64, tokens=cfg.tokens)
@@ -31,6 +34,15 @@ SYSTEM_PROMPT = (
 USER_ROLE = "USER:"
 ASSISTANT_ROLE = "ASSISTANT:"
 NO_MATCH_ANSWER = "No corresponding options found."
+
+# Osprey (osprey/conversation.py, template "osprey_v1", the one its demo uses): Vicuna v1.1's
+# layout with "human" for "user" in the system prompt; the demo's first turn opens with a line
+# after the image, and asks its two description questions (demo/osprey_inference.py).
+OSPREY_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+OSPREY_IMAGE_LINE = "\n\nThis provides an overview of the picture.\n"
 
 _REGION_PLACEHOLDER = re.compile(r"<region(\d*)>")
 _REFER_ANSWER = re.compile(r"Region \[(\d+)\]")
@@ -69,6 +81,51 @@ def describe_prompt(detailed: bool = True, region: int = 1) -> str:
     return f"Give a short description of <region{region}>."
 
 
+def osprey_describe_prompt(detailed: bool = True, region: int = 1) -> str:
+    """Osprey's demo questions, with <regionK> where its demo writes <mask><pos>."""
+    if detailed:
+        return f"Can you give me a detailed description of <region{region}>?"
+    return f"Please give me a short description of <region{region}>. Using a short phrase."
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """What differs between families in a prompt: the system prompt, the text written after
+    the image in the first turn (`<image>` + image_line + question), and the description
+    questions. The layout (Vicuna v1.1: "{system} USER: ... ASSISTANT: {answer}</s>") is shared."""
+
+    family: str
+    system: str
+    image_line: str
+    describe_questions: tuple[str, str]  # (short, detailed), with <region1>
+
+    def describe(self, detailed: bool = True, region: int = 1) -> str:
+        text = self.describe_questions[1 if detailed else 0]
+        return text.replace("<region1>", f"<region{region}>")
+
+
+REGIONGPT_TEMPLATE = ChatTemplate(
+    family="regiongpt",
+    system=SYSTEM_PROMPT,
+    image_line="\n",
+    describe_questions=(describe_prompt(False), describe_prompt(True)),
+)
+OSPREY_TEMPLATE = ChatTemplate(
+    family="osprey",
+    system=OSPREY_SYSTEM_PROMPT,
+    image_line=OSPREY_IMAGE_LINE,
+    describe_questions=(osprey_describe_prompt(False), osprey_describe_prompt(True)),
+)
+TEMPLATES = {t.family: t for t in (REGIONGPT_TEMPLATE, OSPREY_TEMPLATE)}
+
+
+def chat_template(family: str) -> ChatTemplate:
+    """The template of a model family (RGPTConfig.family)."""
+    if family not in TEMPLATES:
+        raise ValueError(f"no chat template for family {family!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[family]
+
+
 def refer_answer(index: int | None) -> str:
     """The answer for the 0-based region `index`, or the no-match answer for None."""
     return NO_MATCH_ANSWER if index is None else f"Region [{index + 1}]"
@@ -89,14 +146,22 @@ def parse_refer_answer(text: str, num_regions: int) -> int | None:
 @dataclass
 class Conversation:
     """Turns of (user text, assistant answer or None for the turn being asked).
-    The first user turn follows the image: `<image>\\n{text}`."""
+    The first user turn follows the image: `<image>` + the template's image line + text
+    (RegionGPT: `<image>\\n{text}`). `system` defaults to the template's."""
 
     turns: list[tuple[str, str | None]] = field(default_factory=list)
-    system: str = SYSTEM_PROMPT
+    system: str | None = None
+    template: ChatTemplate = REGIONGPT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if self.system is None:
+            self.system = self.template.system
 
     @classmethod
-    def single(cls, question: str, answer: str | None = None) -> Conversation:
-        return cls(turns=[(question, answer)])
+    def single(
+        cls, question: str, answer: str | None = None, template: ChatTemplate = REGIONGPT_TEMPLATE
+    ) -> Conversation:
+        return cls(turns=[(question, answer)], template=template)
 
     def add(self, question: str, answer: str | None = None) -> Conversation:
         if self.turns and self.turns[-1][1] is None:
@@ -123,7 +188,7 @@ class Conversation:
         for index, (question, answer) in enumerate(self.turns):
             prompt.template(f" {USER_ROLE} ")
             if index == 0:
-                prompt.template(f"{tokens.image}\n")
+                prompt.template(tokens.image + self.template.image_line)
             if namer is None:
                 prompt.user(question)
             else:
@@ -176,8 +241,9 @@ class PromptTokens:
 
 
 class RegionNamer:
-    """Writes a question's `<regionK>` / `<region>` placeholders as the region token, across
-    all turns of a conversation, remembering which 0-based mask each placeholder names."""
+    """Writes a question's `<regionK>` / `<region>` placeholders as the region's tokens (one
+    `<region>`, or Osprey's `<mask><pos>`), across all turns of a conversation, remembering
+    which 0-based mask each placeholder names."""
 
     def __init__(self, num_regions: int, region_token: str):
         self.num_regions = num_regions
@@ -258,7 +324,7 @@ def tokenize_conversation(
             raise ValueError(
                 "answers may not hold region placeholders; refer to regions as 'Region [k]'"
             )
-    namer = RegionNamer(num_regions, tokens.region)
+    namer = RegionNamer(num_regions, tokens.region_text)
     prompt = conversation.layout(tokens, namer)
     if require_all:
         namer.check_all_named()
@@ -266,11 +332,12 @@ def tokenize_conversation(
     ids, offsets = encode_prompt(tokenizer, prompt)
     image_id = _token_id(tokenizer, tokens.image)
     bos_id = _token_id(tokenizer, tokens.bos)
-    if ids.count(_token_id(tokenizer, tokens.region)) != len(namer.order):
-        raise ValueError(
-            f"the prompt's {len(namer.order)} region placeholder(s) did not each become one "
-            "region token; write text around placeholders without special-token strings"
-        )
+    for slot in tokens.region_slots:
+        if ids.count(_token_id(tokenizer, slot)) != len(namer.order):
+            raise ValueError(
+                f"the prompt's {len(namer.order)} region placeholder(s) did not each become "
+                f"one {slot} token; write text around placeholders without special-token strings"
+            )
     input_ids = [bos_id]
     labels = [IGNORE_INDEX]
     for token_id, (start, _end) in zip(ids, offsets):

@@ -47,10 +47,13 @@ def train_tokenizer(
 
 
 def ensure_special_tokens(tokenizer: Tokenizer, tokens: TokenConfig) -> Tokenizer:
-    """Add <image> and <region> (and any other missing rgpt_rt token) as special tokens.
-    Used for LLaMA/Vicuna tokenizers, whose vocabularies do not hold them; their ids then
-    lie past the LLM's embedding table, which is fine: those positions are always spliced."""
-    missing = [t for t in (tokens.image, tokens.region) if tokenizer.token_to_id(t) is None]
+    """Add <image> and the region tokens (<region>; Osprey's <mask> and <pos>) as special
+    tokens where the tokenizer lacks them. Used for LLaMA/Vicuna tokenizers, whose
+    vocabularies do not hold them; their ids then lie past the LLM's embedding table, which
+    is fine: those positions are always spliced. Tokens a checkpoint's tokenizer already has
+    (Osprey-7b's <mask>, <pos>) keep their ids."""
+    wanted = (tokens.image, *tokens.region_slots)
+    missing = [t for t in wanted if tokenizer.token_to_id(t) is None]
     if missing:
         tokenizer.add_special_tokens(
             [AddedToken(t, special=True, normalized=False) for t in missing]

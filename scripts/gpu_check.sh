@@ -3,13 +3,13 @@
 # kernels beside new ones), the 7B full-size memory path, compute-sanitizer over small mask
 # pooling and INT4 cases, and write a JSON summary. Two device calls cover it:
 #   DEADLINE=540 bash scripts/gpu_check.sh                                  # tests + benchmarks
-#   DEADLINE=540 STEPS="memory sanitizer sanitizer_int4" bash scripts/gpu_check.sh   # the rest
+#   DEADLINE=540 STEPS="memory sanitizer sanitizer_int4 sanitizer_decode" bash scripts/gpu_check.sh
 #
 # Every step gets the smaller of its own limit and the time left before DEADLINE seconds
 # (default 400), and steps that no longer fit are skipped and reported, so the script ends
 # by itself (summary written) before the device call's own limit kills it. STEPS picks the
-# steps after the build (default: tests latency decoder decoder_old int4 mask_pool, run in
-# that order; also memory, sanitizer, sanitizer_int4). decoder_old times the decode step on
+# steps after the build (default: tests latency decoder decoder_old int4 decode_ops mask_pool
+# osprey, run in that order; also memory, sanitizer, sanitizer_int4, sanitizer_decode). decoder_old times the decode step on
 # the previous kernels (RGPT_INT4_KERNEL=nk8i, RGPT_DECODE_STEP=unfused) in the same call as
 # decoder. memory writes 7B-shaped random folders (~15 GB in $BIG, default /tmp/rgpt_big),
 # builds, checks and loads the bundle on CUDA (issue 22's host RSS + device memory target).
@@ -23,7 +23,7 @@ rm -rf "$LOGS" && mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEADLINE=${DEADLINE:-400}
-STEPS=" ${STEPS:-tests latency decoder decoder_old int4 mask_pool} "
+STEPS=" ${STEPS:-tests latency decoder decoder_old int4 decode_ops mask_pool osprey} "
 status=0
 started=$(date +%s)
 skipped=()
@@ -79,8 +79,13 @@ TAIL=45 RGPT_INT4_KERNEL=nk8i RGPT_DECODE_STEP=unfused run_step decoder_old \
   --json "$LOGS/bench_decoder_old.json"
 TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
   $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
+TAIL=20 run_step decode_ops "benchmark fused decode ops (add_rms_norm, rope_kv_append, attention, silu_mul)" 60 \
+  "$LOGS/bench_decode_ops.log" $PY benchmarks/decode_ops.py --device cuda --json "$LOGS/bench_decode_ops.json"
 TAIL=14 run_step mask_pool "benchmark mask_pool" 60 "$LOGS/bench_mask_pool.log" \
   $PY benchmarks/mask_pool.py --device cuda --json "$LOGS/bench_mask_pool.json"
+TAIL=20 run_step osprey "benchmark Osprey-7B stages (1024 image tokens), random weights" 120 \
+  "$LOGS/bench_osprey.log" $PY benchmarks/osprey_stages.py --preset osprey-7b --device cuda \
+  --runs ${RUNS:-5} --json "$LOGS/bench_osprey.json"
 TAIL=20 run_step memory "7B full-size path: folders, build, --check, load + describe on CUDA" 420 \
   "$LOGS/bench_memory.log" $PY benchmarks/memory.py --work "${BIG:-/tmp/rgpt_big}" --device cuda \
   --threads "$(nproc)" --json "$LOGS/bench_memory.json"
@@ -93,7 +98,7 @@ SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
 if [[ "$STEPS" == *" sanitizer"* ]] && [ ! -x "$SANITIZER" ]; then
   echo "compute-sanitizer not found: sanitizer runs skipped"; skipped+=(sanitizer); status=1
 elif [[ "$STEPS" == *" sanitizer"* ]]; then
-  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer "compute-sanitizer memcheck: mask pool (small cases)" 100 \
+  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer "compute-sanitizer memcheck: mask pool (small cases)" 180 \
     "$LOGS/sanitizer_memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_mask_pool_cuda.py \
     -k "small and not graph and (float16 or bool or uint8 or pixel or empty or bad_input)"
@@ -103,6 +108,15 @@ elif [[ "$STEPS" == *" sanitizer"* ]]; then
   TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer_int4 "compute-sanitizer memcheck: INT4 GEMV (split-K, tiny)" 60 \
     "$LOGS/sanitizer_int4.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_int4_cuda.py -k "split_k or (tiny and not 128)"
+fi
+if [[ "$STEPS" == *" sanitizer_decode "* ]] && [ -x "$SANITIZER" ]; then
+  # the split-KV attention: shared memory and an atomic combine
+  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer_decode "compute-sanitizer memcheck: decode attention" 90 \
+    "$LOGS/sanitizer_decode.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_decode_fused_cuda.py -k "decode_attention_cuda and (tiny or hd96)"
+  TAIL=8 run_step sanitizer_decode "compute-sanitizer racecheck: decode attention" 90 \
+    "$LOGS/sanitizer_decode_race.log" "$SANITIZER" --tool racecheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_decode_fused_cuda.py -k "decode_attention_cuda and tiny"
 fi
 
 step "summary"
@@ -126,7 +140,7 @@ if (logs / "gpu_tests.xml").exists():
         for bad in list(case.findall("failure")) + list(case.findall("error")):
             failures[f"{case.get('classname')}::{case.get('name')}"] = (bad.get("message") or "")[:400]
 summary["gpu_test_failures"] = failures
-for tool in ("memcheck", "racecheck", "int4"):
+for tool in ("memcheck", "racecheck", "int4", "decode", "decode_race"):
     summary[f"sanitizer_{tool}"] = last_line(f"sanitizer_{tool}.log")
 (logs / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bench_")}, indent=2))

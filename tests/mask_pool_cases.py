@@ -1,5 +1,5 @@
-"""Inputs and tolerances shared by the CPU (tests/test_mask_pool.py) and CUDA
-(tests/gpu/test_mask_pool_cuda.py) tests of rgpt_rt.ops.mask_pool.
+"""Inputs and tolerances shared by the CPU (tests/test_mask_pool.py, tests/test_mask_pool_levels.py)
+and CUDA (tests/gpu/test_mask_pool_cuda.py) tests of rgpt_rt.ops.mask_pool and mask_pool_levels.
 
 Tolerances (STYLE.md principle 4), against the float64 reference:
 - float16 / bfloat16 features: the kernels accumulate in fp32 and round once; the reference
@@ -21,10 +21,11 @@ import math
 import torch
 
 from rgpt_rt.ops import mask_cell_weights, mask_pool_reference
+from rgpt_rt.ops.mask_pool import BINARY_EPSILON
 
 FEATURE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASK_DTYPES = [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64]
-MODES = ["area", "bilinear"]
+MODES = ["area", "bilinear", "binary"]
 
 # (B, H, W, C, N, Hm, Wm): awkward shapes, each named for what it stresses
 SHAPES = {
@@ -38,6 +39,18 @@ SHAPES = {
     "mask-wider-than-4096": (1, 3, 5, 8, 2, 20, 9000),
     "grid-wider-than-2048": (1, 2, 2100, 4, 2, 8, 3000),
 }
+
+# Several levels pooled in one call: (B, [(H, W, C) per level], N, Hm, Wm), each named for what
+# it stresses. Osprey's real levels (128x128x192, 64x64x384, 32x32x768, 16x16x1536 from a
+# 512-px image) are OSPREY_LEVELS; "osprey-narrow" is their geometry at a quarter of the size.
+LEVEL_SETS = {
+    "osprey-narrow": (1, [(32, 32, 8), (16, 16, 16), (8, 8, 32), (4, 4, 64)], 5, 128, 128),
+    "three-images-mixed-grids": (3, [(7, 13, 5), (12, 10, 130), (1, 1, 3)], 21, 50, 77),
+    "mask-wider-than-4096": (1, [(3, 5, 8), (2, 7, 4)], 2, 20, 9000),
+    "grid-wider-than-2048-beside-a-small-one": (1, [(2, 2100, 4), (5, 3, 67)], 2, 8, 3000),
+    "a-level-without-channels": (1, [(6, 6, 0), (3, 3, 8)], 3, 30, 30),
+}
+OSPREY_LEVELS = [(128, 128, 192), (64, 64, 384), (32, 32, 768), (16, 16, 1536)]
 
 
 def ulp(values: torch.Tensor) -> torch.Tensor:
@@ -82,6 +95,28 @@ def check_against_reference(pool, features, masks, batch_index=None, mode="area"
     """Run `pool` (the op) and compare it with mask_pool_reference at the tolerance of the
     features' dtype. Inputs may live on any device; the reference runs on the CPU."""
     actual = pool(features, masks, batch_index, mode=mode)
+    assert_matches_reference(actual, features, masks, batch_index, mode)
+    return actual.cpu()
+
+
+def check_levels_against_reference(pool_levels, levels, masks, batch_index=None, mode="area"):
+    """Run `pool_levels` (mask_pool_levels) once and compare each level's block of columns
+    with mask_pool_reference on that level, at the tolerance of the features' dtype."""
+    actual = pool_levels(levels, masks, batch_index, mode=mode)
+    assert actual.shape == (masks.shape[0], sum(level.shape[3] for level in levels))
+    column = 0
+    for level in levels:
+        channels = level.shape[3]
+        assert_matches_reference(
+            actual[:, column : column + channels], level, masks, batch_index, mode
+        )
+        column += channels
+    return actual.cpu()
+
+
+def assert_matches_reference(actual, features, masks, batch_index=None, mode="area"):
+    """`actual` [N, C] against mask_pool_reference (fp64, on the CPU) at the tolerance of the
+    features' dtype (this module's docstring)."""
     cpu_index = None if batch_index is None else batch_index.cpu()
     expected64 = mask_pool_reference(features.cpu().double(), masks.cpu(), cpu_index, mode=mode)
     assert actual.dtype == features.dtype and actual.shape == expected64.shape
@@ -95,13 +130,15 @@ def check_against_reference(pool, features, masks, batch_index=None, mode="area"
         )
         fp32_sum_error = 16 * torch.finfo(torch.float32).eps * magnitude
         assert_close_ulps(actual, expected64.to(features.dtype), atol=fp32_sum_error)
-    return actual
 
 
-def weighted_mean(weights: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def weighted_mean(weights: torch.Tensor, grid: torch.Tensor, mode: str = "area") -> torch.Tensor:
     """[N, K] weights, [K, C] features -> [N, C]: sum(w * f) / sum(w) in fp64, zeros where a
-    mask has no weight (as mask_pool_reference; bilinear mode can miss a one-pixel mask)."""
+    mask has no weight (as mask_pool_reference; bilinear and binary modes can miss a one-pixel
+    mask); binary mode divides by count + 1e-8, as Osprey does."""
     total = weights.sum(1, keepdim=True)
+    if mode == "binary":
+        return (weights @ grid) / (total + BINARY_EPSILON)
     return torch.where(total > 0, (weights @ grid) / total, 0.0)
 
 
@@ -142,3 +179,26 @@ def region_masks(count: int, height: int, width: int, seed: int = 0) -> torch.Te
 def random_features(batch, height, width, channels, dtype, seed=0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, height, width, channels, generator=generator).to(dtype)
+
+
+def level_features(batch, levels, dtype, seed=0) -> list[torch.Tensor]:
+    """One random [B, H, W, C] map per (H, W, C) of `levels`."""
+    return [
+        random_features(batch, height, width, channels, dtype, seed=seed + k)
+        for k, (height, width, channels) in enumerate(levels)
+    ]
+
+
+def fragile_lines(cells: int, pixels: int) -> torch.Tensor:
+    """[cells] bool: the output indices along an axis where a float computation of the bilinear
+    source coordinate (torch's, in fp32 or fp64, fused or not) may disagree with the exact one
+    about which pixels carry weight: the exact coordinate (pixels (2i + 1) - cells) / (2 cells)
+    is an integer or lies within 2^-20 * pixels of one (far more than fp32 rounding of a
+    coordinate below `pixels`; torch's CPU kernel floors even fp64 coordinates in fp32)."""
+    i = torch.arange(cells, dtype=torch.int64)
+    numerator = pixels * (2 * i + 1) - cells
+    denominator = 2 * cells
+    remainder = numerator % denominator  # in [0, denominator)
+    distance = torch.minimum(remainder, denominator - remainder).double() / denominator
+    near = distance <= 2**-20 * pixels
+    return near & (numerator.double() / denominator >= -(2**-20) * pixels)  # below 0: clamped

@@ -1,4 +1,5 @@
-"""rgpt_rt.ops.mask_pool on the CPU (the C++ kernel) against mask_pool_reference.
+"""rgpt_rt.ops.mask_pool on the CPU (the C++ kernel) against mask_pool_reference, in every mode
+(area, bilinear, binary). Several levels in one call: tests/test_mask_pool_levels.py.
 
 Tolerances are derived in tests/mask_pool_cases.py (1 output ulp for fp16/bf16; 2x torch's
 own fp32 error for fp32). The CUDA twin of this file is tests/gpu/test_mask_pool_cuda.py."""
@@ -69,19 +70,48 @@ def test_weights_are_the_references_exactly_up_to_fp32_rounding():
     masks = region_masks(6, 1000, 333, seed=5)
     for mode in MODES:
         weights = mask_cell_weights(masks, height, width, mode).flatten(1)
-        expected = weighted_mean(weights, torch.eye(height * width, dtype=torch.float64))
+        expected = weighted_mean(weights, torch.eye(height * width, dtype=torch.float64), mode)
         actual = mask_pool(features, masks, mode=mode).double()
         torch.testing.assert_close(actual, expected, rtol=2 * 2**-24, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "mask_height", "mask_width"),
+    [(7, 13, 100, 33), (6, 5, 2, 2), (32, 32, 512, 512), (16, 16, 1024, 1024), (9, 11, 9, 11)],
+    ids=["fragile-column", "upsampled", "osprey-32-from-512", "osprey-16-from-1024", "same-size"],
+)
+def test_binary_mode_selects_exactly_the_references_cells(height, width, mask_height, mask_width):
+    """Binary weights are 0 or 1, so with one-hot features the pooled vector is exactly
+    fp32(1 / count) on the selected cells and 0 elsewhere: any cell the kernel selects
+    differently from the reference shows. "fragile-column" holds a cell whose bilinear
+    source coordinate torch's fp32 arithmetic misses (tests/test_mask_pool_reference.py)."""
+    cells = height * width
+    features = torch.eye(cells, dtype=torch.float32).reshape(1, height, width, cells)
+    masks = region_masks(5, mask_height, mask_width, seed=cells)
+    weights = mask_cell_weights(masks, height, width, "binary").flatten(1)  # [N, cells]
+    expected = (weights / weights.sum(1, keepdim=True).clamp(min=1)).float()
+    assert torch.equal(mask_pool(features, masks, mode="binary"), expected)
+
+
+def test_binary_mode_counts_positive_pixels_of_signed_float_masks():
+    generator = torch.Generator().manual_seed(4)
+    features = random_features(2, 7, 13, 40, torch.float32)
+    masks = torch.randn(5, 100, 63, generator=generator)  # half the pixels negative
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        check_against_reference(
+            pool, features, masks.to(dtype), torch.tensor([1, 0, 1, 1, 0]), "binary"
+        )
 
 
 def test_empty_masks_give_zeros():
     features = random_features(2, 6, 6, 8, torch.float16)
     masks = torch.zeros(3, 30, 30, dtype=torch.bool)
     masks[1, 4:9, 20:25] = True
-    pooled = mask_pool(features, masks, torch.tensor([0, 1, 1]))
-    assert torch.equal(pooled[0], torch.zeros(8, dtype=torch.float16))
-    assert torch.equal(pooled[2], torch.zeros(8, dtype=torch.float16))
-    assert pooled[1].abs().sum() > 0
+    for mode in MODES:
+        pooled = mask_pool(features, masks, torch.tensor([0, 1, 1]), mode=mode)
+        assert torch.equal(pooled[0], torch.zeros(8, dtype=torch.float16))
+        assert torch.equal(pooled[2], torch.zeros(8, dtype=torch.float16))
+        assert pooled[1].abs().sum() > 0
 
 
 def test_no_masks_give_an_empty_result():
@@ -148,7 +178,7 @@ def test_real_shapes(real_map, side):
     grid = real_map[0].double().flatten(0, 1)  # [H*W, C]
     for mode in MODES:
         weights = mask_cell_weights(masks, 96, 96, mode).flatten(1)  # [N, H*W]
-        expected = weighted_mean(weights, grid)
+        expected = weighted_mean(weights, grid, mode)
         assert_close_ulps(mask_pool(real_map, masks, mode=mode), expected.to(torch.float16))
 
 
@@ -157,7 +187,7 @@ def test_the_real_shape_expectation_is_the_reference():
     masks = region_masks(4, 40, 40)
     for mode in MODES:
         weights = mask_cell_weights(masks, 12, 12, mode).flatten(1)
-        shortcut = weighted_mean(weights, features[0].flatten(0, 1))
+        shortcut = weighted_mean(weights, features[0].flatten(0, 1), mode)
         reference = mask_pool_reference(features, masks, mode=mode)
         torch.testing.assert_close(shortcut, reference, rtol=0, atol=1e-12)  # fp64 reordering
 

@@ -1,14 +1,17 @@
-"""mask_pool_reference against cases computed by hand, and against an independent brute force.
+"""mask_pool_reference against cases computed by hand, against an independent brute force, and
+(binary mode) against a transcription of Osprey's MaskPooling and torch's own interpolation.
 
 Area weights of binary masks are exact in float64 (integer overlaps over a common
-denominator), so hand-computed cases compare at 1e-12."""
+denominator), so hand-computed cases compare at 1e-12. Binary weights are exact 0/1."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mask_pool_cases import fragile_lines, region_masks
 
 from rgpt_rt.ops import mask_cell_weights, mask_pool_reference
+from rgpt_rt.ops.mask_pool import bilinear_taps
 
 EXACT = dict(rtol=0, atol=1e-12)  # float64 arithmetic on exactly representable weights
 
@@ -64,7 +67,7 @@ def test_an_empty_mask_gives_zeros():
     features = grid(4, 4)
     masks = torch.zeros(2, 9, 9, dtype=torch.bool)
     masks[1, 3, 3] = True
-    for mode in ("area", "bilinear"):
+    for mode in ("area", "bilinear", "binary"):
         pooled = mask_pool_reference(features, masks, mode=mode)
         assert torch.equal(pooled[0], torch.zeros(3, dtype=torch.float64))
         assert pooled[1].abs().sum() > 0
@@ -179,3 +182,108 @@ def test_output_keeps_the_features_dtype(dtype):
 def test_bad_input_names_the_argument(features, masks, batch_index, mode, message):
     with pytest.raises(ValueError, match=message):
         mask_pool_reference(features, masks, batch_index, mode=mode)
+
+
+# ---- binary mode: Osprey's pooling ----------------------------------------------------------
+
+
+def osprey_mask_pooling(grid: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Osprey's MaskPooling written from its formula in this test (not through the project's
+    code): grid [C, H, W], masks [N, Hm, Wm] -> [N, C] in the masks' dtype. A mask of another
+    size than the grid is resized bilinearly (align_corners=False), then binarised by > 0;
+    each mask's vector is sum over its cells / (count + 1e-8)."""
+    height, width = grid.shape[1:]
+    if tuple(masks.shape[1:]) != (height, width):
+        masks = F.interpolate(
+            masks[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
+    inside = (masks > 0).to(masks.dtype).flatten(1)  # [N, H*W]
+    count = inside.sum(dim=1, keepdim=True)
+    return (inside @ grid.flatten(1).T.to(masks.dtype)) / (count + 1e-8)
+
+
+@pytest.mark.parametrize("side", [512, 1024, 333])
+def test_binary_mode_is_osprey_mask_pooling(side):
+    """Osprey's four levels of a 512-px image (grids 128, 64, 32, 16; few channels here):
+    the cells binary mode selects are exactly those of F.interpolate(masks.float()) > 0, the
+    float32 computation Osprey runs, and the pooled vectors are Osprey's formula's."""
+    masks = region_masks(4, side, side, seed=side)
+    for cells in (128, 64, 32, 16):
+        grid = torch.randn(3, cells, cells, dtype=torch.float64)
+        weights = mask_cell_weights(masks, cells, cells, mode="binary")
+        osprey = F.interpolate(
+            masks[None].float(), size=(cells, cells), mode="bilinear", align_corners=False
+        )[0]
+        assert torch.equal(weights, (osprey > 0).double())
+        pooled = mask_pool_reference(grid.permute(1, 2, 0)[None], masks, mode="binary")
+        torch.testing.assert_close(pooled, osprey_mask_pooling(grid, masks.double()), **EXACT)
+
+
+def test_binary_mode_by_hand():
+    features = grid(1, 2)  # one row of 2 cells
+    # 8 pixels onto 2 cells: source coordinates 1.5 and 5.5, taps {1, 2} and {5, 6}
+    assert bilinear_taps(2, 8).nonzero().tolist() == [[0, 1], [0, 2], [1, 5], [1, 6]]
+    mask = torch.zeros(1, 1, 8, dtype=torch.bool)
+    mask[0, 0, 0] = True  # on no tap: the region vanishes, as in Osprey
+    assert torch.equal(mask_pool_reference(features, mask, mode="binary"), torch.zeros(1, 3))
+    mask[0, 0, 2] = True  # a tap of cell 0 only
+    pooled = mask_pool_reference(features, mask, mode="binary")
+    torch.testing.assert_close(pooled[0], features[0, 0, 0] / (1 + 1e-8), **EXACT)
+    mask[0, 0, 5] = True  # and one of cell 1
+    pooled = mask_pool_reference(features, mask, mode="binary")
+    torch.testing.assert_close(pooled[0], features[0, 0].sum(0) / (2 + 1e-8), **EXACT)
+    # upsampling 2 pixels onto 5 cells: coordinates 0 (clamped), 0.1, 0.5, 0.9, 1.3 (last pixel)
+    assert bilinear_taps(5, 2).tolist() == [[1, 0], [1, 1], [1, 1], [1, 1], [0, 1]]
+
+
+def test_binary_mode_divides_by_count_plus_epsilon():
+    features = grid(6, 7)
+    masks = region_masks(3, 30, 35, seed=2)
+    weights = mask_cell_weights(masks, 6, 7, mode="binary")
+    assert set(weights.unique().tolist()) <= {0.0, 1.0}
+    count = weights.sum(dim=(1, 2))
+    summed = torch.einsum("nij,ijc->nc", weights, features[0])
+    torch.testing.assert_close(
+        mask_pool_reference(features, masks, mode="binary"),
+        summed / (count[:, None] + 1e-8),
+        **EXACT,
+    )
+
+
+# (cells, pixels): Osprey's levels from 512-, 1024-, 640- and 480-px masks, then awkward sizes
+TAP_SIZES = [(128, 512), (16, 1024), (128, 640), (64, 480), (32, 333), (96, 336), (7, 1000),
+             (13, 33), (5, 3), (7, 2), (1, 17), (3, 1), (2100, 3000), (6, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cells", "pixels"), TAP_SIZES, ids=[f"{c}-from-{p}" for c, p in TAP_SIZES]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_binary_taps_are_where_torch_puts_weight(cells, pixels, dtype):
+    """The pixels F.interpolate weighs (nonzero) for each output index are bilinear_taps', on
+    every line where a float coordinate cannot differ from the exact one (fragile_lines); for
+    power-of-two cell counts (Osprey's levels) on every line, as bilinear_taps says."""
+    basis = torch.eye(pixels, dtype=dtype)[:, None, :]  # [pixels, 1, pixels]: one pixel each
+    weights = F.interpolate(basis, size=cells, mode="linear", align_corners=False)[:, 0].T
+    taps = bilinear_taps(cells, pixels)  # [cells, pixels]
+    differ = (weights != 0) != taps
+    if cells & (cells - 1) == 0 and 2 * pixels * cells <= 2**24:
+        assert not differ.any()
+    assert not differ[~fragile_lines(cells, pixels)].any()
+
+
+def test_a_fragile_line_takes_the_exact_taps():
+    """13 cells over 33 pixels: cell 6's source coordinate is exactly 16, which fp32 does not
+    hit (33/13 is not a binary fraction): the exact rule gives pixel 16 alone, where torch's
+    fp32 kernel may add pixel 15 or 17 with a weight of ~1e-7, enough for > 0 to select it."""
+    assert fragile_lines(13, 33).nonzero().flatten().tolist() == [6]
+    assert bilinear_taps(13, 33)[6].nonzero().flatten().tolist() == [16]
+
+
+def test_binary_mode_counts_positive_pixels_of_signed_masks():
+    """Float masks are coverages in [0, 1]; a negative value counts as outside (it cannot
+    cancel a positive neighbour, as it could inside F.interpolate)."""
+    features = grid(2, 2)
+    mask = torch.tensor([[[-1.0, 0.25], [0.0, -3.0]]])  # same size as the grid
+    pooled = mask_pool_reference(features, mask, mode="binary")
+    torch.testing.assert_close(pooled[0], features[0, 0, 1] / (1 + 1e-8), **EXACT)

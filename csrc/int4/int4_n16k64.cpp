@@ -46,4 +46,39 @@ int64_t int4_gemv_n16k64_workspace_bytes(int64_t m, int64_t n, int splits) {
   return (tiles * 4 + 15) / 16 * 16 + int64_t{4} * splits * m * n;
 }
 
+int int4_gemm_n16k64_splits(int64_t m, int64_t n, int64_t k, int64_t group_size, int multiprocessors) {
+  if (m > kN16K64GemmBlockRows || m < 1) return 1;
+  const int64_t sms = std::max(1, multiprocessors);
+  const int64_t tiles = (n + kN16K64TileRows - 1) / kN16K64TileRows;
+  const int64_t columns = (tiles + kN16K64GemmWarps - 1) / kN16K64GemmWarps;
+  const int64_t steps = (k + kN16K64StepInputs - 1) / kN16K64StepInputs;
+  const int64_t steps_per_group = group_size % 64 == 0 ? group_size / 64 : 1;
+  // partial sums (written and read: 8 bytes per split, row and output) at most 4× the weight (K/2 per output)
+  const int64_t by_traffic = std::max<int64_t>(1, k / (16 * m));
+  const int64_t most = std::clamp<int64_t>(std::min(steps / 8, by_traffic), 1, 32);
+  int best = 1;
+  double best_fill = 0.0;
+  for (int64_t splits = 1; splits <= most; ++splits) {
+    // the splits the kernel really runs: whole groups per split, none empty
+    int64_t per_split = (steps + splits - 1) / splits;
+    per_split = (per_split + steps_per_group - 1) / steps_per_group * steps_per_group;
+    const int64_t real = (steps + per_split - 1) / per_split;
+    const int64_t blocks = columns * real;
+    const double fill = static_cast<double>(blocks) / static_cast<double>((blocks + sms - 1) / sms * sms);
+    if (fill >= 0.9) return static_cast<int>(real);
+    if (fill > best_fill + 1e-9) best = static_cast<int>(real), best_fill = fill;
+  }
+  return best;
+}
+
+int64_t int4_gemm_n16k64_counter_bytes(int64_t n) {
+  const int64_t tiles = (n + kN16K64TileRows - 1) / kN16K64TileRows;
+  const int64_t columns = (tiles + kN16K64GemmWarps - 1) / kN16K64GemmWarps;
+  return (columns * 4 + 15) / 16 * 16;
+}
+
+int64_t int4_gemm_n16k64_partial_bytes(int64_t m, int64_t n, int splits) {
+  return splits <= 1 ? 0 : int64_t{4} * splits * m * n;
+}
+
 }  // namespace rgpt

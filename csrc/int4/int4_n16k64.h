@@ -25,6 +25,8 @@ namespace rgpt {
 constexpr int64_t kN16K64TileRows = 16;    // output rows per tile
 constexpr int64_t kN16K64StepInputs = 64;  // inputs per step (one 16-byte chunk per lane)
 constexpr int kN16K64GemvWarps = 4;        // GEMV warps per block, all on one tile
+constexpr int kN16K64GemmWarps = 8;        // GEMM warps per block, one tile each (128 output rows)
+constexpr int kN16K64GemmBlockRows = 64;   // GEMM rows of x per block (more rows: more blocks)
 
 struct N16K64Params {
   const void* x = nullptr;          // [M, K] rows contiguous (dtype)
@@ -58,6 +60,14 @@ void int4_dequant_n16k64_cpu_entry(uintptr_t qweight, uintptr_t scales, uintptr_
                                    int64_t row_begin, int64_t row_end, int num_threads,
                                    bool use_simd);
 
+// --- CPU GEMM (csrc/int4/int4_n16k64_gemm_cpu.cpp) -------------------------------------------------
+// The same product for prefill row counts: each tile of W dequantized once per 256 inputs into a
+// panel in L1, then a register-blocked micro-kernel over every row of x (float32 x, bias, out).
+void int4_gemm_n16k64_cpu(const N16K64Params& p, int num_threads, bool use_simd);
+void int4_gemm_n16k64_cpu_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+                                uintptr_t bias, uintptr_t out, int64_t m, int64_t n, int64_t k,
+                                int64_t group_size, int num_threads, bool use_simd);
+
 // --- GEMV launch plan (csrc/int4/int4_n16k64.cpp; pure arithmetic, built without CUDA too) ----
 // Split-K plan for the GEMV: how many blocks share a tile's K range (1 = none), for a device with
 // `multiprocessors` SMs.
@@ -68,6 +78,17 @@ int int4_gemv_n16k64_splits(int64_t n, int64_t k, int multiprocessors);
 // launch; every launch leaves them zero again, so a workspace is zeroed once and reused (by one
 // launch at a time: two GEMVs running concurrently need two workspaces).
 int64_t int4_gemv_n16k64_workspace_bytes(int64_t m, int64_t n, int splits);
+
+// --- GEMM launch plan (csrc/int4/int4_n16k64.cpp) -------------------------------------------------
+// Split-K factor for the CUDA GEMM (M rows of x): 1 for M > 64 (blocks in z fill the GPU), else the
+// fewest splits whose blocks (ceil(N / 128) per split) fill one block per SM to >= 90%, with at
+// least 8 steps (512 inputs) and whole groups per split and partial sums at most 4× the weight's
+// bytes. To be tuned on a GPU (benchmarks/int4.py --splits).
+int int4_gemm_n16k64_splits(int64_t m, int64_t n, int64_t k, int64_t group_size, int multiprocessors);
+// Bytes of the GEMM's split-K counters (int32, one per block column, padded to 16; zero them once,
+// every launch leaves them zero) and of its fp32 partial sums [splits, M, N] (0 for 1 split).
+int64_t int4_gemm_n16k64_counter_bytes(int64_t n);
+int64_t int4_gemm_n16k64_partial_bytes(int64_t m, int64_t n, int splits);
 
 #ifdef RGPT_WITH_CUDA
 // --- CUDA (csrc/int4/int4_n16k64_cuda.cu) -------------------------------------------------------
@@ -86,6 +107,16 @@ void int4_gemv_n16k64_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scale
 void int4_dequant_n16k64_cuda_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                                     uintptr_t out, int64_t n, int64_t k, int64_t group_size,
                                     int dtype, uintptr_t stream);
+
+// --- CUDA GEMM (csrc/int4/int4_n16k64_gemm_cuda.cu) ----------------------------------------------
+// out[M, N] = x[M, K] @ W^T + bias for x fp16 or bf16 (any M >= 1; meant for 9..64, the prefill of a
+// question), the packed tiles read straight into tensor-core fragments. x, qweight, scales and
+// zeros 16-byte aligned. splits > 1 (M <= 64): fp32 partials through `partial`, added by the last
+// block of each column (counters: int4_gemm_n16k64_counter_bytes, zeroed once): deterministic.
+void int4_gemm_n16k64_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+                                 uintptr_t bias, uintptr_t out, uintptr_t counters, uintptr_t partial,
+                                 int64_t m, int64_t n, int64_t k, int64_t group_size, int splits,
+                                 int dtype, uintptr_t stream);
 #endif
 
 }  // namespace rgpt

@@ -1,11 +1,15 @@
-// Mask pooling kernels: one vector per region, the mask-weighted mean of a feature grid
-// (DESIGN.md §1). The kernels see raw pointers and this params struct, never a Tensor;
-// mask_pool_host.cpp validates what Python passes and dispatches to the CPU or CUDA path.
+// Mask pooling kernels: one vector per region and feature level, the mask-weighted mean of
+// each level's feature grid (DESIGN.md §1). The kernels see raw pointers and this params
+// struct, never a Tensor; mask_pool_host.cpp validates what Python passes and dispatches to
+// the CPU or CUDA path.
 //
-//   features [B, H, W, C] float32/float16/bfloat16 (channels last, contiguous)
-//   masks    [N, Hm, Wm]  bool/uint8 (nonzero = inside) or float32/float16/bfloat16/float64
+//   levels[l].features [B, H_l, W_l, C_l] float32/float16/bfloat16 (channels last, contiguous),
+//                      every level of one dtype and one batch B
+//   masks       [N, Hm, Wm] bool/uint8 (nonzero = inside) or float32/float16/bfloat16/float64
 //   batch_index [N] int64, the image of each mask (validated: every value in [0, B))
-//   out      [N, C] in the features' dtype:  sum(w * f) / sum(w), accumulated in fp32
+//   out         [N, sum_l C_l] in the features' dtype: level l in columns
+//               [out_column_l, out_column_l + C_l); sum(w * f) / sum(w), accumulated in fp32
+//               (binary mode: sum(f) / (count + 1e-8), Osprey's form)
 #pragma once
 
 #include <cstdint>
@@ -19,12 +23,26 @@
 namespace rgpt::mask_pool {
 
 enum class Scalar { kFloat32, kFloat16, kBFloat16, kFloat64, kByte };  // kByte: bool or uint8
-enum class Mode { kArea, kBilinear };
+enum class Mode { kArea, kBilinear, kBinary };
+
+// Levels pooled in one call: Osprey's four (ConvNeXt strides 4, 8, 16, 32); RegionGPT uses one.
+constexpr int kMaxLevels = 4;
+
+// Osprey's denominator: sum / (count + 1e-8). In fp32, count + 1e-8f == count for count >= 1
+// (1e-8 is below half an ulp of 1), and an empty mask gives 0 / 1e-8 = 0.
+constexpr float kBinaryEpsilon = 1e-8f;
+
+struct Level {
+  const void* features = nullptr;  // [B, H, W, C]
+  int64_t height = 0, width = 0, channels = 0;
+  int64_t out_column = 0;  // where this level's C columns start in a row of out
+};
 
 struct Params {
-  const void* features = nullptr;  // [B, H, W, C]
   Scalar features_dtype = Scalar::kFloat32;
-  int64_t batch = 0, height = 0, width = 0, channels = 0;
+  int64_t batch = 0;
+  int num_levels = 0;
+  Level levels[kMaxLevels];
 
   const void* masks = nullptr;  // [N, Hm, Wm]
   Scalar masks_dtype = Scalar::kByte;
@@ -33,7 +51,8 @@ struct Params {
   const int64_t* batch_index = nullptr;  // [N], on the kernel's device
   Mode mode = Mode::kArea;
 
-  void* out = nullptr;  // [N, C], features_dtype
+  void* out = nullptr;  // [N, out_channels], features_dtype
+  int64_t out_channels = 0;  // sum of the levels' C
 
   // Scratch memory allocated by the caller (the kernels never allocate): *_workspace_bytes.
   void* workspace = nullptr;
@@ -88,15 +107,40 @@ RGPT_HOST_DEVICE inline BilinearTap bilinear_tap(int64_t cell, int64_t cells, in
   return t;
 }
 
-// CPU: threads over (mask, band of cell rows) for the weights, then over (masks of one image,
-// channel block) for the weighted sums. `num_threads` >= 1 is respected exactly (at most that
-// many threads run, fewer for small inputs).
+// Binary mode (Osprey): cell i is selected when the bilinear resampling of the mask
+// (F.interpolate, align_corners=False) is > 0 there. For masks without negative values that
+// holds exactly when one of the cell's taps *with nonzero weight* lands on a set pixel (the
+// interpolated value is a sum of non-negative terms: no cancellation, no rounding can make a
+// positive term vanish). So only the taps are needed, and they are computed here in integer
+// arithmetic: the source coordinate of cell i is (pixels * (2i + 1) - cells) / (2 * cells),
+// clamped at 0; `lo` is its floor; `hi` = lo + 1 carries weight iff the division leaves a
+// remainder (and lo is not the last pixel). Exact for every size: no float is involved.
+struct BinaryTap {
+  int64_t lo, hi;  // hi == lo when a single pixel carries the cell's weight
+};
+
+RGPT_HOST_DEVICE inline BinaryTap binary_tap(int64_t cell, int64_t cells, int64_t pixels) {
+  const int64_t numerator = pixels * (2 * cell + 1) - cells, denominator = 2 * cells;
+  BinaryTap t;
+  if (numerator <= 0) {  // the coordinate is clamped at 0: pixel 0 alone
+    t.lo = t.hi = 0;
+    return t;
+  }
+  t.lo = numerator / denominator;  // < pixels: the coordinate is below pixels - 1/2
+  t.hi = numerator % denominator != 0 && t.lo < pixels - 1 ? t.lo + 1 : t.lo;
+  return t;
+}
+
+// CPU: threads over (level, mask, band of cell rows) for the weights, then over (level, masks
+// of one image, channel block) for the weighted sums. `num_threads` >= 1 is respected exactly
+// (at most that many threads run, fewer for small inputs).
 int64_t cpu_workspace_bytes(const Params& p, int num_threads);
 void run_cpu(const Params& p, int num_threads);
 
 #ifdef RGPT_WITH_CUDA
-// CUDA: three launches on `stream` (a cudaStream_t), no allocation, no synchronisation.
-// `device` is the current CUDA device (the caller sets it); it sizes the grid.
+// CUDA: three launches on `stream` (a cudaStream_t) for all levels together, no allocation,
+// no synchronisation. `device` is the current CUDA device (the caller sets it); it sizes the
+// grid.
 int64_t cuda_workspace_bytes(const Params& p, int device);
 void run_cuda(const Params& p, int device, void* stream);
 #endif

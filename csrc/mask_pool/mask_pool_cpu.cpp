@@ -1,17 +1,22 @@
-// Mask pooling on the CPU (how it works: README.md in this folder).
+// Mask pooling on the CPU (how it works: README.md in this folder). All levels of a call go
+// through each phase together, so a phase starts its threads once for every level.
 //
 // 0. Masks are sorted by image (counting sort) and cut into groups of at most kGroup masks of
-//    one image. Each group owns a weight table [cell][slot] (slots rounded up to 4).
-// 1. Weights, tasks over (mask, band of cell rows), separably. For cell row i, first down
-//    the mask rows it touches, u[q] = sum_p ry(i, p) * m[p, q] (long contiguous loops over
-//    each mask row), then across, w[i, j] = sum_q cx(j, q) * u[q] (a span of u per cell).
-//    Binary masks count the rows wholly inside the cell row with byte counters, so their
-//    weights are exact integers (units of 1/(H*W) pixel) until stored as fp32; float masks
-//    accumulate u in fp32. A record per (mask, cell row) keeps the row's weight total.
-// 2. Cell lists, tasks over groups: the cells any mask of the group weights.
-// 3. Sums, tasks over (group, block of kBlock channels): the listed cells, kPanel at a time,
-//    are gathered into fp32 panels (features converted once, weights copied) and accumulated
-//    by a register tile of 4 masks x 16 channels.
+//    one image. Each group owns a weight table [cell][slot] per level (slots rounded up to 4).
+// 1. Weights, tasks over (level, group, band of cell rows). Area: separably. For cell row i,
+//    first down the mask rows it touches, u[q] = sum_p ry(i, p) * m[p, q] (long contiguous
+//    loops over each mask row), then across, w[i, j] = sum_q cx(j, q) * u[q] (a span of u per
+//    cell). Binary masks count the rows wholly inside the cell row with byte counters, so
+//    their weights are exact integers (units of 1/(H*W) pixel) until stored as fp32; float
+//    masks accumulate u in fp32. Bilinear: 4 taps per cell in fp64. Binary mode: 1 when a
+//    tap that carries weight lands on a set pixel, else 0 (integer taps: exact).
+//    A record per (mask, cell row) keeps the row's weight total.
+//    Each (group, cell row) also zeroes its padding slots.
+// 2. Cell lists, tasks over (level, group): the cells any mask of the group weights.
+// 3. Sums, tasks over (level, group, block of kBlock channels): the listed cells, kPanel at a
+//    time, are gathered into fp32 panels (features converted once, weights copied) and
+//    accumulated by register tiles of 4 masks x 16 channels, each over the panel's cells
+//    where one of its masks has weight.
 // Each task writes its own outputs in a fixed order: the result does not depend on the
 // number of threads.
 #include <algorithm>
@@ -76,10 +81,16 @@ struct RowRecord {
 constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// One level's part of the workspace (byte offsets).
+struct LevelLayout {
+  int64_t table, records, row_axis, col_axis, group_cells, cell_lists;
+};
+
 struct Layout {
   int64_t groups_bound;  // at most ceil(N / kGroup) + min(B, N) groups
-  int64_t table, records, row_axis, col_axis, order, group_start, group_table, group_cells;
-  int64_t cell_lists, mask_table, mask_stride, counts, scratch;
+  int64_t order, group_start, group_slots, mask_base, mask_slot, mask_stride, counts;
+  LevelLayout level[kMaxLevels];
+  int64_t scratch;
   int64_t scratch_u, scratch_count, scratch_row;       // phase 1, per thread
   int64_t scratch_acc, scratch_panel, scratch_wpanel;  // phase 3, per thread (same memory)
   int64_t scratch_per_thread;
@@ -94,28 +105,37 @@ Layout make_layout(const Params& p, int threads) {
     end = align_up(end + bytes, 64);
     return start;
   };
-  const int64_t n = p.num_masks, cells = p.height * p.width;
+  const int64_t n = p.num_masks;
   l.groups_bound = ceil_div(n, kGroup) + std::min(p.batch, n);
   // weight tables: sum over groups of 4 * ceil(size / 4) slots <= N + 3 * groups
   const int64_t slots = n + 3 * l.groups_bound;
-  const int64_t axis_entry = std::max<int64_t>(sizeof(AxisSpan), sizeof(BilinearTap));
-  l.table = take(slots * cells * static_cast<int64_t>(sizeof(float)));
-  l.records = take(n * p.height * static_cast<int64_t>(sizeof(RowRecord)));
-  l.row_axis = take(p.height * axis_entry);
-  l.col_axis = take(p.width * axis_entry);
+  constexpr int64_t axis_entry = std::max(
+      {sizeof(AxisSpan), sizeof(BilinearTap), sizeof(BinaryTap)});
   l.order = take(n * 8);
   l.group_start = take((l.groups_bound + 1) * 8);
-  l.group_table = take((l.groups_bound + 1) * 8);
-  l.group_cells = take(l.groups_bound * 8);
-  l.cell_lists = take(l.groups_bound * cells * 8);
-  l.mask_table = take(n * 8);
+  l.group_slots = take((l.groups_bound + 1) * 8);
+  l.mask_base = take(n * 8);
+  l.mask_slot = take(n * 8);
   l.mask_stride = take(n * 8);
   l.counts = take((p.batch + 1) * 8);
+  int64_t widest = 0;
+  for (int k = 0; k < p.num_levels; ++k) {
+    const Level& level = p.levels[k];
+    const int64_t cells = level.height * level.width;
+    LevelLayout& ll = l.level[k];
+    ll.table = take(slots * cells * static_cast<int64_t>(sizeof(float)));
+    ll.records = take(n * level.height * static_cast<int64_t>(sizeof(RowRecord)));
+    ll.row_axis = take(level.height * axis_entry);
+    ll.col_axis = take(level.width * axis_entry);
+    ll.group_cells = take(l.groups_bound * 8);
+    ll.cell_lists = take(l.groups_bound * cells * 8);
+    widest = std::max(widest, level.width);
+  }
   // per thread: u (4 bytes per mask column), byte counters, one cell row of weights (double)
   l.scratch_u = 0;
   l.scratch_count = align_up(p.mask_width * 4, 64);
   l.scratch_row = l.scratch_count + align_up(p.mask_width, 64);
-  const int64_t phase1 = l.scratch_row + align_up(p.width * 8, 64);
+  const int64_t phase1 = l.scratch_row + align_up(widest * 8, 64);
   l.scratch_acc = 0;
   l.scratch_panel = l.scratch_acc + kGroup * kBlock * 4;
   l.scratch_wpanel = l.scratch_panel + kPanel * kBlock * 4;
@@ -150,38 +170,64 @@ void parallel_for(int64_t tasks, int threads, const std::function<void(int64_t, 
   for (auto& t : pool) t.join();
 }
 
+// Tasks of several levels counted as one range: level k owns [first[k], first[k + 1]).
+struct LevelTasks {
+  int64_t first[kMaxLevels + 1] = {};
+  int levels = 0;
+
+  int64_t total() const { return first[levels]; }
+  // (level, task within the level) of task t < total()
+  std::pair<int, int64_t> find(int64_t t) const {
+    int k = 0;
+    while (t >= first[k + 1]) ++k;
+    return {k, t - first[k]};
+  }
+};
+
 // ---- 1. cell weights ----------------------------------------------------------------------
+// The masks' groups, as phase 1 addresses a weight: level table + cells * base[n] + slot[n],
+// then + cell * stride[n] for each cell.
+struct Slots {
+  const int64_t* base;    // [N]: the first slot of mask n's group, over all groups
+  const int64_t* slot;    // [N]: mask n's slot in its group
+  const int64_t* stride;  // [N]: slots per cell of its group's table
+};
+
 struct WeightsJob {
   const Params& p;
-  const AxisSpan* rows;         // [H] (area)
-  const AxisSpan* cols;         // [W] (area)
-  const BilinearTap* row_taps;  // [H] (bilinear)
-  const BilinearTap* col_taps;  // [W] (bilinear)
-  float* table;                 // the groups' weight tables
-  const int64_t* mask_table;    // [N]: where mask n's column of its group's table starts
-  const int64_t* mask_stride;   // [N]: that table's slots per cell
+  int64_t height, width;        // the level's grid
+  const void* row_axis;         // [H]: AxisSpan (area), BilinearTap or BinaryTap
+  const void* col_axis;         // [W]
+  float* table;                 // the groups' weight tables of this level
+  Slots slots;
   RowRecord* records;           // [N, H]
+
+  template <typename Axis>
+  const Axis& row(int64_t i) const { return static_cast<const Axis*>(row_axis)[i]; }
+  template <typename Axis>
+  const Axis& col(int64_t j) const { return static_cast<const Axis*>(col_axis)[j]; }
 };
 
 // Stores one cell row of weights (as fp32) in the mask's group table, and its record.
 void store_row(const WeightsJob& job, int64_t n, int64_t i, const double* row) {
-  const int64_t width = job.p.width, stride = job.mask_stride[n];
-  float* w = job.table + job.mask_table[n] + i * width * stride;
+  const int64_t width = job.width, stride = job.slots.stride[n];
+  float* w = job.table + job.slots.base[n] * job.height * width + job.slots.slot[n] +
+             i * width * stride;
   double total = 0;
   for (int64_t j = 0; j < width; ++j) {
     const float v = static_cast<float>(row[j]);
     w[j * stride] = v;
     total += v;
   }
-  job.records[n * job.p.height + i] = RowRecord{total};
+  job.records[n * job.height + i] = RowRecord{total};
 }
 
 // row[j] = sum_q cx(j, q) * u[q] for every cell column j.
 template <typename U, typename Sum>
 void sum_columns(const WeightsJob& job, const U* u, double* row) {
-  const double full = static_cast<double>(job.p.width);  // a pixel wholly inside the cell
-  for (int64_t j = 0; j < job.p.width; ++j) {
-    const AxisSpan c = job.cols[j];
+  const double full = static_cast<double>(job.width);  // a pixel wholly inside the cell
+  for (int64_t j = 0; j < job.width; ++j) {
+    const AxisSpan& c = job.col<AxisSpan>(j);
     double w = static_cast<double>(c.first) * static_cast<double>(u[c.lo]);
     if (c.hi != c.lo) {
       Sum inside = 0;
@@ -200,7 +246,7 @@ void area_row_binary(const WeightsJob& job, int64_t n, int64_t i, char* scratch,
   uint32_t* u = reinterpret_cast<uint32_t*>(scratch + l.scratch_u);
   uint8_t* count = reinterpret_cast<uint8_t*>(scratch + l.scratch_count);
   const uint8_t* mask = static_cast<const uint8_t*>(p.masks) + n * p.mask_height * wm;
-  const AxisSpan r = job.rows[i];
+  const AxisSpan& r = job.row<AxisSpan>(i);
 
   // rows wholly inside the cell row: byte counters, added to u before they can wrap
   std::fill(u, u + wm, 0u);
@@ -215,7 +261,7 @@ void area_row_binary(const WeightsJob& job, int64_t n, int64_t i, char* scratch,
       pending = 0;
     }
   }
-  const uint32_t full = static_cast<uint32_t>(p.height);
+  const uint32_t full = static_cast<uint32_t>(job.height);
   for (int64_t q = 0; q < wm; ++q) u[q] = (u[q] + count[q]) * full;
   // the boundary rows, by their overlaps
   const uint32_t first = static_cast<uint32_t>(r.first);
@@ -239,11 +285,11 @@ void area_row_float(const WeightsJob& job, int64_t n, int64_t i, char* scratch, 
   const int64_t wm = p.mask_width;
   float* u = reinterpret_cast<float*>(scratch + l.scratch_u);
   const Storage* mask = static_cast<const Storage*>(p.masks) + n * p.mask_height * wm;
-  const AxisSpan r = job.rows[i];
+  const AxisSpan& r = job.row<AxisSpan>(i);
   std::fill(u, u + wm, 0.0f);
   for (int64_t row = r.lo; row <= r.hi; ++row) {
     const float weight = static_cast<float>(
-        row == r.lo ? r.first : (row == r.hi ? r.last : p.height));  // overlap, units of 1/H
+        row == r.lo ? r.first : (row == r.hi ? r.last : job.height));  // overlap, units of 1/H
     const Storage* m = mask + row * wm;
     for (int64_t q = 0; q < wm; ++q) u[q] += weight * Element<S>::load(m[q]);
   }
@@ -252,36 +298,107 @@ void area_row_float(const WeightsJob& job, int64_t n, int64_t i, char* scratch, 
   store_row(job, n, i, row);
 }
 
+// Mask element (y, x) of mask n: its value (fp64), and whether it is set (binary mode: > 0
+// in its own precision; bool/uint8: nonzero).
+template <Scalar S>
+struct MaskReader {
+  const void* masks;
+  int64_t offset;  // n * Hm * Wm
+  int64_t width;
+
+  int64_t at(int64_t y, int64_t x) const { return offset + y * width + x; }
+  double value(int64_t y, int64_t x) const {
+    if constexpr (S == Scalar::kByte) {
+      return static_cast<const uint8_t*>(masks)[at(y, x)] != 0 ? 1.0 : 0.0;
+    } else if constexpr (S == Scalar::kFloat64) {
+      return static_cast<const double*>(masks)[at(y, x)];
+    } else {
+      using Storage = typename Element<S>::Storage;
+      return Element<S>::load(static_cast<const Storage*>(masks)[at(y, x)]);
+    }
+  }
+  bool set(int64_t y, int64_t x) const {
+    if constexpr (S == Scalar::kByte) return static_cast<const uint8_t*>(masks)[at(y, x)] != 0;
+    return value(y, x) > 0;  // fp16/bf16 -> fp32 and fp64 as is: exact, so the sign is kept
+  }
+};
+
 // Bilinear weights of one cell row: F.interpolate(align_corners=False), in fp64.
 template <Scalar S>
 void bilinear_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, const Layout& l) {
   const Params& p = job.p;
-  const int64_t wm = p.mask_width;
-  const BilinearTap ty = job.row_taps[i];
-  auto value = [&](int64_t y, int64_t x) -> double {
-    const int64_t at = (n * p.mask_height + y) * wm + x;
-    if constexpr (S == Scalar::kByte) {
-      return static_cast<const uint8_t*>(p.masks)[at] != 0 ? 1.0 : 0.0;
-    } else if constexpr (S == Scalar::kFloat64) {
-      return static_cast<const double*>(p.masks)[at];
-    } else {
-      using Storage = typename Element<S>::Storage;
-      return Element<S>::load(static_cast<const Storage*>(p.masks)[at]);
-    }
-  };
+  const MaskReader<S> mask{p.masks, n * p.mask_height * p.mask_width, p.mask_width};
+  const BilinearTap& ty = job.row<BilinearTap>(i);
   double* row = reinterpret_cast<double*>(scratch + l.scratch_row);
-  for (int64_t j = 0; j < p.width; ++j) {
-    const BilinearTap tx = job.col_taps[j];
-    const double top = (1.0 - tx.frac) * value(ty.lo, tx.lo) + tx.frac * value(ty.lo, tx.hi);
-    const double bottom = (1.0 - tx.frac) * value(ty.hi, tx.lo) + tx.frac * value(ty.hi, tx.hi);
+  for (int64_t j = 0; j < job.width; ++j) {
+    const BilinearTap& tx = job.col<BilinearTap>(j);
+    const double top =
+        (1.0 - tx.frac) * mask.value(ty.lo, tx.lo) + tx.frac * mask.value(ty.lo, tx.hi);
+    const double bottom =
+        (1.0 - tx.frac) * mask.value(ty.hi, tx.lo) + tx.frac * mask.value(ty.hi, tx.hi);
     row[j] = (1.0 - ty.frac) * top + ty.frac * bottom;
   }
   store_row(job, n, i, row);
 }
 
+// Binary weights of one cell row (Osprey): 1 where a tap that carries weight is set, else 0.
+// The two mask rows of the cell row's taps are read at the cells' tap columns; bool/uint8
+// masks OR their four bytes, float masks compare each with 0. No branch on the result:
+// region edges would mispredict.
+template <Scalar S>
+void binary_row(const WeightsJob& job, int64_t n, int64_t i) {
+  const Params& p = job.p;
+  const BinaryTap& ty = job.row<BinaryTap>(i);
+  const BinaryTap* cols = &job.col<BinaryTap>(0);
+  const int64_t width = job.width, stride = job.slots.stride[n];
+  float* w = job.table + job.slots.base[n] * job.height * width + job.slots.slot[n] +
+             i * width * stride;
+  int64_t count = 0;
+  if constexpr (S == Scalar::kByte) {
+    const uint8_t* mask = static_cast<const uint8_t*>(p.masks) + n * p.mask_height * p.mask_width;
+    const uint8_t* top = mask + ty.lo * p.mask_width;
+    const uint8_t* bottom = mask + ty.hi * p.mask_width;
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t lo = cols[j].lo, hi = cols[j].hi;
+      const bool set = (top[lo] | top[hi] | bottom[lo] | bottom[hi]) != 0;
+      w[j * stride] = static_cast<float>(set);
+      count += set;
+    }
+  } else {
+    const MaskReader<S> mask{p.masks, n * p.mask_height * p.mask_width, p.mask_width};
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t lo = cols[j].lo, hi = cols[j].hi;
+      const bool set = mask.set(ty.lo, lo) | mask.set(ty.lo, hi) | mask.set(ty.hi, lo) |
+                       mask.set(ty.hi, hi);
+      w[j * stride] = static_cast<float>(set);
+      count += set;
+    }
+  }
+  job.records[n * job.height + i] = RowRecord{static_cast<double>(count)};
+}
+
+// Binary mode reads two mask rows per cell row, a few hundred bytes each: too short for the
+// hardware prefetchers. The next mask's rows are requested while this one's are read.
+template <Scalar S>
+void prefetch_binary_rows(const WeightsJob& job, int64_t n, int64_t i) {
+  const Params& p = job.p;
+  const BinaryTap& ty = job.row<BinaryTap>(i);
+  constexpr int64_t element =
+      S == Scalar::kByte ? 1 : (S == Scalar::kFloat64 ? 8 : (S == Scalar::kFloat32 ? 4 : 2));
+  const int64_t first = job.col<BinaryTap>(0).lo * element;
+  const int64_t last = job.col<BinaryTap>(job.width - 1).hi * element;
+  const char* mask = static_cast<const char*>(p.masks) + n * p.mask_height * p.mask_width * element;
+  for (const int64_t row : {ty.lo, ty.hi}) {
+    const char* at = mask + row * p.mask_width * element;
+    for (int64_t b = first; b <= last; b += 64) __builtin_prefetch(at + b);
+  }
+}
+
 template <Scalar S>
 void weights_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, const Layout& l) {
-  if (job.p.mode == Mode::kBilinear) {
+  if (job.p.mode == Mode::kBinary) {
+    binary_row<S>(job, n, i);
+  } else if (job.p.mode == Mode::kBilinear) {
     bilinear_row<S>(job, n, i, scratch, l);
   } else if constexpr (S == Scalar::kByte) {
     area_row_binary(job, n, i, scratch, l);
@@ -337,40 +454,88 @@ RGPT_HOT void load_block(const uint16_t* src, float* dst, int n, Scalar dtype) {
   std::fill(dst + n, dst + kBlock, 0.0f);
 }
 
-// acc[m][c] += sum_k weights[k][m] * panel[k][c] for m < 4 * quads, c < 16 * strips: a
-// register tile of 4 masks x 16 channels stays in registers across the k loop.
-RGPT_HOT void accumulate_panel(const float* panel, const float* weights, int cells, int quads,
-                               int strips, float* acc) {
-  for (int quad = 0; quad < quads; ++quad) {
-    for (int strip = 0; strip < 16 * strips; strip += 16) {
-      f32x8 tile[4][2] = {};
-      for (int k = 0; k < cells; ++k) {
-        f32x8 x0, x1;
-        std::memcpy(&x0, panel + k * kBlock + strip, sizeof x0);
-        std::memcpy(&x1, panel + k * kBlock + strip + 8, sizeof x1);
-        const float* w = weights + k * kGroup + 4 * quad;
-        for (int r = 0; r < 4; ++r) {
-          tile[r][0] += w[r] * x0;
-          tile[r][1] += w[r] * x1;
-        }
-      }
-      for (int r = 0; r < 4; ++r) {
-        float* a = acc + (4 * quad + r) * kBlock + strip;
-        for (int c = 0; c < 8; ++c) {
-          a[c] += tile[r][0][c];
-          a[8 + c] += tile[r][1][c];
-        }
-      }
+// acc[m][c] += sum_k weights[k][m] * panel[k][c] for the tile's R masks and 16 * S channels
+// from `strip`, over the panel cells k whose bit is set in `cells` (the others weigh 0 for all
+// R masks): R x 2S vectors of 8 sums stay in registers across the k loop (every loop over the
+// tile is unrolled, so that the compiler keeps it there).
+template <int R, int S>
+inline __attribute__((always_inline)) void accumulate_tile(const float* panel,
+                                                           const float* weights, uint32_t cells,
+                                                           int strip, float* acc) {
+  f32x8 tile[R][2 * S];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < 2 * S; ++v) tile[r][v] = f32x8{};
+  }
+  for (; cells != 0; cells &= cells - 1) {
+    const int k = __builtin_ctz(cells);
+    f32x8 x[2 * S];
+#pragma GCC unroll 8
+    for (int v = 0; v < 2 * S; ++v) {
+      std::memcpy(&x[v], panel + k * kBlock + strip + 8 * v, sizeof x[v]);
+    }
+    const float* w = weights + k * kGroup;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < 2 * S; ++v) tile[r][v] += w[r] * x[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* a = acc + r * kBlock + strip;
+#pragma GCC unroll 8
+    for (int v = 0; v < 2 * S; ++v) {
+      f32x8 sum;
+      std::memcpy(&sum, a + 8 * v, sizeof sum);
+      sum += tile[r][v];
+      std::memcpy(a + 8 * v, &sum, sizeof sum);
     }
   }
 }
 
+// acc[m][c] += sum_k weights[k][m] * panel[k][c] for m < masks, c < 16 * strips, k < kPanel.
+// quad_cells[q]: the panel's cells where a mask of quad q (masks 4q..4q+3) has weight; each
+// quad skips the others (the listed cells are the union of the group's regions, and regions
+// rarely all cover a cell). Tiles of 4 masks x 16 channels; the last 1-3 masks take wider
+// tiles (1 x 64, 2 x 32 channels), so that 8 independent sums hide the latency of the
+// multiply-adds. Every tile shape adds in the same order (k, then into acc): the result does
+// not depend on the tiling, and skipping a cell only leaves out a product with weight 0.
+RGPT_HOT void accumulate_panel(const float* panel, const float* weights,
+                               const uint32_t* quad_cells, int masks, int strips, float* acc) {
+  const int channels = 16 * strips;
+  int m = 0;
+  for (; m + 4 <= masks; m += 4) {
+    for (int strip = 0; strip < channels; strip += 16) {
+      accumulate_tile<4, 1>(panel, weights + m, quad_cells[m / 4], strip, acc + m * kBlock);
+    }
+  }
+  const float* w = weights + m;
+  float* a = acc + m * kBlock;
+  const uint32_t cells = m < masks ? quad_cells[m / 4] : 0;
+  int strip = 0;
+  switch (masks - m) {
+    case 1:
+      for (; strip + 64 <= channels; strip += 64) accumulate_tile<1, 4>(panel, w, cells, strip, a);
+      for (; strip < channels; strip += 16) accumulate_tile<1, 1>(panel, w, cells, strip, a);
+      break;
+    case 2:
+      for (; strip + 32 <= channels; strip += 32) accumulate_tile<2, 2>(panel, w, cells, strip, a);
+      for (; strip < channels; strip += 16) accumulate_tile<2, 1>(panel, w, cells, strip, a);
+      break;
+    case 3:
+      for (; strip < channels; strip += 16) accumulate_tile<3, 1>(panel, w, cells, strip, a);
+      break;
+    default:
+      break;
+  }
+}
+
 struct Groups {
-  const int64_t* order;        // mask indices sorted by image
-  const int64_t* start;        // [groups + 1] into order
-  const int64_t* table;        // [groups + 1]: offset of each group's weight table
-  const int64_t* cell_count;   // [groups]: listed cells
-  const int64_t* cell_lists;   // [groups][H * W]: the cells any mask of the group weights
+  const int64_t* order;  // mask indices sorted by image
+  const int64_t* start;  // [groups + 1] into order
+  const int64_t* slots;  // [groups + 1]: the first slot of each group, over all groups
   int64_t count;
 };
 
@@ -379,32 +544,53 @@ int group_size(const Groups& g, int64_t group) {
 }
 int64_t group_stride(const Groups& g, int64_t group) { return 4 * ceil_div(group_size(g, group), 4); }
 
-// 2. The cells any of the group's masks weights; zeroes the padding slots of its table.
-void list_cells(const Params& p, const Groups& g, float* table, int64_t group, int64_t* list,
-                int64_t* listed) {
-  const int64_t cells = p.height * p.width, size = group_size(g, group);
-  const int64_t stride = group_stride(g, group);
-  float* w = table + g.table[group];
+// One level's tables, as phases 2 and 3 read them.
+struct LevelTables {
+  const Level* level;
+  float* table;               // the groups' weight tables: group g at cells * slots[g]
+  const RowRecord* records;   // [N, H]
+  int64_t* cell_count;        // [groups]: listed cells
+  int64_t* cell_lists;        // [groups][H * W]: the cells any mask of the group weights
+  int64_t cells;
+};
+
+// 2. The cells any of the group's masks weights (phase 1 zeroed the padding slots, so every
+//    slot of a cell can be tested: Q quads, a fixed count the compiler vectorises).
+template <int Q>
+int64_t list_weighted_cells(const float* w, int64_t cells, int64_t* list) {
   int64_t count = 0;
-  for (int64_t cell = 0; cell < cells; ++cell, w += stride) {
+  for (int64_t cell = 0; cell < cells; ++cell, w += 4 * Q) {
     bool any = false;
-    for (int64_t s = 0; s < size; ++s) any |= w[s] != 0;
-    for (int64_t s = size; s < stride; ++s) w[s] = 0;
-    if (any) list[count++] = cell;
+    for (int s = 0; s < 4 * Q; ++s) any |= w[s] != 0;  // nan counts: it must poison its row
+    list[count] = cell;  // kept when `any` (no branch: region edges would mispredict)
+    count += any;
   }
-  *listed = count;
+  return count;
 }
 
-// 3. One group of masks (one image) over one channel block.
+void list_cells(const Groups& g, const LevelTables& t, int64_t group) {
+  const float* w = t.table + t.cells * g.slots[group];
+  int64_t* list = t.cell_lists + group * t.cells;
+  int64_t count = 0;
+  switch (group_stride(g, group) / 4) {
+    case 1: count = list_weighted_cells<1>(w, t.cells, list); break;
+    case 2: count = list_weighted_cells<2>(w, t.cells, list); break;
+    case 3: count = list_weighted_cells<3>(w, t.cells, list); break;
+    default: count = list_weighted_cells<4>(w, t.cells, list); break;
+  }
+  t.cell_count[group] = count;
+}
+
+// 3. One group of masks (one image) over one channel block of one level.
 template <Scalar F>
-void pool_group(const Params& p, const Groups& g, const float* table, const RowRecord* records,
-                int64_t group, int64_t block, char* scratch, const Layout& l) {
+void pool_group(const Params& p, const Groups& g, const LevelTables& t, int64_t group,
+                int64_t block, char* scratch, const Layout& l) {
   using Storage = typename Element<F>::Storage;
-  const int64_t height = p.height, width = p.width, channels = p.channels;
+  const Level& level = *t.level;
+  const int64_t channels = level.channels;
   const int64_t* members = g.order + g.start[group];
   const int size = group_size(g, group);
   const int stride = static_cast<int>(group_stride(g, group));
-  const int quads = stride / 4;
   const int64_t image = p.batch_index[members[0]];
   const int64_t c0 = block * kBlock;
   const int block_width = static_cast<int>(std::min<int64_t>(kBlock, channels - c0));
@@ -415,12 +601,14 @@ void pool_group(const Params& p, const Groups& g, const float* table, const RowR
   float* wpanel = reinterpret_cast<float*>(scratch + l.scratch_wpanel);  // [kPanel][kGroup]
   std::fill(acc, acc + kGroup * kBlock, 0.0f);
   const Storage* grid =
-      static_cast<const Storage*>(p.features) + image * height * width * channels + c0;
-  const float* weights = table + g.table[group];
-  const int64_t* list = g.cell_lists + group * height * width;
-  const int64_t listed = g.cell_count[group];
+      static_cast<const Storage*>(level.features) + image * t.cells * channels + c0;
+  const float* weights = t.table + t.cells * g.slots[group];
+  const int64_t* list = t.cell_lists + group * t.cells;
+  const int64_t listed = t.cell_count[group];
+  static_assert(kPanel <= 32, "a panel's cells are the bits of a uint32_t");
   for (int64_t k0 = 0; k0 < listed; k0 += kPanel) {
     const int cells = static_cast<int>(std::min<int64_t>(kPanel, listed - k0));
+    uint32_t quad_cells[kGroup / 4] = {};
     for (int k = 0; k < cells; ++k) {
       // the features of a cell further on: each task walks the grid with a stride of C
       // elements, which the hardware prefetchers follow too late
@@ -430,20 +618,33 @@ void pool_group(const Params& p, const Groups& g, const float* table, const RowR
       }
       const int64_t cell = list[k0 + k];
       load_block(grid + cell * channels, panel + k * kBlock, block_width, F);
-      std::memcpy(wpanel + k * kGroup, weights + cell * stride, sizeof(float) * stride);
+      const float* w = weights + cell * stride;
+      std::memcpy(wpanel + k * kGroup, w, sizeof(float) * stride);
+      for (int q = 0; q < stride / 4; ++q) {
+        const bool any = (w[4 * q] != 0) | (w[4 * q + 1] != 0) | (w[4 * q + 2] != 0) |
+                         (w[4 * q + 3] != 0);  // nan counts: it must poison its mask's row
+        quad_cells[q] |= static_cast<uint32_t>(any) << k;
+      }
     }
-    accumulate_panel(panel, wpanel, cells, quads, strips, acc);
+    accumulate_panel(panel, wpanel, quad_cells, size, strips, acc);
   }
 
   Storage* out = static_cast<Storage*>(p.out);
   for (int m = 0; m < size; ++m) {
     const int64_t n = members[m];
     double total = 0;
-    for (int64_t i = 0; i < height; ++i) total += records[n * height + i].total;
-    Storage* o = out + n * channels + c0;
+    for (int64_t i = 0; i < level.height; ++i) total += t.records[n * level.height + i].total;
+    Storage* o = out + n * p.out_channels + level.out_column + c0;
     for (int c = 0; c < block_width; ++c) {
-      const double mean = total > 0 ? static_cast<double>(acc[m * kBlock + c]) / total : 0.0;
-      o[c] = Element<F>::store(static_cast<float>(mean));
+      const float sum = acc[m * kBlock + c];
+      float mean;
+      if (p.mode == Mode::kBinary) {
+        // Osprey's sum / (count + 1e-8), in fp32 as the CUDA path divides (count is exact)
+        mean = sum / (static_cast<float>(total) + kBinaryEpsilon);
+      } else {
+        mean = static_cast<float>(total > 0 ? static_cast<double>(sum) / total : 0.0);
+      }
+      o[c] = Element<F>::store(mean);
     }
   }
 }
@@ -460,7 +661,7 @@ int64_t element_bytes(Scalar s) {
 template <Scalar F, Scalar M>
 void run_typed(const Params& p, int threads) {
   const Layout l = make_layout(p, threads);
-  const int64_t n = p.num_masks, height = p.height, width = p.width, cells = height * width;
+  const int64_t n = p.num_masks;
   auto threads_for = [threads](int64_t bytes) {
     return static_cast<int>(std::clamp<int64_t>(bytes / kBytesPerThread, 1, threads));
   };
@@ -479,64 +680,122 @@ void run_typed(const Params& p, int threads) {
     if (!same_image || k - start[groups - 1] == kGroup) start[groups++] = k;
   }
   start[groups] = n;
-  int64_t* group_table = carve<int64_t>(p, l.group_table);
-  int64_t* mask_table = carve<int64_t>(p, l.mask_table);
+  int64_t* group_slots = carve<int64_t>(p, l.group_slots);
+  int64_t* mask_base = carve<int64_t>(p, l.mask_base);
+  int64_t* mask_slot = carve<int64_t>(p, l.mask_slot);
   int64_t* mask_stride = carve<int64_t>(p, l.mask_stride);
-  Groups g{order, start, group_table, carve<int64_t>(p, l.group_cells),
-           carve<int64_t>(p, l.cell_lists), groups};
-  group_table[0] = 0;
+  const Groups g{order, start, group_slots, groups};
+  group_slots[0] = 0;
   for (int64_t group = 0; group < groups; ++group) {
     const int64_t stride = group_stride(g, group);
-    group_table[group + 1] = group_table[group] + cells * stride;
+    group_slots[group + 1] = group_slots[group] + stride;
     for (int64_t k = start[group]; k < start[group + 1]; ++k) {
-      mask_table[order[k]] = group_table[group] + (k - start[group]);
+      mask_base[order[k]] = group_slots[group];
+      mask_slot[order[k]] = k - start[group];
       mask_stride[order[k]] = stride;
     }
   }
+  const Slots slots{mask_base, mask_slot, mask_stride};
 
-  // axis tables
-  AxisSpan* rows = carve<AxisSpan>(p, l.row_axis);
-  AxisSpan* cols = carve<AxisSpan>(p, l.col_axis);
-  BilinearTap* row_taps = carve<BilinearTap>(p, l.row_axis);
-  BilinearTap* col_taps = carve<BilinearTap>(p, l.col_axis);
-  for (int64_t i = 0; i < height; ++i) {
-    if (p.mode == Mode::kArea) rows[i] = area_span(i, height, p.mask_height);
-    else row_taps[i] = bilinear_tap(i, height, p.mask_height);
+  // axis tables and each level's tables
+  std::vector<WeightsJob> jobs;
+  std::vector<LevelTables> tables;
+  for (int k = 0; k < p.num_levels; ++k) {
+    const Level& level = p.levels[k];
+    const LevelLayout& ll = l.level[k];
+    char* row_axis = carve<char>(p, ll.row_axis);
+    char* col_axis = carve<char>(p, ll.col_axis);
+    auto fill_axis = [&p](char* axis, int64_t cells, int64_t pixels) {
+      for (int64_t i = 0; i < cells; ++i) {
+        if (p.mode == Mode::kArea) {
+          reinterpret_cast<AxisSpan*>(axis)[i] = area_span(i, cells, pixels);
+        } else if (p.mode == Mode::kBilinear) {
+          reinterpret_cast<BilinearTap*>(axis)[i] = bilinear_tap(i, cells, pixels);
+        } else {
+          reinterpret_cast<BinaryTap*>(axis)[i] = binary_tap(i, cells, pixels);
+        }
+      }
+    };
+    fill_axis(row_axis, level.height, p.mask_height);
+    fill_axis(col_axis, level.width, p.mask_width);
+    float* table = carve<float>(p, ll.table);
+    RowRecord* records = carve<RowRecord>(p, ll.records);
+    jobs.push_back(WeightsJob{p, level.height, level.width, row_axis, col_axis, table, slots,
+                              records});
+    tables.push_back(LevelTables{&level, table, records, carve<int64_t>(p, ll.group_cells),
+                                 carve<int64_t>(p, ll.cell_lists), level.height * level.width});
   }
-  for (int64_t j = 0; j < width; ++j) {
-    if (p.mode == Mode::kArea) cols[j] = area_span(j, width, p.mask_width);
-    else col_taps[j] = bilinear_tap(j, width, p.mask_width);
-  }
-
-  // 1. weights: tasks over (mask, band of cell rows); enough bands to keep every thread busy
-  float* table = carve<float>(p, l.table);
-  RowRecord* records = carve<RowRecord>(p, l.records);
-  const WeightsJob job{p, rows, cols, row_taps, col_taps, table, mask_table, mask_stride, records};
-  const int64_t bands = std::clamp<int64_t>(ceil_div(4 * threads, n), 1, height);
-  const int64_t band_rows = ceil_div(height, bands);
   char* scratch = carve<char>(p, l.scratch);
-  const int64_t read = p.mode == Mode::kArea ? p.mask_height * p.mask_width : 4 * cells;
-  parallel_for(n * bands, threads_for(n * read * element_bytes(M)), [&](int64_t task, int thread) {
-    const int64_t mask = task / bands, band = task % bands;
-    char* mine = scratch + thread * l.scratch_per_thread;
-    const int64_t end = std::min(height, (band + 1) * band_rows);
-    for (int64_t i = band * band_rows; i < end; ++i) weights_row<M>(job, mask, i, mine, l);
+
+  // 1. weights: tasks over (level, group, band of cell rows), enough bands per level to keep
+  //    every thread busy; a task fills its rows of the group's table mask after mask, while
+  //    they are in cache
+  LevelTasks weight_tasks;
+  weight_tasks.levels = p.num_levels;
+  int64_t bands[kMaxLevels], band_rows[kMaxLevels];
+  int64_t read = 0;  // mask bytes phase 1 reads
+  for (int k = 0; k < p.num_levels; ++k) {
+    const Level& level = p.levels[k];
+    bands[k] = std::clamp<int64_t>(ceil_div(4 * threads, groups), 1, level.height);
+    band_rows[k] = ceil_div(level.height, bands[k]);
+    weight_tasks.first[k + 1] = weight_tasks.first[k] + groups * bands[k];
+    read += p.mode == Mode::kArea ? p.mask_height * p.mask_width : 4 * level.height * level.width;
+  }
+  parallel_for(weight_tasks.total(), threads_for(n * read * element_bytes(M)),
+               [&](int64_t task, int thread) {
+                 const auto [k, local] = weight_tasks.find(task);
+                 const int64_t group = local / bands[k], band = local % bands[k];
+                 char* mine = scratch + thread * l.scratch_per_thread;
+                 const int64_t end = std::min(p.levels[k].height, (band + 1) * band_rows[k]);
+                 const int64_t size = start[group + 1] - start[group];
+                 const int64_t stride = group_stride(g, group), width = p.levels[k].width;
+                 float* table = jobs[k].table + jobs[k].height * width * group_slots[group];
+                 for (int64_t i = band * band_rows[k]; i < end; ++i) {
+                   for (int64_t member = start[group]; member < start[group + 1]; ++member) {
+                     if (p.mode == Mode::kBinary && member + 1 < start[group + 1]) {
+                       prefetch_binary_rows<M>(jobs[k], order[member + 1], i);
+                     }
+                     weights_row<M>(jobs[k], order[member], i, mine, l);
+                   }
+                   if (size < stride) {  // the padding slots (in the last quad): 0
+                     float* last = table + i * width * stride + stride - 4;
+                     for (int64_t j = 0; j < width; ++j) {
+                       for (int s = 0; s < 4; ++s) {
+                         if (stride - 4 + s >= size) last[j * stride + s] = 0.0f;
+                       }
+                     }
+                   }
+                 }
+               });
+
+  // 2. cell lists, per (level, group)
+  LevelTasks list_tasks;
+  list_tasks.levels = p.num_levels;
+  int64_t table_bytes = 0;
+  for (int k = 0; k < p.num_levels; ++k) {
+    list_tasks.first[k + 1] = list_tasks.first[k] + groups;
+    table_bytes += group_slots[groups] * tables[k].cells * 4;
+  }
+  parallel_for(list_tasks.total(), threads_for(table_bytes), [&](int64_t task, int) {
+    const auto [k, group] = list_tasks.find(task);
+    list_cells(g, tables[k], group);
   });
 
-  // 2. cell lists, per group
-  int64_t* cell_count = carve<int64_t>(p, l.group_cells);
-  int64_t* cell_lists = carve<int64_t>(p, l.cell_lists);
-  parallel_for(groups, threads_for((n + 3 * groups) * cells * 4), [&](int64_t group, int) {
-    list_cells(p, g, table, group, cell_lists + group * cells, cell_count + group);
-  });
-
-  // 3. sums: tasks over (group, channel block)
-  const int64_t blocks = ceil_div(p.channels, kBlock);
-  int64_t listed = 0;
-  for (int64_t group = 0; group < groups; ++group) listed += cell_count[group];
-  const int64_t features = listed * p.channels * element_bytes(F);
-  parallel_for(groups * blocks, threads_for(features), [&](int64_t task, int thread) {
-    pool_group<F>(p, g, table, records, task / blocks, task % blocks,
+  // 3. sums: tasks over (level, group, channel block)
+  LevelTasks sum_tasks;
+  sum_tasks.levels = p.num_levels;
+  int64_t blocks[kMaxLevels];
+  int64_t features = 0;  // feature bytes phase 3 reads
+  for (int k = 0; k < p.num_levels; ++k) {
+    blocks[k] = ceil_div(p.levels[k].channels, kBlock);
+    sum_tasks.first[k + 1] = sum_tasks.first[k] + groups * blocks[k];
+    for (int64_t group = 0; group < groups; ++group) {
+      features += tables[k].cell_count[group] * p.levels[k].channels * element_bytes(F);
+    }
+  }
+  parallel_for(sum_tasks.total(), threads_for(features), [&](int64_t task, int thread) {
+    const auto [k, local] = sum_tasks.find(task);
+    pool_group<F>(p, g, tables[k], local / blocks[k], local % blocks[k],
                   scratch + thread * l.scratch_per_thread, l);
   });
 }
@@ -559,7 +818,7 @@ int64_t cpu_workspace_bytes(const Params& p, int num_threads) {
 }
 
 void run_cpu(const Params& p, int num_threads) {
-  if (p.num_masks == 0 || p.channels == 0) return;
+  if (p.num_masks == 0 || p.out_channels == 0) return;
   switch (p.features_dtype) {
     case Scalar::kFloat32: return run_features<Scalar::kFloat32>(p, num_threads);
     case Scalar::kFloat16: return run_features<Scalar::kFloat16>(p, num_threads);

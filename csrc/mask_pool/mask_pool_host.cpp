@@ -1,6 +1,7 @@
 // Mask pooling: the one host file. Turns what Python passes (integers, torch dtype names,
-// shapes) into a Params, checks everything a kernel relies on, and dispatches to the CPU
-// kernel or the CUDA launcher. A kernel never sees an argument this file has not checked.
+// shapes; one feature level or several) into a Params, checks everything a kernel relies on,
+// and dispatches to the CPU kernel or the CUDA launcher. A kernel never sees an argument this
+// file has not checked.
 #include "mask_pool/mask_pool_host.h"
 
 #include <stdexcept>
@@ -46,7 +47,8 @@ int64_t element_size(Scalar s) {
 Mode parse_mode(const std::string& name) {
   if (name == "area") return Mode::kArea;
   if (name == "bilinear") return Mode::kBilinear;
-  fail("mode '" + name + "' is unknown; use 'area' or 'bilinear'");
+  if (name == "binary") return Mode::kBinary;
+  fail("mode '" + name + "' is unknown; use 'area', 'bilinear' or 'binary'");
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -68,36 +70,51 @@ int64_t checked_product(std::initializer_list<int64_t> sides, const char* what) 
 }
 
 // Shapes, dtypes and mode (no pointers): enough to size the workspace.
-Params shape_params(const std::string& features_dtype, const std::vector<int64_t>& features_shape,
+Params shape_params(const std::string& features_dtype,
+                    const std::vector<std::vector<int64_t>>& features_shapes,
                     const std::vector<int64_t>& masks_shape, const std::string& mode) {
   Params p;
   p.features_dtype = parse_features_dtype(features_dtype);
-  if (features_shape.size() != 4) {
-    fail("features must be [B, H, W, C]; got shape " + shape_text(features_shape));
+  if (features_shapes.empty() || features_shapes.size() > static_cast<size_t>(kMaxLevels)) {
+    fail("give 1 to " + std::to_string(kMaxLevels) + " feature levels; got " +
+         std::to_string(features_shapes.size()) + " (pool more levels in several calls)");
   }
   if (masks_shape.size() != 3) fail("masks must be [N, Hm, Wm]; got shape " + shape_text(masks_shape));
-  p.batch = features_shape[0];
-  p.height = features_shape[1];
-  p.width = features_shape[2];
-  p.channels = features_shape[3];
   p.num_masks = masks_shape[0];
   p.mask_height = masks_shape[1];
   p.mask_width = masks_shape[2];
   p.mode = parse_mode(mode);
-  if (p.batch < 0 || p.channels < 0 || p.height < 1 || p.width < 1 || p.height >= kMaxSide ||
-      p.width >= kMaxSide) {
-    fail("features shape " + shape_text(features_shape) +
-         " is not usable: H and W must be in [1, 2^30), B and C non-negative");
-  }
   if (p.num_masks < 0 || p.mask_height < 1 || p.mask_width < 1 || p.mask_height >= kMaxSide ||
       p.mask_width >= kMaxSide) {
     fail("masks shape " + shape_text(masks_shape) +
          " is not usable: Hm and Wm must be in [1, 2^30), N non-negative");
   }
-  checked_product({p.batch, p.height, p.width, p.channels}, "features");
   checked_product({p.num_masks, p.mask_height, p.mask_width}, "masks");
-  checked_product({p.num_masks, p.height, p.width}, "the cell weights (N * H * W)");
-  checked_product({p.num_masks, p.channels}, "the output (N * C)");
+  p.num_levels = static_cast<int>(features_shapes.size());
+  for (int k = 0; k < p.num_levels; ++k) {
+    const std::vector<int64_t>& shape = features_shapes[k];
+    const std::string name = p.num_levels == 1 ? "features" : "features[" + std::to_string(k) + "]";
+    if (shape.size() != 4) fail(name + " must be [B, H, W, C]; got shape " + shape_text(shape));
+    Level& level = p.levels[k];
+    level.height = shape[1];
+    level.width = shape[2];
+    level.channels = shape[3];
+    if (shape[0] < 0 || level.channels < 0 || level.height < 1 || level.width < 1 ||
+        level.height >= kMaxSide || level.width >= kMaxSide) {
+      fail(name + " shape " + shape_text(shape) +
+           " is not usable: H and W must be in [1, 2^30), B and C non-negative");
+    }
+    if (k == 0) p.batch = shape[0];
+    if (shape[0] != p.batch) {
+      fail(name + " holds " + std::to_string(shape[0]) + " images but features[0] holds " +
+           std::to_string(p.batch) + "; every level must come from the same images");
+    }
+    checked_product({p.batch, level.height, level.width, level.channels}, name.c_str());
+    checked_product({p.num_masks, level.height, level.width}, "the cell weights (N * H * W)");
+    level.out_column = p.out_channels;
+    p.out_channels += level.channels;
+    checked_product({p.num_masks, p.out_channels}, "the output (N * C)");
+  }
   return p;
 }
 
@@ -136,11 +153,12 @@ bool is_cuda(const std::string& device) {
 
 }  // namespace
 
-int64_t workspace_bytes(const std::string& features_dtype,
-                        const std::vector<int64_t>& features_shape,
-                        const std::vector<int64_t>& masks_shape, const std::string& mode,
-                        const std::string& device, int64_t device_index, int64_t num_threads) {
-  const Params p = shape_params(features_dtype, features_shape, masks_shape, mode);
+int64_t levels_workspace_bytes(const std::string& features_dtype,
+                               const std::vector<std::vector<int64_t>>& features_shapes,
+                               const std::vector<int64_t>& masks_shape, const std::string& mode,
+                               const std::string& device, int64_t device_index,
+                               int64_t num_threads) {
+  const Params p = shape_params(features_dtype, features_shapes, masks_shape, mode);
   if (is_cuda(device)) {
 #ifdef RGPT_WITH_CUDA
     return cuda_workspace_bytes(p, device_arg(device_index));
@@ -149,24 +167,31 @@ int64_t workspace_bytes(const std::string& features_dtype,
   return cpu_workspace_bytes(p, threads_arg(num_threads));
 }
 
-void run(std::uintptr_t features, const std::string& features_dtype,
-         const std::vector<int64_t>& features_shape, std::uintptr_t masks,
-         const std::string& masks_dtype, const std::vector<int64_t>& masks_shape,
-         std::uintptr_t batch_index, const std::string& mode, std::uintptr_t out,
-         std::uintptr_t workspace, int64_t workspace_size, const std::string& device,
-         int64_t device_index, std::uintptr_t stream, int64_t num_threads) {
-  Params p = shape_params(features_dtype, features_shape, masks_shape, mode);
+void run_levels(const std::vector<std::uintptr_t>& features, const std::string& features_dtype,
+                const std::vector<std::vector<int64_t>>& features_shapes, std::uintptr_t masks,
+                const std::string& masks_dtype, const std::vector<int64_t>& masks_shape,
+                std::uintptr_t batch_index, const std::string& mode, std::uintptr_t out,
+                std::uintptr_t workspace, int64_t workspace_size, const std::string& device,
+                int64_t device_index, std::uintptr_t stream, int64_t num_threads) {
+  Params p = shape_params(features_dtype, features_shapes, masks_shape, mode);
   p.masks_dtype = parse_masks_dtype(masks_dtype);
+  if (features.size() != features_shapes.size()) {
+    fail(std::to_string(features.size()) + " feature pointers for " +
+         std::to_string(features_shapes.size()) + " feature shapes; give one per level");
+  }
   const bool cuda = is_cuda(device);
-  const bool work = p.num_masks > 0 && p.channels > 0;
-  const int64_t features_numel = p.batch * p.height * p.width * p.channels;
-  check_pointer(features, element_size(p.features_dtype), work && features_numel > 0, "features");
+  const bool work = p.num_masks > 0 && p.out_channels > 0;
+  for (int k = 0; k < p.num_levels; ++k) {
+    const Level& level = p.levels[k];
+    const int64_t numel = p.batch * level.height * level.width * level.channels;
+    check_pointer(features[k], element_size(p.features_dtype), work && numel > 0, "features");
+    p.levels[k].features = reinterpret_cast<const void*>(features[k]);
+  }
   check_pointer(masks, element_size(p.masks_dtype), work, "masks");
   check_pointer(batch_index, 8, work, "batch_index");
   check_pointer(out, element_size(p.features_dtype), work, "out");
   check_pointer(workspace, 64, false, "workspace");
   if (work && p.batch == 0) fail("features hold no image (B = 0) but there are masks to pool");
-  p.features = reinterpret_cast<const void*>(features);
   p.masks = reinterpret_cast<const void*>(masks);
   p.batch_index = reinterpret_cast<const int64_t*>(batch_index);
   p.out = reinterpret_cast<void*>(out);
@@ -203,6 +228,25 @@ void run(std::uintptr_t features, const std::string& features_dtype,
     }
   }
   run_cpu(p, threads);
+}
+
+int64_t workspace_bytes(const std::string& features_dtype,
+                        const std::vector<int64_t>& features_shape,
+                        const std::vector<int64_t>& masks_shape, const std::string& mode,
+                        const std::string& device, int64_t device_index, int64_t num_threads) {
+  return levels_workspace_bytes(features_dtype, {features_shape}, masks_shape, mode, device,
+                                device_index, num_threads);
+}
+
+void run(std::uintptr_t features, const std::string& features_dtype,
+         const std::vector<int64_t>& features_shape, std::uintptr_t masks,
+         const std::string& masks_dtype, const std::vector<int64_t>& masks_shape,
+         std::uintptr_t batch_index, const std::string& mode, std::uintptr_t out,
+         std::uintptr_t workspace, int64_t workspace_size, const std::string& device,
+         int64_t device_index, std::uintptr_t stream, int64_t num_threads) {
+  run_levels({features}, features_dtype, {features_shape}, masks, masks_dtype, masks_shape,
+             batch_index, mode, out, workspace, workspace_size, device, device_index, stream,
+             num_threads);
 }
 
 }  // namespace rgpt::mask_pool

@@ -46,6 +46,8 @@ class BuildOptions:
     clip: Path | None = None
     llm: Path | None = None
     rgpt_weights: Path | None = None  # refinement + connector (rgpt.safetensors) for --clip/--llm
+    osprey: Path | None = None  # an Osprey-7b folder (docs/osprey.md)
+    convnext: Path | None = None  # OpenCLIP's ConvNeXt file for --osprey
     quant: str = "rtn"
     group_size: int | None = None  # None: 128 when it divides every linear's input width
     calib: Path | None = None
@@ -70,6 +72,15 @@ class BuildOptions:
             raise ValueError("give either --checkpoint or --clip/--llm, not both")
         if self.rgpt_weights is not None and self.clip is None:
             raise ValueError("--rgpt-weights goes with --clip/--llm")
+        if self.osprey is not None and (self.checkpoint is not None or self.clip is not None):
+            raise ValueError("give one source: --osprey, --checkpoint or --clip/--llm")
+        if self.convnext is not None and self.osprey is None:
+            raise ValueError("--convnext goes with --osprey")
+        if self.osprey is not None and self.quant == "awq":
+            raise ValueError(
+                "--quant awq is not written for Osprey yet (its calibration inputs are "
+                "RegionGPT's); use --quant rtn or none"
+            )
 
 
 @dataclass
@@ -127,6 +138,8 @@ def open_sources(options: BuildOptions) -> Sources:
         raise FileNotFoundError(f"--calib {options.calib} does not exist")
     if options.clip is not None:
         return _component_sources(options)
+    if options.osprey is not None:
+        return _osprey_sources(options)
     folder = options.checkpoint if options.checkpoint is not None else default_checkpoint_folder()
     if not folder.is_dir():
         raise FileNotFoundError(f"--checkpoint {folder} does not exist")
@@ -177,6 +190,20 @@ def _component_sources(options: BuildOptions) -> Sources:
             config, options.clip, options.rgpt_weights, seed=options.seed
         ),
         record=record,
+    )
+
+
+def _osprey_sources(options: BuildOptions) -> Sources:
+    """An Osprey-7b folder and OpenCLIP's ConvNeXt file (rgpt_rt/export/osprey_source.py)."""
+    from rgpt_rt.export.osprey_source import OspreySource, OspreyVisionSide
+
+    source = OspreySource.open(options.osprey, options.convnext)
+    return Sources(
+        config=source.config,
+        llm=source.llm,
+        tokenizer=source.tokenizer(),
+        load_side=lambda: OspreyVisionSide.from_source(source),
+        record=source.record,
     )
 
 

@@ -1,10 +1,13 @@
-"""CUDA graphs of the decode step: one per cache (so per batch size) and key-length bucket.
+"""CUDA graphs of the decode step: one per cache (so per batch size), and for the unfused step
+one per key-length bucket.
 
     logits = decode_graph(decoder, cache, kv_len, tokens, input_pos)(tokens, input_pos)
 
-A graph attends over a key length rounded up to GRAPH_KV_BUCKET slots, so one graph serves 256
-decode steps and a 1k-slot cache needs at most 4 graphs per batch size. The graphs live in the
-cache (`cache.graphs`), with the memory pool they share.
+The fused step (model.py) attends over each row's own length, read on the device: one graph
+serves every step of a cache (kv_len = cache.max_len). The unfused step attends over a key length
+rounded up to GRAPH_KV_BUCKET slots, so one graph serves 256 decode steps and a 1k-slot cache
+needs at most 4 graphs per batch size. The graphs live in the cache (`cache.graphs`), with the
+memory pool they share.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ def decode_graph(
     decoder: LlamaDecoder, cache: KVCache, kv_len: int, tokens: Tensor, input_pos: Tensor
 ) -> DecodeGraph:
     """The graph of this cache at kv_len, captured on first use (a cache last stepped by another
-    decoder drops the graphs it holds)."""
-    if cache.graph_owner is not decoder:
-        cache.graphs, cache.graph_owner = {}, decoder
+    decoder, or by another kind of step, drops the graphs it holds)."""
+    owner = cache.graph_owner
+    if owner is None or owner[0] is not decoder or owner[1] != decoder.decode_step_kind:
+        cache.graphs, cache.graph_owner = {}, (decoder, decoder.decode_step_kind)
         cache.graph_pool = torch.cuda.graph_pool_handle()
     if kv_len not in cache.graphs:
         cache.graphs[kv_len] = DecodeGraph(

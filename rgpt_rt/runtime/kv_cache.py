@@ -3,6 +3,7 @@
     cache = KVCache(num_layers, batch_size, num_kv_heads, max_len, head_dim, dtype, device)
     cache.copy_prefix(src, src_row, dst_rows, length)     # share a prompt prefix between rows
     prefix = cache.snapshot(length)                        # keep a prefix while the cache moves on
+    k, v = cache.layer(i)                                  # layer i's [B, Hkv, T_max, hd] views
 
 Positions are slots: row b holds positions 0..lengths[b]-1 and its next token goes at slot
 lengths[b]. Attention is causal by position, so rows of different lengths share one batch.
@@ -45,9 +46,14 @@ class KVCache:
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = [(self.k[i], self.v[i]) for i in range(num_layers)]  # made once per cache
         self.lengths = torch.zeros(batch_size, dtype=torch.int64)
         self.graphs: dict[int, DecodeGraph] = {}  # CUDA graphs of the decode step, by key length
-        self.graph_owner: LlamaDecoder | None = None
+        # (decoder, its decode_step_kind) that captured the graphs
+        self.graph_owner: tuple[LlamaDecoder, str] | None = None
+        # the fused decode attention's (workspace, splits) for this cache's shape, made on first
+        # use by the decoder (ops/decode.attention_workspace; CUDA graphs keep its address)
+        self.attention_workspace: tuple[torch.Tensor | None, int] | None = None
         # The memory pool this cache's graphs share; it lives and dies with them. (A pool kept by
         # the decoder and reused after every graph in it was freed trips an internal assert in
         # torch's caching allocator: seen on an H200, torch 2.11.)
@@ -55,6 +61,10 @@ class KVCache:
         # (prefix cache key, length) when this cache holds an image prefix the Session will keep
         # once the answer using it is done (stages.Stages.release)
         self.prefix_of: tuple[str, int] | None = None
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values [B, Hkv, T_max, hd] (views of k and v)."""
+        return self._layers[i]
 
     @property
     def batch_size(self) -> int:

@@ -7,6 +7,13 @@ prefill and decode step.
     logits = decoder.prefill(cache, inputs_embeds=embeds)    # [1, V] at the last token
     logits = decoder.decode_step(next_token, cache)          # [1, V]; a CUDA graph on CUDA (graphs.py)
 
+The decode step is fused by default (`decoder.decode_step_kind`, or RGPT_DECODE_STEP=unfused for
+the previous one, kept to time old beside new): per layer add+RMSNorm, the qkv linear, rope +
+KV-cache append, attention over each row's own length, the o linear, add+RMSNorm, the gate_up
+linear, SiLU·mul and the down linear: 9 kernels on CUDA (rgpt_rt/ops/decode.py; the residual adds
+ride in the norms), the same C++ twins on a CPU. Prefill, and heads the CUDA kernels do not take,
+run the unfused layers.
+
 Module names are HF's without the "model." prefix, so HF-named weights map one to one.
 No transformers here.
 """
@@ -14,6 +21,7 @@ No transformers here.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rgpt_rt.config import LLMConfig
+from rgpt_rt.ops.decode import (
+    add_rms_norm,
+    attention_workspace,
+    cuda_supports,
+    decode_attention,
+    rope_kv_append,
+    silu_mul,
+)
 from rgpt_rt.runtime.graphs import decode_graph, graph_kv_len
 from rgpt_rt.runtime.hf_llama import ROPE_TYPES, rope_type
 from rgpt_rt.runtime.int4_linear import concat_linears
@@ -29,6 +45,20 @@ from rgpt_rt.runtime.kv_cache import KVCache
 
 # The linears that become INT4; embeddings, norms and lm_head stay in floating point.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Which decode step a decoder runs (read when it is made; `decode_step_kind` changes it later):
+# "fused" (the kernels of rgpt_rt/ops/decode.py) or "unfused" (the previous torch ops, kept to
+# time old beside new, issue 23).
+DECODE_STEP_ENV = "RGPT_DECODE_STEP"
+DECODE_STEPS = ("fused", "unfused")
+
+
+def decode_step_from_env() -> str:
+    kind = os.environ.get(DECODE_STEP_ENV, DECODE_STEPS[0]) or DECODE_STEPS[0]
+    if kind not in DECODE_STEPS:
+        raise ValueError(f"{DECODE_STEP_ENV}={kind!r} is unknown; use one of {DECODE_STEPS}")
+    return kind
+
 
 # --- RoPE -----------------------------------------------------------------------------------
 
@@ -158,6 +188,20 @@ class Attention(nn.Module):
         out = out.reshape(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)
         return self.o_proj(out)
 
+    def decode(self, x: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, rope, attention):
+        """The fused step's attention: x [B, D] (one token per row), pos [B] its slots; k_cache,
+        v_cache [B, Hkv, T_max, hd]; rope (cos, signed_sin) tables; attention (workspace,
+        splits) -> [B, D]. Between the qkv and o linears: two kernels, rope + KV append and
+        the attention over each row's slots 0..pos[b]."""
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [B, (H + 2 Hkv) hd]
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        rope_kv_append(qkv, k_cache, v_cache, pos, *rope, H, Hkv)  # q, k rotated in place
+        q = qkv.as_strided((x.shape[0], H, hd), (qkv.stride(0), hd, 1))  # [B, H, hd] view
+        return self.o_proj(decode_attention(q, k_cache, v_cache, pos, *attention))
+
 
 class MLP(nn.Module):
     def __init__(self, config: LLMConfig):
@@ -185,6 +229,14 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """The fused step's MLP: x [B, D] -> [B, D], SiLU·mul in one kernel."""
+        if self.gate_up_proj is not None:
+            gate_up = self.gate_up_proj(x)  # [B, 2 inner]
+        else:
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+        return self.down_proj(silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -218,6 +270,7 @@ class LlamaDecoder(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0, config.head_dim), persistent=False)
         self.register_buffer("rope_signed_sin", torch.empty(0, config.head_dim), persistent=False)
         self.use_cuda_graphs = True
+        self.decode_step_kind = decode_step_from_env()  # "fused" or "unfused"
         # the KV cache's dtype (None: the activations'); a bundle's INT4 decoder keeps it in
         # fp16 on a CPU too, for half the memory (loading.py)
         self.kv_dtype: torch.dtype | None = None
@@ -382,20 +435,73 @@ class LlamaDecoder(nn.Module):
         self._ensure_rope(cache.max_len)
         input_pos = start.to(self.device)  # [B]
         tokens = tokens.to(self.device)
+        fused = self.runs_fused_step(cache)
+        if fused:
+            self._attention_workspace(cache)  # made outside any graph capture
         if self.use_cuda_graphs and cache.device.type == "cuda":
-            kv_len = graph_kv_len(cache)
+            # the fused step attends over each row's own length: one graph per cache
+            kv_len = cache.max_len if fused else graph_kv_len(cache)
             logits = decode_graph(self, cache, kv_len, tokens, input_pos)(tokens, input_pos)
+        elif fused:
+            logits = self.fused_step_logits(tokens, input_pos, cache)
         else:
             uniform = int(start.min()) == int(start.max())  # then no key is masked
             logits = self.step_logits(tokens, input_pos, cache, int(start.max()) + 1, uniform)
         cache.lengths += 1
         return logits
 
+    def runs_fused_step(self, cache: KVCache) -> bool:
+        """Whether decode_step runs the fused step for this cache: decode_step_kind is "fused",
+        and on CUDA the kernels take the heads (ops/decode.cuda_supports; else unfused)."""
+        if self.decode_step_kind not in DECODE_STEPS:
+            raise ValueError(
+                f"decode_step_kind {self.decode_step_kind!r} is unknown; use one of {DECODE_STEPS}"
+            )
+        if self.decode_step_kind != "fused":
+            return False
+        if cache.device.type != "cuda":
+            return True
+        c = self.config
+        return cuda_supports(c.num_heads, c.num_kv_heads, c.head_dim, self.dtype, cache.k.dtype)
+
+    def _attention_workspace(self, cache: KVCache) -> tuple[Tensor | None, int]:
+        """The decode attention's (workspace, splits) of this cache, made on first use."""
+        if cache.attention_workspace is None:
+            c = self.config
+            cache.attention_workspace = attention_workspace(
+                cache.batch_size, c.num_heads, c.num_kv_heads, c.head_dim, cache.max_len,
+                cache.device,
+            )  # fmt: skip
+        return cache.attention_workspace
+
+    def fused_step_logits(self, tokens: Tensor, input_pos: Tensor, cache: KVCache) -> Tensor:
+        """tokens [B], input_pos [B] (device) -> logits [B, V]: the fused decode step. Row b's
+        token goes to slot input_pos[b] and attends over slots 0..input_pos[b]: no mask, no key
+        length (a CUDA graph of it serves every length). The residual stream is added inside the
+        norms: add_rms_norm(layer output, residual) -> (normed, new residual)."""
+        eps = self.config.rms_norm_eps
+        rope = (self.rope_cos, self.rope_signed_sin)
+        attention = self._attention_workspace(cache)
+        x = self.embed_tokens.weight.index_select(0, tokens).to(self.dtype)  # [B, D]
+        residual = None  # the first norm starts the stream with the embeddings
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = cache.layer(i)  # [B, Hkv, T_max, hd]
+            h, residual = add_rms_norm(x, residual, layer.input_layernorm.weight, eps)
+            x = layer.self_attn.decode(h, input_pos, k_cache, v_cache, rope, attention)
+            h, residual = add_rms_norm(x, residual, layer.post_attention_layernorm.weight, eps)
+            x = layer.mlp.decode(h)
+        h, _ = add_rms_norm(x, residual, self.norm.weight, eps)
+        return self.head(h)
+
     def step_logits(
         self, tokens: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
     ) -> Tensor:
         """tokens [B], input_pos [B] (device) -> logits [B, V]: the body of a decode step, without
-        its checks or bookkeeping, so a CUDA graph can capture it (graphs.py)."""
+        its checks or bookkeeping, so a CUDA graph can capture it (graphs.py). The fused step
+        when it runs for this cache (kv_len and unmasked then unused), else the layers over the
+        first kv_len slots."""
+        if self.runs_fused_step(cache):
+            return self.fused_step_logits(tokens, input_pos, cache)
         x = self.embed_tokens(tokens[:, None]).to(self.dtype)  # [B, 1, D]
         h = self(x, input_pos[:, None], cache, kv_len, unmasked)  # [B, 1, D]
         return self.head(h[:, 0])  # [B, V]

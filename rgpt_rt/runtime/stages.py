@@ -30,7 +30,7 @@ from rgpt_rt.runtime.generate import SamplingParams
 from rgpt_rt.runtime.kv_cache import KVCache
 from rgpt_rt.runtime.kv_pool import KVPool
 from rgpt_rt.runtime.model import LlamaDecoder
-from rgpt_rt.runtime.preprocess import Frame, prepare_image, prepare_masks
+from rgpt_rt.runtime.preprocess import Frame, pixel_values, prepare_image, prepare_masks
 from rgpt_rt.runtime.vision import VisionBackend, Widened, connect
 
 
@@ -83,18 +83,24 @@ class Stages:
 
     # --- image and regions ----------------------------------------------------------------------
     def see(self, image: ImageLike, stats: dict[str, Any]) -> Seen:
-        """Preprocess, then the vision stage unless this image's result is cached."""
+        """Preprocess, then the vision stage unless this image's result is cached. Decoding and
+        the checks run on the CPU, the padding, resize and normalisation on the Session's device
+        (runtime/preprocess.py), and only for an image whose vision result is not cached."""
         start = time.perf_counter()
-        frame = prepare_image(image, self.config.vision, self.max_image_side)
+        frame = prepare_image(image, self.config.vision, self.max_image_side, values=False)
         frame.key = image_key(frame.pixels)
+        with self.lock:
+            cached = self.vision_cache.get(frame.key)
+        if cached is None:
+            frame.pixel_values = pixel_values(frame, self.config.vision, self.device)
+            self.sync()
         stats["preprocess_ms"] = elapsed_ms(start)
         stats["original_size"] = list(frame.original_size)
         stats["image_size"] = list(frame.pixels.shape[:2])
+        stats["vision_cached"] = cached is not None
         start = time.perf_counter()
-        with self.lock:
-            cached = self.vision_cache.get(frame.key)
-            stats["vision_cached"] = cached is not None
-            if cached is None:
+        if cached is None:
+            with self.lock:
                 image_embeds, hires = self.vision(frame.pixel_values)
                 cached = (image_embeds.to(self.dtype), hires.to(self.dtype))
                 self.vision_cache.put(frame.key, cached, tensor_bytes(*cached))
@@ -106,7 +112,7 @@ class Stages:
         """Mask pooling on the hi-res map, then the connector (plus each mask's centroid
         projection where the model has one): [N, D]."""
         start = time.perf_counter()
-        prepared = prepare_masks(list(masks), seen.frame).to(self.device)  # [N, S', S']
+        prepared = prepare_masks(list(masks), seen.frame, self.device)  # [N, S', S'] padded there
         with self.lock:
             pooled = mask_pool(seen.hires, prepared, mode=self.config.pool_mode)  # [N, C]
             embeds = connect(pooled, self.connector)  # [N, D]

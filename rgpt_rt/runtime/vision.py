@@ -1,14 +1,16 @@
-"""Vision backends: pixels -> (global image embeddings, hi-res map), what vision.onnx computes.
+"""Vision backends: pixels -> (global image embeddings, region features), what vision.onnx computes.
 
     backend = select_vision_backend(bundle_folder, manifest, device)     # best available
     image_embeds, hires = backend(pixel_values)   # [B,3,S,S] -> [B,g²,D], [B,4g,4g,C]
+    image_embeds, levels = backend(pixel_values)  # osprey: [B,1024,D], (res2..res5 [B,H_l,W_l,C_l])
 
 On a GPU: a TensorRT engine built for this card -> ONNX Runtime's CUDA provider -> torch fp16
 under a CUDA graph. On a CPU: ONNX Runtime -> torch. ONNX Runtime's CPU provider is never used
 for a GPU session. The torch backend is a lean CLIP ViT written here (no transformers), fed by
 vision.safetensors and connector.safetensors (fp16; widened to fp32 on a CPU); the tests hold
-it to the reference model and to vision.onnx, whose weights are the same two files. Linear
-weights are stored as weight_t [in, out]: y = x @ weight_t + bias.
+it to the reference model and to vision.onnx, whose weights are the same two files. For the
+osprey family the torch backend is a lean ConvNeXt + projector (no timm) over
+vision.safetensors. Linear weights are stored as weight_t [in, out]: y = x @ weight_t + bias.
 """
 
 from __future__ import annotations
@@ -83,12 +85,9 @@ class OnnxRuntimeVision(VisionBackend):
             )
 
     def __call__(self, pixel_values):
-        image_embeds, hires = self.session.run(
-            ["image_embeds", "hires"], {"pixel_values": pixel_values.float().cpu().numpy()}
-        )
-        return torch.from_numpy(image_embeds).to(self.device), torch.from_numpy(hires).to(
-            self.device
-        )
+        names = [output.name for output in self.session.get_outputs()]
+        outputs = self.session.run(names, {"pixel_values": pixel_values.float().cpu().numpy()})
+        return split_outputs([torch.from_numpy(o).to(self.device) for o in outputs])
 
 
 # --- TensorRT --------------------------------------------------------------------------------------
@@ -111,12 +110,17 @@ class TensorRTVision(VisionBackend):
                 f"TensorRT could not load {engine_path.name}; rebuild it on this device"
             )
         self.context = self.engine.create_execution_context()
+        self.outputs = [  # image_embeds, then hires (or Osprey's res2..res5), as exported
+            name
+            for name in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors))
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT
+        ]
 
     def __call__(self, pixel_values):
         pixels = pixel_values.to(self.device, torch.float32).contiguous()
         self.context.set_input_shape("pixel_values", tuple(pixels.shape))
         outputs = {}
-        for name in ("image_embeds", "hires"):
+        for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
             self.context.set_tensor_address(name, outputs[name].data_ptr())
@@ -124,7 +128,14 @@ class TensorRTVision(VisionBackend):
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT failed to run the vision engine")
-        return outputs["image_embeds"], outputs["hires"]
+        return split_outputs([outputs[name] for name in self.outputs])
+
+
+def split_outputs(outputs: list[torch.Tensor]):
+    """The graph's outputs -> (image_embeds, hires) or, with several region-feature outputs
+    (Osprey's res2..res5), (image_embeds, (res2, ..., res5))."""
+    first, rest = outputs[0], outputs[1:]
+    return first, rest[0] if len(rest) == 1 else tuple(rest)
 
 
 # --- torch (lean CLIP, no transformers) ------------------------------------------------------------
@@ -199,7 +210,7 @@ class TorchVision(VisionBackend):
         graph, static_in, static_out = self._graphs[batch]
         static_in.copy_(pixels)
         graph.replay()
-        return static_out[0].clone(), static_out[1].clone()
+        return _cloned(static_out)
 
     def _capture(self, batch: int):
         size = self.config.vision.image_size
@@ -245,6 +256,83 @@ class TorchVision(VisionBackend):
             F.adaptive_avg_pool2d(hires.permute(0, 3, 1, 2), grid).flatten(2).transpose(1, 2)
         )  # [B, g², C]
         return connect(merged, w), hires
+
+
+def _cloned(value):
+    """Tensors (nested in tuples) copied out of a CUDA graph's static outputs."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return tuple(_cloned(v) for v in value)
+
+
+class TorchConvNeXtVision(TorchVision):
+    """Osprey's vision side (osprey family): a lean ConvNeXt trunk with timm's weight names
+    (no timm) and the mlp2x_gelu projector, over vision.safetensors (convnext.*, projector.*).
+    pixels [B, 3, S, S] -> (image_embeds [B, g², D], (res2..res5, each [B, H_l, W_l, C_l]))."""
+
+    @classmethod
+    def from_files(cls, config, device, vision_path, connector_path=None, dtype=None):
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        stored = dtype if device.type == "cuda" else None  # a CPU keeps the file's fp16
+        weights = read_tensors(vision_path, device, stored)
+        check_convnext_weights(config, weights, vision_path)
+        return cls(config, device, weights, dtype)
+
+    def forward(self, pixels: torch.Tensor):
+        cfg, w = self.config.convnext, self.weights
+        eps = cfg.layer_norm_eps
+        x = F.conv2d(pixels, w["convnext.stem.0.weight"], w["convnext.stem.0.bias"], stride=4)
+        x = _channel_norm(x, w, "convnext.stem.1", eps)  # [B, C_0, S/4, S/4]
+        levels = []
+        for i, depth in enumerate(cfg.depths):
+            p = f"convnext.stages.{i}"
+            if i > 0:
+                x = _channel_norm(x, w, f"{p}.downsample.0", eps)
+                x = F.conv2d(
+                    x, w[f"{p}.downsample.1.weight"], w[f"{p}.downsample.1.bias"], stride=2
+                )
+            for j in range(depth):
+                b = f"{p}.blocks.{j}"
+                channels = x.shape[1]
+                y = F.conv2d(
+                    x, w[f"{b}.conv_dw.weight"], w[f"{b}.conv_dw.bias"], padding=3, groups=channels
+                )
+                y = y.permute(0, 2, 3, 1)  # [B, H, W, C]
+                y = _layer_norm(y, w, f"{b}.norm", eps)
+                y = _linear(F.gelu(_linear(y, w, f"{b}.mlp.fc1")), w, f"{b}.mlp.fc2")
+                x = x + (y * w[f"{b}.gamma"]).permute(0, 3, 1, 2)
+            levels.append(x.permute(0, 2, 3, 1).contiguous())  # channels last, for mask pooling
+        image = levels[self.config.mask_extractor.image_level]  # [B, g, g, C]
+        tokens = image.flatten(1, 2)  # [B, g², C]
+        embeds = _linear(F.gelu(_linear(tokens, w, "projector.0")), w, "projector.2")
+        return embeds, tuple(levels)
+
+
+def _channel_norm(x, w, prefix, eps):
+    """LayerNorm over the channels of an NCHW map (timm's LayerNorm2d)."""
+    return _layer_norm(x.permute(0, 2, 3, 1), w, prefix, eps).permute(0, 3, 1, 2)
+
+
+def check_convnext_weights(config: RGPTConfig, w: dict[str, torch.Tensor], where: Path) -> None:
+    """vision.safetensors holds the trunk and projector config.json implies."""
+    cfg, hidden = config.convnext, config.llm.hidden_size
+    last = cfg.depths[3] - 1
+    expected = {
+        "convnext.stem.0.weight": (cfg.dims[0], 3, 4, 4),
+        f"convnext.stages.3.blocks.{last}.mlp.fc1.weight_t": (
+            cfg.dims[3],
+            cfg.mlp_ratio * cfg.dims[3],
+        ),
+        "projector.0.weight_t": (config.vision.hidden_size, hidden),
+        "projector.2.weight_t": (hidden, hidden),
+    }
+    for name, shape in expected.items():
+        got = tuple(w[name].shape) if name in w else None
+        if got != shape:
+            raise ValueError(
+                f"{where.parent.name}: config.json implies {name} {list(shape)} but "
+                f"{where.name} holds {list(got) if got else 'no such tensor'}"
+            )
 
 
 def refine(patches: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
@@ -349,7 +437,8 @@ def select_vision_backend(
             if name == "onnxruntime":
                 build_id = manifest.data.get("build_id")
                 return OnnxRuntimeVision(config, device, folder / "vision.onnx", build_id)
-            return TorchVision.from_files(
+            torch_backend = TorchConvNeXtVision if config.family == "osprey" else TorchVision
+            return torch_backend.from_files(
                 config, device, folder / "vision.safetensors", folder / "connector.safetensors"
             )
         except (ImportError, RuntimeError) as error:

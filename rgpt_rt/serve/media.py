@@ -2,6 +2,7 @@
 
     image = decode_image(body.image, limits)                  # [H, W, 3] uint8, EXIF-upright
     regions = decode_regions(body.region_list(), limits)      # arrays and box tuples for Session
+    image, alpha = decode_image_and_alpha(url, limits)        # RGBA: the alpha channel as a mask (alpha > 0)
 
 Every limit is checked before the memory for it is taken: the base64 length before decoding, an
 image's width x height from its header before its pixels, an RLE's size before its runs.
@@ -85,6 +86,45 @@ def decode_image(data: str, limits: ServeLimits, param: str = "image") -> np.nda
     raw = base64_payload(data, param, limits.max_image_bytes)
     image = open_checked(raw, ("PNG", "JPEG"), param, limits.max_image_pixels, upright=True)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def has_alpha(data: str, limits: ServeLimits, param: str = "image") -> bool:
+    """Whether a base64 PNG/JPEG carries transparency (RGBA, LA, or a palette with a
+    transparent colour), read from its header only."""
+    raw = base64_payload(data, param, limits.max_image_bytes)
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG", "JPEG"]) as opened:
+            return _transparent(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return False  # decode_image says what is wrong with it
+
+
+def _transparent(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+
+
+def decode_image_and_alpha(
+    data: str, limits: ServeLimits, param: str = "image"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """base64 PNG/JPEG -> ([H, W, 3] uint8 RGB, [H, W] bool alpha > 0, or None when the image
+    has no transparency), as Describe Anything's server takes a region: the alpha channel of an
+    RGBA image is the mask. An alpha channel with no pixel above 0 is a 400."""
+    raw = base64_payload(data, param, limits.max_image_bytes)
+    image = open_checked(raw, ("PNG", "JPEG"), param, limits.max_image_pixels, upright=True)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if not _transparent(image):
+        return rgb, None
+    alpha = np.asarray(image.convert("RGBA"), dtype=np.uint8)[:, :, 3] > 0
+    if not alpha.any():
+        raise ApiError(
+            400,
+            f"{param}: the image's alpha channel is 0 everywhere; as a region, alpha > 0 marks "
+            "the pixels inside it",
+            param,
+        )
+    return rgb, alpha
 
 
 def decode_mask(mask: str | RLE, limits: ServeLimits, param: str) -> np.ndarray:

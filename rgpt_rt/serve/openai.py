@@ -10,7 +10,10 @@
         stream=True, max_tokens=64, temperature=0)
 
 One image per conversation, as a data: URL (the server fetches nothing). The regions are the
-extension field `regions`, named in the text as <region1>, <region2>, ...; earlier assistant
+extension field `regions`, named in the text as <region1>, <region2>, ...; or, as Describe
+Anything's server takes them, the alpha channel of an RGBA image (alpha > 0 is the mask) when
+`regions` is absent: that region is <region1>, and a text that names no region has "the masked
+region" (or, without that phrase, its start) read as <region1>. Earlier assistant
 messages are kept as the answers they were. Honoured: messages (system, user, assistant),
 max_tokens / max_completion_tokens (default 128), temperature (default 0: greedy, where
 OpenAI's is 1), stream, stream_options.include_usage, n = 1. Other fields are accepted and
@@ -31,9 +34,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
-from rgpt_rt.prompts import SYSTEM_PROMPT, Conversation
+from rgpt_rt.prompts import Conversation, chat_template
 from rgpt_rt.serve.errors import ApiError
-from rgpt_rt.serve.media import check_region_count, decode_image, decode_regions
+from rgpt_rt.serve.media import (
+    check_region_count,
+    decode_image,
+    decode_image_and_alpha,
+    decode_regions,
+    has_alpha,
+)
 from rgpt_rt.serve.schemas import Region
 from rgpt_rt.serve.service import (
     ERRORS,
@@ -48,6 +57,19 @@ from rgpt_rt.serve.worker import Run
 
 DEFAULT_MAX_TOKENS = 128
 _PLACEHOLDER = re.compile(r"<region\d*>")
+_MASKED_REGION = re.compile(r"the masked region", re.IGNORECASE)
+_IMAGE_TAG = re.compile(r"^\s*<image>\s*")  # Describe Anything's prompts open with it
+
+
+def name_alpha_region(text: str) -> str:
+    """A question about the alpha-channel region, with that region named <region1>: "Describe
+    the masked region in detail." -> "Describe <region1> in detail."; a text naming no region
+    and without that phrase gets "<region1>" before it."""
+    text = _IMAGE_TAG.sub("", text)
+    if _PLACEHOLDER.search(text):
+        return text
+    named, count = _MASKED_REGION.subn("<region1>", text, count=1)
+    return named if count else f"<region1> {text}"
 
 
 # --- the request ----------------------------------------------------------------------------
@@ -213,7 +235,7 @@ def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["openai"])
     model_name = session.config.name
     tokens = session.config.tokens
-    special = (tokens.image, tokens.region)  # other special-token strings are plain text
+    special = (tokens.image, *tokens.region_slots)  # other special-token strings are plain text
 
     @api.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -230,13 +252,18 @@ def router(service: Service) -> APIRouter:
         """OpenAI's chat completions over the regions in `regions` (see the module doc)."""
         dialogue = read_messages(body.messages, special)
         regions = body.regions or []
-        if not regions:
+        from_alpha = not regions and has_alpha(dialogue.image, service.limits, dialogue.image_param)
+        if not regions and not from_alpha:
             raise ApiError(
                 400,
                 'no regions: give them in the extension field "regions": [{"box": [x0, y0, x1, '
-                'y1]} or {"mask": "<base64 PNG or RLE>"}, ...], named <region1>, ... in the text',
+                'y1]} or {"mask": "<base64 PNG or RLE>"}, ...], named <region1>, ... in the text, '
+                "or send an RGBA image whose alpha channel (> 0) is the region",
                 "regions",
             )
+        if from_alpha:
+            dialogue.question = name_alpha_region(dialogue.question)
+            dialogue.history = [(name_alpha_region(q), a) for q, a in dialogue.history]
         check_region_count(len(regions), service.limits)
         text_chars = len(dialogue.system or "") + len(dialogue.question)
         text_chars += sum(len(q) + len(a) for q, a in dialogue.history)
@@ -247,13 +274,22 @@ def router(service: Service) -> APIRouter:
         temperature = body.temperature or 0.0
 
         def work(run: Run) -> dict[str, Any]:
-            image = decode_image(dialogue.image, service.limits, dialogue.image_param)
-            masks = decode_regions(regions, service.limits)
+            if from_alpha:
+                image, alpha = decode_image_and_alpha(
+                    dialogue.image, service.limits, dialogue.image_param
+                )
+                masks = [alpha]
+            else:
+                image = decode_image(dialogue.image, service.limits, dialogue.image_param)
+                masks = decode_regions(regions, service.limits)
             sampling = {"max_new_tokens": max_tokens, "temperature": temperature}
             if dialogue.history or dialogue.system is not None:
                 chat = session.chat(image, masks)
+                template = chat_template(session.config.family)
                 chat.conversation = Conversation(
-                    turns=list(dialogue.history), system=dialogue.system or SYSTEM_PROMPT
+                    turns=list(dialogue.history),
+                    system=dialogue.system or template.system,
+                    template=template,
                 )
                 answer = chat.send(dialogue.question, stream=True, **sampling)
             else:  # one question: the prefix cache and pooled KV caches of Session.ask

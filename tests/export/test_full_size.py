@@ -51,7 +51,9 @@ def bundle(folders, tmp_path_factory):
 
 def largest_tensor(folder: Path) -> int:
     return max(
-        entry.nbytes for shard in folder.glob("*.safetensors") for entry in read_header(shard)[0].values()
+        entry.nbytes
+        for shard in folder.glob("*.safetensors")
+        for entry in read_header(shard)[0].values()
     )
 
 

@@ -1,6 +1,8 @@
 """The runtime decoder on CUDA: the decode step as CUDA graphs (one per cache, so per batch size,
 and per key-length bucket) against eager decoding and against transformers; prefix copies and
-batched rows on the device; the INT4 decoder under graphs when rgpt_rt.quant exists."""
+batched rows on the device; the INT4 decoder under graphs when rgpt_rt.quant exists. The model
+here has head_dim 32, which the fused step's CUDA kernels do not take: these tests run the
+unfused step (tests/gpu/test_decode_fused_cuda.py runs the fused one)."""
 
 from __future__ import annotations
 
@@ -70,7 +72,10 @@ def _greedy_logits(decoder, ids, steps, max_len, graphs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_graph_decode_equals_eager_across_buckets(llama_folder, dtype, rows):
+    # the unfused step's graphs, one per key-length bucket (the fused step's single graph per
+    # cache: tests/gpu/test_decode_fused_cuda.py)
     decoder = load_decoder(llama_folder[1], dtype=dtype, device="cuda")
+    decoder.decode_step_kind = "unfused"
     ids = _ids(GRAPH_KV_BUCKET - 8, rows)  # the decode crosses the first bucket's end
     graphed, cache = _greedy_logits(decoder, ids, 24, 300, graphs=True)
     eager, _ = _greedy_logits(decoder, ids, 24, 300, graphs=False)

@@ -146,9 +146,11 @@ def test_copy_prefix_within_one_cache(hf_llama):
 
 
 def test_decode_step_over_a_padded_key_length_equals_the_exact_one(hf_llama):
-    """CUDA graphs replay the step over a key length rounded up to a bucket; the masked slots
-    past each row's position must not change the result (checked here on the CPU)."""
+    """CUDA graphs of the unfused step replay it over a key length rounded up to a bucket; the
+    masked slots past each row's position must not change the result (checked here on the CPU).
+    (The fused step attends over each row's own length: tests/runtime/test_decoder_fused_step.py.)"""
     decoder = load_decoder(hf_llama("gqa")[1])
+    decoder.decode_step_kind = "unfused"
     cache = decoder.new_cache(2, 300)
     padded = torch.cat([_prompt(30), _prompt(30, seed=3)]).clone()
     logits = decoder.prefill(cache, input_ids=padded, lengths=[30, 21])

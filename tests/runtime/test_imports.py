@@ -37,7 +37,7 @@ print(json.dumps(sorted(sys.modules)))
 # What a CPU Session over the embedded bundle runs, and nothing else of rgpt_rt.
 SESSION_MODULES = {
     "rgpt_rt", "rgpt_rt._C", "rgpt_rt.bundle", "rgpt_rt.config", "rgpt_rt.inputs",
-    "rgpt_rt.prompts", "rgpt_rt.tokenizer", "rgpt_rt.ops", "rgpt_rt.ops.int4",
+    "rgpt_rt.prompts", "rgpt_rt.tokenizer", "rgpt_rt.ops", "rgpt_rt.ops.decode", "rgpt_rt.ops.int4",
     "rgpt_rt.ops.int4_format", "rgpt_rt.ops.int4_layout", "rgpt_rt.ops.mask_pool",
     "rgpt_rt.ops.region_numbers",
     "rgpt_rt.ops.region_positions", "rgpt_rt.runtime", "rgpt_rt.runtime.answer",

@@ -4,7 +4,7 @@ import pytest
 
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.cli import main as cli
-from rgpt_rt.runtime.memory import GiB, MiB, MemoryPlan, parse_bytes
+from rgpt_rt.runtime.memory import GiB, MemoryPlan, MiB, parse_bytes
 from rgpt_rt.runtime.session import Session, default_bundle
 
 
@@ -45,7 +45,9 @@ def test_a_session_that_cannot_fit_its_budget_is_refused_before_loading():
 
 
 def test_info_prints_the_plan_of_a_bundle(capsys):
-    assert cli(["info", "--bundle", str(default_bundle()), "--memory", "8GiB", "--device", "cpu"]) == 0
+    assert (
+        cli(["info", "--bundle", str(default_bundle()), "--memory", "8GiB", "--device", "cpu"]) == 0
+    )
     out = capsys.readouterr().out
     assert "memory plan (cpu)" in out and "KV cache per 1k positions" in out
     assert "budget 8.00 GiB: fits as configured" in out
