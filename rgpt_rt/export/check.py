@@ -44,16 +44,17 @@ def check_bundle(
     except Exception as error:  # the onnx checker raises its own types
         raise BundleError(f"{folder}/vision.onnx fails the ONNX checker: {error}") from None
     report["llm_tensors"] = check_llm_shapes(folder, config)
-    from rgpt_rt.runtime.vision import TorchVision
+    from rgpt_rt.runtime.vision import torch_backend
 
     vision_files = (folder / "vision.safetensors", folder / "connector.safetensors")
     cpu = torch.device("cpu")
     fresh_seed = seed if seed is not None else int(time.time()) % 100_000
     try:
+        backend = torch_backend(config)
         references = reference_outputs(
-            TorchVision.from_files(config, cpu, *vision_files),
+            backend.from_files(config, cpu, *vision_files),
             seed=fresh_seed,
-            exact=lambda: TorchVision.from_files(config, cpu, *vision_files, torch.float64),
+            exact=lambda: backend.from_files(config, cpu, *vision_files, torch.float64),
         )
     except ValueError as error:
         raise BundleError(str(error)) from None

@@ -264,18 +264,27 @@ def reference_outputs(
     size = vision.config.vision.image_size
     generator = torch.Generator().manual_seed(seed)
     images = [torch.randn(b, 3, size, size, generator=generator) for b in batch_sizes]
-    fp32 = [tuple(t.cpu() for t in vision(pixels)) for pixels in images]
+    fp32 = [_flat(vision(pixels)) for pixels in images]
     if exact is None:
         vision.double()
         try:
-            fp64 = [tuple(t.cpu() for t in vision(pixels.double())) for pixels in images]
+            fp64 = [_flat(vision(pixels.double())) for pixels in images]
         finally:
             vision.float()
     else:
         twin = exact()
-        fp64 = [tuple(t.double().cpu() for t in twin(pixels.double())) for pixels in images]
+        fp64 = [_flat(twin(pixels.double()), torch.float64) for pixels in images]
         del twin
     return [Reference(p, a, b) for p, a, b in zip(images, fp32, fp64)]
+
+
+def _flat(outputs, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """(image_embeds, hires) or (image_embeds, (res2..res5)) -> a flat tuple on the CPU, in
+    the graph's output order."""
+    flat = []
+    for output in outputs:
+        flat += list(output) if isinstance(output, tuple | list) else [output]
+    return tuple(t.to("cpu", dtype) for t in flat)
 
 
 def onnx_parity(path: str | Path, references: list[Reference]) -> dict[str, float]:

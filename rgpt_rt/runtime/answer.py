@@ -135,7 +135,7 @@ class Chat:
         self._stages, self._seen, self._params, self._report = stages, seen, params, report
         self.region_embeds = region_embeds  # [N, D], numbered: mask k is <region{k+1}>
         self._stats = stats  # what seeing the image and its regions took
-        self.conversation = Conversation()
+        self.conversation = Conversation(template=stages.family.template)
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []
 

@@ -30,9 +30,7 @@ import torch
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.inputs import ImageLike, MaskLike
 from rgpt_rt.prompts import (
-    Conversation,
     classify_prompt,
-    describe_prompt,
     parse_refer_answer,
     refer_prompt,
 )
@@ -199,7 +197,7 @@ class Session:
     ) -> str | Iterator[str]:
         """Describe one region (a mask or a box (x0, y0, x1, y1)) of an image."""
         params = self._params(max_new_tokens, temperature)
-        question = describe_prompt(_flag("detailed", detailed))
+        question = self.stages.family.describe_prompt(_flag("detailed", detailed))
         return self._answer(image, [mask], question, params, _flag("stream", stream))
 
     def describe_many(
@@ -216,13 +214,13 @@ class Session:
         between_steps: called after every decode step; what it raises stops the answer (a
         server passes a check that raises when its client went away)."""
         params = self._params(max_new_tokens, temperature)
-        question = describe_prompt(_flag("detailed", detailed))
+        question = self.stages.family.describe_prompt(_flag("detailed", detailed))
         started = time.perf_counter()
         stats: dict[str, Any] = {}
         stages = self.stages
         seen = stages.see(image, stats)
         region_embeds = stages.regions(seen, _masks(masks), stats)  # [N, D]
-        ids, order = stages.tokenize(Conversation.single(question), 1)
+        ids, order = stages.tokenize(stages.conversation(question), 1)
         answers: list[str] = []
         stats["decode_ms"], stats["new_tokens"] = 0.0, 0
         for first in range(0, region_embeds.shape[0], self.max_batch):
@@ -355,7 +353,7 @@ class Session:
         stages = self.stages
         seen = stages.see(image, stats)
         region_embeds = stages.numbered(stages.regions(seen, masks, stats))
-        ids, order = stages.tokenize(Conversation.single(question), region_embeds.shape[0])
+        ids, order = stages.tokenize(stages.conversation(question), region_embeds.shape[0])
         with stages.lock:
             cache, logits = stages.prefill(seen, ids, [region_embeds[order]], params, stats)
         stream = AnswerStream(stages, cache, logits, params, stats, started, self._report)

@@ -1,8 +1,8 @@
 """The stages a question goes through, shared by every Session method and by Chat:
 
     seen = stages.see(image, stats)                                  # preprocess + vision (cached per image)
-    embeds = stages.numbered(stages.regions(seen, masks, stats))     # mask pooling + connector: [N, D]
-    ids, order = stages.tokenize(Conversation.single(question), N)   # template + tokenizer
+    embeds = stages.numbered(stages.regions(seen, masks, stats))     # the region encoder: [N, k, D]
+    ids, order = stages.tokenize(stages.conversation(question), N)   # template + tokenizer
     cache, logits = stages.prefill(seen, ids, [embeds[order]], params, stats)   # prefix KV cached per image
 
 `stats` collects what each stage took (ms) and what it saw; the Session reports it as
@@ -23,15 +23,16 @@ from tokenizers import Tokenizer
 
 from rgpt_rt.config import RGPTConfig
 from rgpt_rt.inputs import ImageLike, MaskLike
-from rgpt_rt.ops import add_region_numbers, add_region_positions, mask_pool
+from rgpt_rt.ops import add_region_numbers
 from rgpt_rt.prompts import Conversation, tokenize_conversation
 from rgpt_rt.runtime.cache import ByteLRU, image_key, tensor_bytes
+from rgpt_rt.runtime.families import Features, region_family, splice_embeddings
 from rgpt_rt.runtime.generate import SamplingParams
 from rgpt_rt.runtime.kv_cache import KVCache
 from rgpt_rt.runtime.kv_pool import KVPool
 from rgpt_rt.runtime.model import LlamaDecoder
-from rgpt_rt.runtime.preprocess import Frame, pixel_values, prepare_image, prepare_masks
-from rgpt_rt.runtime.vision import VisionBackend, Widened, connect
+from rgpt_rt.runtime.preprocess import Frame
+from rgpt_rt.runtime.vision import VisionBackend, Widened
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Seen:
 
     frame: Frame
     image_embeds: torch.Tensor  # [1, g*g, D] in the decoder's dtype
-    hires: torch.Tensor  # [1, 4g, 4g, C] the refined map regions are pooled from
+    features: Features  # what regions are pooled from: RegionGPT's hi-res map [1, 4g, 4g, C],
+    # or Osprey's four levels (runtime/families/)
 
 
 class Stages:
@@ -73,7 +75,8 @@ class Stages:
         names = config.tokens
         self.eos_id = tokenizer.token_to_id(names.eos)
         self.image_id = tokenizer.token_to_id(names.image)
-        self.region_id = tokenizer.token_to_id(names.region)
+        self.family = region_family(config)  # what differs between RegionGPT and Osprey
+        self.slot_ids = self.family.slot_ids(tokenizer)  # the tokens a region is written as
         self.max_context = max_context
         self.max_image_side = max_image_side
         self.lock = threading.RLock()
@@ -87,12 +90,13 @@ class Stages:
         the checks run on the CPU, the padding, resize and normalisation on the Session's device
         (runtime/preprocess.py), and only for an image whose vision result is not cached."""
         start = time.perf_counter()
-        frame = prepare_image(image, self.config.vision, self.max_image_side, values=False)
+        family = self.family
+        frame = family.prepare_image(image, self.max_image_side)
         frame.key = image_key(frame.pixels)
         with self.lock:
             cached = self.vision_cache.get(frame.key)
         if cached is None:
-            frame.pixel_values = pixel_values(frame, self.config.vision, self.device)
+            frame.pixel_values = family.pixel_values(frame, self.device)
             self.sync()
         stats["preprocess_ms"] = elapsed_ms(start)
         stats["original_size"] = list(frame.original_size)
@@ -101,34 +105,40 @@ class Stages:
         start = time.perf_counter()
         if cached is None:
             with self.lock:
-                image_embeds, hires = self.vision(frame.pixel_values)
-                cached = (image_embeds.to(self.dtype), hires.to(self.dtype))
-                self.vision_cache.put(frame.key, cached, tensor_bytes(*cached))
+                image_embeds, features = self.vision(frame.pixel_values)
+                cached = (image_embeds.to(self.dtype), family.features_to(features, self.dtype))
+                nbytes = tensor_bytes(cached[0], *family.features_list(cached[1]))
+                self.vision_cache.put(frame.key, cached, nbytes)
         self.sync()
         stats["vision_ms"] = elapsed_ms(start)
         return Seen(frame, cached[0], cached[1])
 
     def regions(self, seen: Seen, masks: Sequence[MaskLike], stats: dict[str, Any]) -> torch.Tensor:
-        """Mask pooling on the hi-res map, then the connector (plus each mask's centroid
-        projection where the model has one): [N, D]."""
+        """The family's region encoder (RegionGPT: mask pooling on the hi-res map, the
+        connector, each mask's centroid projection where the model has one; Osprey: its mask
+        extractor): [N, k, D], k embeddings per region."""
         start = time.perf_counter()
-        prepared = prepare_masks(list(masks), seen.frame, self.device)  # [N, S', S'] padded there
+        prepared = self.family.prepare_masks(list(masks), seen.frame, self.device)  # [N, h, w]
         with self.lock:
-            pooled = mask_pool(seen.hires, prepared, mode=self.config.pool_mode)  # [N, C]
-            embeds = connect(pooled, self.connector)  # [N, D]
-            projection = self.connector.get("connector.region_position.weight_t")  # [4F, D]
-            if projection is not None:
-                embeds = add_region_positions(embeds, prepared, projection.t())
+            embeds = self.family.encode(seen.features, prepared, self.connector)
         self.sync()
         stats["regions_ms"] = elapsed_ms(start)
         stats["regions"] = int(prepared.shape[0])
         return embeds
 
     def numbered(self, embeds: torch.Tensor) -> torch.Tensor:
-        """One question's region embeddings [N, D] (mask k is <region{k+1}>), each plus its
-        number's vector where the model has them (rgpt_rt/ops/region_numbers.py)."""
+        """One question's region embeddings [N, k, D] (mask i is <region{i+1}>), each region's
+        first embedding plus its number's vector where the model has them
+        (rgpt_rt/ops/region_numbers.py)."""
         table = self.connector.get("connector.region_number")
-        return embeds if table is None else add_region_numbers(embeds, table)
+        if table is None:
+            return embeds
+        first = add_region_numbers(embeds[:, 0], table)  # [N, D]
+        return torch.cat([first[:, None], embeds[:, 1:]], dim=1)
+
+    def conversation(self, question: str) -> Conversation:
+        """A one-turn conversation in the model's chat template."""
+        return Conversation.single(question, template=self.family.template)
 
     # --- the prompt -----------------------------------------------------------------------------
     def tokenize(
@@ -151,16 +161,13 @@ class Stages:
         image_embeds: torch.Tensor | None,
         region_embeds: torch.Tensor | None,
     ) -> torch.Tensor:
-        """ids [B, T] -> token embeddings [B, T, D] with image / region embeddings at their tokens
-        (row-major)."""
-        image_slots, region_slots = ids == self.image_id, ids == self.region_id
-        safe = ids.masked_fill(image_slots | region_slots, 0)
-        embeds = self.decoder.embed(safe).clone()
-        if image_embeds is not None and bool(image_slots.any()):
-            embeds[image_slots] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
-        if region_embeds is not None and bool(region_slots.any()):
-            embeds[region_slots] = region_embeds.to(embeds.dtype)
-        return embeds
+        """ids [B, T] -> token embeddings [B, T, D] with the image embeddings at the image tokens
+        and the region embeddings [R, k, D] at the regions' slot tokens (row-major)."""
+        slots = torch.tensor(self.slot_ids, device=ids.device)
+        safe = ids.masked_fill((ids == self.image_id) | torch.isin(ids, slots), 0)
+        return splice_embeddings(
+            self.decoder.embed(safe), ids, self.image_id, image_embeds, self.slot_ids, region_embeds
+        )
 
     def check_room(self, needed: int, what: str = "the prompt and answer", fix: str = "") -> None:
         if needed > self.max_context:
@@ -201,10 +208,11 @@ class Stages:
         else:
             prefix = self._prefix(seen, ids, key, length)
             suffix = torch.tensor([ids[length:]] * rows, device=self.device)  # [B, Ts]
-            if rows > 1 and self.region_id in ids[length:]:
+            first_slot = self.slot_ids[0]
+            if rows > 1 and first_slot in ids[length:]:
                 # Several regions, one question: the question's tokens before its first region
                 # token are the same in every row, so they are prefilled once, into the prefix.
-                shared = ids.index(self.region_id, length)
+                shared = ids.index(first_slot, length)
                 if shared > length:
                     prefix = self._extend(prefix, length, ids[length:shared])
                     length, suffix = shared, suffix[:, shared - length :]
@@ -344,13 +352,7 @@ class Stages:
     def warm_up(self) -> None:
         """Pay one-time costs at load, not in the first answer: the first call of each custom
         op in a process imports torch._dynamo (seconds), and kernels pick their paths."""
-        channels = self.config.vision.hidden_size
-        hires = torch.zeros(1, 4, 4, channels, dtype=self.dtype, device=self.device)
-        mask_pool(
-            hires,
-            torch.ones(1, 4, 4, dtype=torch.bool, device=self.device),
-            mode=self.config.pool_mode,
-        )
+        self.family.warm_up(self.connector, self.device, self.dtype)
         cache = self.decoder.new_cache(1, 8)
         self.decoder.prefill(cache, input_ids=torch.tensor([[self.eos_id]], device=self.device))
 

@@ -408,6 +408,11 @@ def vision_bytes(manifest) -> int:
     return files["vision.safetensors"]["bytes"] + files["connector.safetensors"]["bytes"]
 
 
+def torch_backend(config: RGPTConfig) -> type[TorchVision]:
+    """The lean torch backend of the config's model family."""
+    return TorchConvNeXtVision if config.family == "osprey" else TorchVision
+
+
 def select_vision_backend(
     folder: Path, manifest, device: torch.device, prefer: str | None = None
 ) -> VisionBackend:
@@ -437,8 +442,7 @@ def select_vision_backend(
             if name == "onnxruntime":
                 build_id = manifest.data.get("build_id")
                 return OnnxRuntimeVision(config, device, folder / "vision.onnx", build_id)
-            torch_backend = TorchConvNeXtVision if config.family == "osprey" else TorchVision
-            return torch_backend.from_files(
+            return torch_backend(config).from_files(
                 config, device, folder / "vision.safetensors", folder / "connector.safetensors"
             )
         except (ImportError, RuntimeError) as error:

@@ -37,16 +37,18 @@ print(json.dumps(sorted(sys.modules)))
 # What a CPU Session over the embedded bundle runs, and nothing else of rgpt_rt.
 SESSION_MODULES = {
     "rgpt_rt", "rgpt_rt._C", "rgpt_rt.bundle", "rgpt_rt.config", "rgpt_rt.inputs",
-    "rgpt_rt.prompts", "rgpt_rt.tokenizer", "rgpt_rt.ops", "rgpt_rt.ops.decode", "rgpt_rt.ops.int4",
-    "rgpt_rt.ops.int4_format", "rgpt_rt.ops.int4_layout", "rgpt_rt.ops.mask_pool",
-    "rgpt_rt.ops.region_numbers",
-    "rgpt_rt.ops.region_positions", "rgpt_rt.runtime", "rgpt_rt.runtime.answer",
-    "rgpt_rt.runtime.arguments", "rgpt_rt.runtime.cache", "rgpt_rt.runtime.generate",
-    "rgpt_rt.runtime.graphs", "rgpt_rt.runtime.hf_llama", "rgpt_rt.runtime.int4_linear",
-    "rgpt_rt.runtime.kv_cache", "rgpt_rt.runtime.kv_pool", "rgpt_rt.runtime.loading",
-    "rgpt_rt.runtime.memory", "rgpt_rt.runtime.model", "rgpt_rt.runtime.preprocess",
-    "rgpt_rt.runtime.session",
-    "rgpt_rt.runtime.stages", "rgpt_rt.runtime.vision", "rgpt_rt.safetensors_io",
+    "rgpt_rt.prompts", "rgpt_rt.tokenizer", "rgpt_rt.safetensors_io",
+    "rgpt_rt.ops", "rgpt_rt.ops.decode", "rgpt_rt.ops.int4", "rgpt_rt.ops.int4_format",
+    "rgpt_rt.ops.int4_layout", "rgpt_rt.ops.mask_pool", "rgpt_rt.ops.region_numbers",
+    "rgpt_rt.ops.region_positions",
+    "rgpt_rt.runtime", "rgpt_rt.runtime.answer", "rgpt_rt.runtime.arguments",
+    "rgpt_rt.runtime.cache", "rgpt_rt.runtime.families", "rgpt_rt.runtime.families.base",
+    "rgpt_rt.runtime.families.osprey", "rgpt_rt.runtime.families.regiongpt",
+    "rgpt_rt.runtime.generate", "rgpt_rt.runtime.graphs", "rgpt_rt.runtime.hf_llama",
+    "rgpt_rt.runtime.int4_linear", "rgpt_rt.runtime.kv_cache", "rgpt_rt.runtime.kv_pool",
+    "rgpt_rt.runtime.loading", "rgpt_rt.runtime.memory", "rgpt_rt.runtime.model",
+    "rgpt_rt.runtime.preprocess", "rgpt_rt.runtime.session", "rgpt_rt.runtime.stages",
+    "rgpt_rt.runtime.vision",
 }  # fmt: skip
 
 

@@ -16,7 +16,7 @@ Every region is `tokens_per_region` consecutive prompt tokens (RegionGPT: `<regi
 from __future__ import annotations
 
 from rgpt_rt.config import RGPTConfig
-from rgpt_rt.runtime.families.base import RegionFamily, splice_embeddings
+from rgpt_rt.runtime.families.base import Features, RegionFamily, splice_embeddings
 from rgpt_rt.runtime.families.osprey import OspreyFamily
 from rgpt_rt.runtime.families.regiongpt import RegionGPTFamily
 
@@ -30,6 +30,7 @@ def region_family(config: RGPTConfig) -> RegionFamily:
 
 __all__ = [
     "FAMILIES",
+    "Features",
     "OspreyFamily",
     "RegionFamily",
     "RegionGPTFamily",

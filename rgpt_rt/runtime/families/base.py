@@ -40,10 +40,22 @@ class RegionFamily:
 
     # --- input geometry -------------------------------------------------------------------
     def prepare_image(self, image: ImageLike, max_side: int) -> Frame:
+        """The image loaded, checked and bounded (its pixel values may wait for pixel_values:
+        an image whose vision result is cached needs none)."""
         raise NotImplementedError
 
-    def prepare_masks(self, masks: Sequence[MaskLike], frame: Frame) -> torch.Tensor:
+    def pixel_values(self, frame: Frame, device: torch.device) -> torch.Tensor:
+        """[1, 3, S, S] float32 on `device`: the vision stage's input."""
+        return frame.pixel_values.to(device)
+
+    def prepare_masks(
+        self, masks: Sequence[MaskLike], frame: Frame, device: torch.device | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
+
+    def warm_up(self, weights: Mapping[str, torch.Tensor], device, dtype) -> None:
+        """Run the region encoder once on dummy inputs (a custom op's first call in a process
+        costs seconds: paid at load, not in the first answer)."""
 
     # --- after the vision stage --------------------------------------------------------------
     @staticmethod

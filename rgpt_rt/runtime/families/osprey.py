@@ -49,7 +49,9 @@ class OspreyFamily(RegionFamily):
         values = osprey_pixels(pixels, vision.image_size, vision.image_mean, vision.image_std)
         return Frame(pixels=pixels, original_size=original, pixel_values=values)
 
-    def prepare_masks(self, masks: Sequence[MaskLike], frame: Frame) -> torch.Tensor:
+    def prepare_masks(
+        self, masks: Sequence[MaskLike], frame: Frame, device: torch.device | None = None
+    ) -> torch.Tensor:
         """[N, h, w] at the working image's size, unpadded (Osprey resizes masks straight to
         each level): bool, or float area coverage where the image was downscaled."""
         if isinstance(masks, np.ndarray | torch.Tensor) and masks.ndim == 2:
@@ -68,7 +70,14 @@ class OspreyFamily(RegionFamily):
                 )
                 full = np.asarray(coverage, dtype=np.float32).clip(0.0, 1.0)
             out.append(full)
-        return torch.from_numpy(np.stack(out))
+        return torch.from_numpy(np.stack(out)).to(device)
+
+    def warm_up(self, weights: Mapping[str, torch.Tensor], device, dtype) -> None:
+        levels = tuple(
+            torch.zeros(1, 2, 2, width, dtype=dtype, device=device)
+            for width in self.config.convnext.dims
+        )
+        self.encode(levels, torch.ones(1, 8, 8, dtype=torch.bool, device=device), weights)
 
     # --- the region encoder -----------------------------------------------------------------
     def encode(

@@ -14,7 +14,7 @@ import torch
 from rgpt_rt.inputs import ImageLike, MaskLike
 from rgpt_rt.ops import add_region_positions, mask_pool
 from rgpt_rt.runtime.families.base import Features, RegionFamily
-from rgpt_rt.runtime.preprocess import Frame, prepare_image, prepare_masks
+from rgpt_rt.runtime.preprocess import Frame, pixel_values, prepare_image, prepare_masks
 from rgpt_rt.runtime.vision import connect
 
 
@@ -22,10 +22,24 @@ class RegionGPTFamily(RegionFamily):
     name = "regiongpt"
 
     def prepare_image(self, image: ImageLike, max_side: int) -> Frame:
-        return prepare_image(image, self.config.vision, max_side)
+        return prepare_image(image, self.config.vision, max_side, values=False)
 
-    def prepare_masks(self, masks: Sequence[MaskLike], frame: Frame) -> torch.Tensor:
-        return prepare_masks(list(masks), frame)  # [N, S', S'], padded like the image
+    def pixel_values(self, frame: Frame, device: torch.device) -> torch.Tensor:
+        return pixel_values(frame, self.config.vision, device)  # padded and resized there
+
+    def prepare_masks(
+        self, masks: Sequence[MaskLike], frame: Frame, device: torch.device | None = None
+    ) -> torch.Tensor:
+        return prepare_masks(list(masks), frame, device)  # [N, S', S'], padded like the image
+
+    def warm_up(self, weights: Mapping[str, torch.Tensor], device, dtype) -> None:
+        channels = self.config.vision.hidden_size
+        features = torch.zeros(1, 4, 4, channels, dtype=dtype, device=device)
+        mask_pool(
+            features,
+            torch.ones(1, 4, 4, dtype=torch.bool, device=device),
+            mode=self.config.pool_mode,
+        )
 
     def encode(
         self, features: Features, masks: torch.Tensor, weights: Mapping[str, torch.Tensor]
