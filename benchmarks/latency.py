@@ -259,33 +259,39 @@ def load_session(args):
     if not args.random_weights:
         return Session(args.bundle, device=args.device)
     # Full size with random weights: the same model the reference side builds, converted in
-    # memory (a 7B bundle is never written): torch vision + INT4 decoder.
-    from rgpt_rt.export.build import vision_tensors
-    from rgpt_rt.export.llm import llm_tensors, resolve_group_size
+    # memory as the exporter would write it (a 7B bundle is never written): the vision side's
+    # fp16 tensors for the torch backend, the LLM quantized to INT4 by RTN.
+    from rgpt_rt.export.llm import resolve_group_size
+    from rgpt_rt.export.vision_side import VisionSide
     from rgpt_rt.runtime.loading import decoder_from_state
     from rgpt_rt.runtime.vision import TorchVision
 
     model = load_reference(args)
     config = model.config
-    connector = {k: v.detach() for k, v in model.connector.state_dict().items()}
-    weights = vision_tensors(model) | {f"connector.{k}": v for k, v in connector.items()}
+    side = VisionSide(config, model.vision, model.refinement, model.connector).float()
+    side.prepare_for_export()
+    tensors = side.bundle_tensors()  # {"vision": {...}, "connector": {...}}, fp16
+    connector = tensors["connector"]
+    weights = tensors["vision"] | {f"connector.{k}": v for k, v in connector.items()}
     vision = TorchVision(config, torch.device(args.device), weights)
     group = resolve_group_size(config.llm, None)
+    llm = {
+        k: v
+        for k, v in model.llm.state_dict().items()
+        if k != "lm_head.weight" or not config.llm.tie_word_embeddings
+    }
     decoder = decoder_from_state(
-        config.llm,
-        llm_tensors(model.llm),
-        dtype=torch.float16,
-        quant="int4",
-        group_size=group,
-        device=args.device,
-    )
+        config.llm, llm, dtype=torch.float16 if args.device == "cuda" else torch.float32,
+        quant="int4", group_size=group, device=args.device, keep_half=True,
+    )  # fmt: skip
     decoder.fuse_projections()  # as a bundle's decoder is
+    decoder.kv_dtype = torch.float16  # as a bundle's INT4 decoder has it
     tokenizer = model.tokenizer
-    del model
+    del model, side, llm
     torch.cuda.empty_cache() if args.device == "cuda" else None
     return Session.from_parts(
         config=config, tokenizer=tokenizer, vision=vision, connector=connector, decoder=decoder,
-        device=args.device, source={"bundle": None, "quantization": {"method": "rtn", "group_size": group}},
+        source={"bundle": None, "quantization": {"method": "rtn", "group_size": group}},
     )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ Session's load and one describe, each step in its own process, timed, with its p
     python benchmarks/memory.py --work /big/disk              # writes ~14.5 GB of folders once
     python benchmarks/memory.py --work DIR --llm-layers 2 --clip-layers 2   # real widths, shallow
     python benchmarks/memory.py --work DIR --device cuda      # load + describe on a GPU too
-    python benchmarks/memory.py --work DIR --osprey           # Osprey-7b's layout: .bin shards + the OpenCLIP file (build only)
+    python benchmarks/memory.py --work DIR --osprey           # Osprey-7b's layout: .bin shards + the OpenCLIP file
 
 Folders: lmsys/vicuna-7b-v1.5's config with random fp16 weights in two HF-named shards, and
 openai/clip-vit-large-patch14-336's (rgpt_rt/export/synthetic.py). Targets (issue 22): build
@@ -91,19 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--osprey", action="store_true", help="Osprey-7b's files instead (build and bundle size)"
-    )
+    parser.add_argument("--osprey", action="store_true", help="Osprey-7b's files instead")
     args = parser.parse_args(argv)
-    if args.osprey:
-        return osprey_main(args)
 
     start = time.perf_counter()
-    clip, llm = make_folders(args.work, args.llm_layers, args.clip_layers)
+    if args.osprey:
+        folder, convnext = make_osprey_folders(args.work, args.llm_layers)
+        name, sources = folder.name, ["--osprey", str(folder), "--convnext", str(convnext)]
+    else:
+        clip, llm = make_folders(args.work, args.llm_layers, args.clip_layers)
+        name, sources = llm.name, ["--clip", str(clip), "--llm", str(llm)]
     rows = [("write the random folders", time.perf_counter() - start, None)]
-    bundle, summary = args.work / f"bundle-{llm.name}", args.work / f"build-{llm.name}.json"
-    build = [sys.executable, "export/build_engine.py", "--clip", str(clip), "--llm", str(llm)]
-    _, seconds = run([*build, "--out", str(bundle), "--trt", "off", "--json", str(summary)])
+    bundle, summary = args.work / f"bundle-{name}", args.work / f"build-{name}.json"
+    build = [sys.executable, "export/build_engine.py", *sources, "--out", str(bundle)]
+    _, seconds = run([*build, "--trt", "off", "--json", str(summary)])
     manifest = json.loads(summary.read_text())
     rows.append(("build (export/build_engine.py)", seconds, manifest["peak_rss_mb"] * 1e6 / GB))
     _, seconds = run([sys.executable, "export/build_engine.py", "--check", str(bundle)])
@@ -115,47 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     rows.append((f"Session load + one describe ({args.device})", seconds, memory))
 
     size = sum(entry["bytes"] for entry in manifest["files"].values()) / GB
-    print(f"## full-size path, {llm.name} / {clip.name}, {args.device}\n")
+    files = ", ".join(f"{k} {v['bytes'] / GB:.2f} GB" for k, v in manifest["files"].items())
+    print(f"## full-size path, {name}, {args.device}\n")
     print("| step | seconds | peak memory (GB) |\n|---|---:|---:|")
-    for name, secs, peak in rows:
-        print(f"| {name} | {secs:.1f} | {'' if peak is None else f'{peak:.2f}'} |")
-    print(
-        f"\nbundle: {size:.2f} GB; load {session['load_s']} s, describe {session['describe_s']} s"
-    )
-    print(
-        "build steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in manifest["build_seconds"].items())
-    )
+    for step, secs, peak in rows:
+        print(f"| {step} | {secs:.1f} | {'' if peak is None else f'{peak:.2f}'} |")
+    print(f"\nbundle: {size:.2f} GB ({files})")
+    print(f"load {session['load_s']} s, describe {session['describe_s']} s")
+    steps = manifest["build_seconds"].items()
+    print("build steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in steps))
     if args.json:
         args.json.write_text(
             json.dumps({"rows": rows, "bundle_gb": size, "session": session}, indent=2)
         )
-    return 0
-
-
-def osprey_main(args) -> int:
-    """Build an Osprey-7b-shaped bundle from .bin shards: time, peak RSS, size. (--check's
-    parity and a Session describe follow once they run the osprey family.)"""
-    start = time.perf_counter()
-    folder, convnext = make_osprey_folders(args.work, args.llm_layers)
-    rows = [("write the random folder and file", time.perf_counter() - start, None)]
-    bundle, summary = args.work / f"bundle-{folder.name}", args.work / f"build-{folder.name}.json"
-    build = [sys.executable, "export/build_engine.py", "--osprey", str(folder)]
-    build += ["--convnext", str(convnext), "--out", str(bundle), "--trt", "off"]
-    _, seconds = run([*build, "--json", str(summary)])
-    manifest = json.loads(summary.read_text())
-    rows.append(("build (export/build_engine.py --osprey)", seconds, manifest["peak_rss_mb"] / 1e3))
-    size = sum(entry["bytes"] for entry in manifest["files"].values()) / GB
-    print(f"## Osprey full-size build, {folder.name}\n")
-    print("| step | seconds | peak memory (GB) |\n|---|---:|---:|")
-    for name, secs, peak in rows:
-        print(f"| {name} | {secs:.1f} | {'' if peak is None else f'{peak:.2f}'} |")
-    files = ", ".join(f"{k} {v['bytes'] / GB:.2f} GB" for k, v in manifest["files"].items())
-    print(f"\nbundle: {size:.2f} GB ({files})")
-    print(
-        "build steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in manifest["build_seconds"].items())
-    )
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "bundle_gb": size}, indent=2))
     return 0
 
 

@@ -40,11 +40,13 @@ def main() -> None:
     world = ShapesWorld(image_size=96, seed=20261127)
     sample = next(s for i in range(50) if len((s := world.task_sample(i, "refer")).masks) == 5)
     stats: dict = {}
-    frame, _, hires = session._see(sample.image, stats)
-    embeds = session._regions(hires, sample.masks, frame, stats)
-    regions = median_us(lambda: session._regions(hires, sample.masks, frame, {}), args.repeats)
-    numbers = median_us(lambda: session._numbered(embeds), args.repeats)
-    prepared = prepare_masks(list(sample.masks), frame)  # what _regions pools
+    stages = session.stages
+    seen = stages.see(sample.image, stats)
+    embeds = stages.regions(seen, sample.masks, stats)  # [5, 1, D]
+    regions = median_us(lambda: stages.regions(seen, sample.masks, {}), args.repeats)
+    numbers = median_us(lambda: stages.numbered(embeds), args.repeats)
+    prepared = prepare_masks(list(sample.masks), seen.frame)  # what the regions stage pools
+    embeds = embeds[:, 0]  # [5, D]
     projection = torch.randn(embeds.shape[1], 4 * POSITION_FREQUENCIES)
     positions = median_us(lambda: add_region_positions(embeds, prepared, projection), args.repeats)
     expression = "the red star"

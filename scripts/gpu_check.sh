@@ -77,7 +77,7 @@ TAIL=45 RGPT_INT4_KERNEL=nk8i RGPT_DECODE_STEP=unfused run_step decoder_old \
   "benchmark decoder, previous kernels (nk8i GEMV, unfused step)" 150 "$LOGS/bench_decoder_old.log" \
   $PY benchmarks/decoder.py --device cuda --preset rgpt-7b --random-weights --runs ${RUNS:-5} --profile \
   --json "$LOGS/bench_decoder_old.json"
-TAIL=14 run_step int4 "benchmark int4" 60 "$LOGS/bench_int4.log" \
+TAIL=30 run_step int4 "benchmark int4 (GEMV, GEMM, dequantise; n16k64 beside nk8i)" 150 "$LOGS/bench_int4.log" \
   $PY benchmarks/int4.py --device cuda --json "$LOGS/bench_int4.json"
 TAIL=20 run_step decode_ops "benchmark fused decode ops (add_rms_norm, rope_kv_append, attention, silu_mul)" 60 \
   "$LOGS/bench_decode_ops.log" $PY benchmarks/decode_ops.py --device cuda --json "$LOGS/bench_decode_ops.json"
@@ -108,6 +108,9 @@ elif [[ "$STEPS" == *" sanitizer"* ]]; then
   TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer_int4 "compute-sanitizer memcheck: INT4 GEMV (split-K, tiny)" 60 \
     "$LOGS/sanitizer_int4.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_int4_cuda.py -k "split_k or (tiny and not 128)"
+  TAIL=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step sanitizer_int4 "compute-sanitizer memcheck: INT4 GEMM" 90 \
+    "$LOGS/sanitizer_int4_gemm.log" "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/gpu/test_int4_gemm_cuda.py -k "split_k or one_hot or N7 or bad"
 fi
 if [[ "$STEPS" == *" sanitizer_decode "* ]] && [ -x "$SANITIZER" ]; then
   # the split-KV attention: shared memory and an atomic combine
@@ -140,7 +143,7 @@ if (logs / "gpu_tests.xml").exists():
         for bad in list(case.findall("failure")) + list(case.findall("error")):
             failures[f"{case.get('classname')}::{case.get('name')}"] = (bad.get("message") or "")[:400]
 summary["gpu_test_failures"] = failures
-for tool in ("memcheck", "racecheck", "int4", "decode", "decode_race"):
+for tool in ("memcheck", "racecheck", "int4", "int4_gemm", "decode", "decode_race"):
     summary[f"sanitizer_{tool}"] = last_line(f"sanitizer_{tool}.log")
 (logs / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 print(json.dumps({k: v for k, v in summary.items() if not k.startswith("bench_")}, indent=2))

@@ -37,6 +37,7 @@ for n, k, group in [(1, 32, 32), (3, 96, 32), (7, 256, 64), (5, 512, 256), (33, 
     old = (layout.pack_nk8i(codes), scales, zeros)
     weights = {
         "n16k64": (_C.int4_linear_n16k64_cpu, packed, layout.dequantize_plain(codes, scales, zeros, group)),
+        "n16k64 gemm": (_C.int4_gemm_n16k64_cpu, packed, layout.dequantize_plain(codes, scales, zeros, group)),
         "nk8i": (_C.int4_linear_cpu, old, layout.dequantize_nk8i(*old, group).float()),
     }
     for simd in (True, False):
@@ -48,7 +49,7 @@ for n, k, group in [(1, 32, 32), (3, 96, 32), (7, 256, 64), (5, 512, 256), (33, 
                 )
                 assert torch.equal(out, weights["n16k64"][2][rows[0] : rows[1]]), (n, k, group, rows)
                 runs += 1
-    for m in range(1, 10):
+    for m in (*range(1, 10), 10, 33, 70):  # the GEMV's rows, and the GEMM's
         x, bias = torch.randn(m, k), torch.randn(n)
         for name, (kernel, tensors, weight) in weights.items():
             reference = x.double() @ weight.double().T + bias.double()

@@ -2,6 +2,7 @@
 
     mask_pool(features, masks, batch_index=None, *, mode="area") -> [N, C]             (mask_pool.py)
     mask_pool_reference(features, masks, batch_index=None, *, mode="area") -> [N, C]   (mask_pool.py)
+    mask_pool_levels(levels, masks, *, mode="binary") -> [N, sum C_l]   several maps in one call
     int4_linear(x[..., K], w: Int4Weight, bias=None) -> [..., N]                          (int4.py)
     int4_linear_reference(x[..., K], w, bias=None) -> [..., N]
     add_region_numbers(embeds[N, D], table[M, D], batch_index=None) -> [N, D]   (region_numbers.py)
@@ -31,6 +32,8 @@ from rgpt_rt.ops.mask_pool import (
     check_mask_pool_args,
     mask_cell_weights,
     mask_pool,
+    mask_pool_levels,
+    mask_pool_levels_reference,
     mask_pool_reference,
 )
 from rgpt_rt.ops.region_numbers import add_region_numbers
@@ -49,6 +52,8 @@ __all__ = [
     "int4_linear_reference",
     "mask_cell_weights",
     "mask_pool",
+    "mask_pool_levels",
+    "mask_pool_levels_reference",
     "mask_pool_reference",
     "rope_kv_append",
     "rope_kv_append_reference",

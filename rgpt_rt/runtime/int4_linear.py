@@ -54,7 +54,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("perm", weight.perm)
         self.register_buffer("bias", None if bias is None else bias.detach())
         if weight.device.type == "cuda" and self.kernel == "n16k64":
-            reserve_gemv_workspace(self.out_features, self.in_features, weight.device)
+            reserve_gemv_workspace(
+                self.out_features, self.in_features, weight.device, group_size=self.group_size
+            )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
