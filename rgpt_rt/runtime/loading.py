@@ -28,6 +28,8 @@ from rgpt_rt.safetensors_io import read_header, read_tensors
 
 # stored in fp16 by a bundle, and kept so under fp32 activations (the rest is small)
 HALF_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+# a CPU prefills long prompts in chunks of this many tokens (model.LlamaDecoder.prefill_chunk)
+CPU_PREFILL_CHUNK = 256
 
 
 def load_decoder(
@@ -111,6 +113,8 @@ def decoder_from_state(
         _replace(model, name, Int4Linear(weight).to(device))
     if quant == "int4":
         quantize_int4(model, group_size)
+    if torch.device(device).type == "cpu":
+        model.prefill_chunk = CPU_PREFILL_CHUNK
     model.rope_cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
     model.rope_signed_sin = torch.empty(0, config.head_dim, dtype=dtype, device=device)
     return model.eval()

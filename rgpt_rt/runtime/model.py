@@ -274,6 +274,9 @@ class LlamaDecoder(nn.Module):
         # the KV cache's dtype (None: the activations'); a bundle's INT4 decoder keeps it in
         # fp16 on a CPU too, for half the memory (loading.py)
         self.kv_dtype: torch.dtype | None = None
+        # prefill long prompts this many tokens at a time (None: at once); loading.py sets it on
+        # a CPU, where memory is tighter and the GEMMs lose nothing at 256 rows
+        self.prefill_chunk: int | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -410,7 +413,19 @@ class LlamaDecoder(nn.Module):
             )
         self._ensure_rope(cache.max_len)
         input_pos = (start[:, None] + torch.arange(T)).to(self.device)  # [B, T]
-        h = self(x, input_pos, cache, kv_len)  # [B, T, D]
+        chunk = self.prefill_chunk or T
+        # chunks of a long prompt, each attending to what the cache holds by then: the same
+        # function, with activations (attention scores, MLP intermediates) bounded by the chunk
+        parts = [
+            self(
+                x[:, s : s + chunk],
+                input_pos[:, s : s + chunk],
+                cache,
+                kv_len - T + min(T, s + chunk),
+            )
+            for s in range(0, T, chunk)
+        ]
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, T, D]
         cache.lengths += lengths
         if all_logits:
             return self.head(h)  # [B, T, V]

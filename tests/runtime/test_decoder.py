@@ -216,3 +216,17 @@ def test_bad_inputs_say_what_is_wrong(hf_llama, tmp_path):
     dynamic = load_decoder(hf_llama("dynamic")[1])
     with pytest.raises(ValueError, match="dynamic NTK rope"):
         dynamic.new_cache(1, 257)
+
+
+def test_a_prefill_in_chunks_computes_the_whole_prefill(hf_llama):
+    decoder = load_decoder(hf_llama("gqa")[1])
+    rows = torch.cat([_prompt(30), _prompt(30, seed=4)])  # [2, 30]
+    lengths = [30, 23]  # the second row right-padded
+    whole, chunked = decoder.new_cache(2, 40), decoder.new_cache(2, 40)
+    decoder.prefill_chunk = None
+    expected = decoder.prefill(whole, input_ids=rows, lengths=lengths, all_logits=True)
+    decoder.prefill_chunk = 7  # 7, 7, 7, 7, 2 tokens
+    got = decoder.prefill(chunked, input_ids=rows, lengths=lengths, all_logits=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32 summation order
+    assert chunked.lengths.tolist() == whole.lengths.tolist() == lengths
+    torch.testing.assert_close(chunked.k[:, :, :, :30], whole.k[:, :, :, :30], rtol=1e-5, atol=1e-5)
