@@ -14,6 +14,34 @@ namespace rgpt {
 // dtype tags shared with rgpt_rt/ops/int4.py
 enum Int4DType : int { kInt4F32 = 0, kInt4F16 = 1, kInt4BF16 = 2 };
 
+// The bindings pass tensors as raw addresses; these fill a kernel's parameter struct
+// (Int4LinearParams here, N16K64Params in int4_n16k64.h) from them.
+template <class Params>
+Params weight_params(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t n, int64_t k,
+                     int64_t group_size, int dtype) {
+  Params p;
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
+  p.scales = reinterpret_cast<const uint16_t*>(scales);
+  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  p.dtype = dtype;
+  return p;
+}
+
+template <class Params>
+Params linear_params(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+                     uintptr_t bias, uintptr_t out, int64_t m, int64_t n, int64_t k,
+                     int64_t group_size, int dtype) {
+  Params p = weight_params<Params>(qweight, scales, zeros, n, k, group_size, dtype);
+  p.x = reinterpret_cast<const void*>(x);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.out = reinterpret_cast<void*>(out);
+  p.m = m;
+  return p;
+}
+
 struct Int4LinearParams {
   const void* x = nullptr;          // [M, K] rows contiguous (dtype)
   const uint32_t* qweight = nullptr;  // [N, K/8] layout nk8i

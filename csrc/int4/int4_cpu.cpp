@@ -308,18 +308,8 @@ void int4_dequant_cpu_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros
 void int4_linear_cpu_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                            uintptr_t bias, uintptr_t out, int64_t m, int64_t n, int64_t k,
                            int64_t group_size, int num_threads, bool use_simd) {
-  Int4LinearParams p;
-  p.x = reinterpret_cast<const void*>(x);
-  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  p.scales = reinterpret_cast<const uint16_t*>(scales);
-  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
-  p.bias = reinterpret_cast<const void*>(bias);
-  p.out = reinterpret_cast<void*>(out);
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.group_size = group_size;
-  p.dtype = kInt4F32;
+  const Int4LinearParams p =
+      linear_params<Int4LinearParams>(x, qweight, scales, zeros, bias, out, m, n, k, group_size, kInt4F32);
   int4_linear_cpu(p, num_threads, use_simd);
 }
 

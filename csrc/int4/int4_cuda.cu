@@ -317,18 +317,8 @@ void check_alignment(uintptr_t ptr, const char* name) {
 void int4_gemv_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                           uintptr_t bias, uintptr_t out, uintptr_t partial, int64_t m, int64_t n,
                           int64_t k, int64_t group_size, int splits, int dtype, uintptr_t stream) {
-  Int4LinearParams p;
-  p.x = reinterpret_cast<const void*>(x);
-  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  p.scales = reinterpret_cast<const uint16_t*>(scales);
-  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
-  p.bias = reinterpret_cast<const void*>(bias);
-  p.out = reinterpret_cast<void*>(out);
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.group_size = group_size;
-  p.dtype = dtype;
+  const Int4LinearParams p =
+      linear_params<Int4LinearParams>(x, qweight, scales, zeros, bias, out, m, n, k, group_size, dtype);
   check_int4_params(p);
   if (m < 1 || m > kInt4GemvMaxRows) throw std::invalid_argument("int4_gemv: M must be in 1..8");
   if (n >= (int64_t{1} << 31) || k >= (int64_t{1} << 31)) {
@@ -349,14 +339,7 @@ void int4_gemv_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales, uint
 
 void int4_dequant_cuda_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out,
                              int64_t n, int64_t k, int64_t group_size, int dtype, uintptr_t stream) {
-  Int4LinearParams p;
-  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  p.scales = reinterpret_cast<const uint16_t*>(scales);
-  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
-  p.n = n;
-  p.k = k;
-  p.group_size = group_size;
-  p.dtype = dtype;
+  const auto p = weight_params<Int4LinearParams>(qweight, scales, zeros, n, k, group_size, dtype);
   check_int4_params(p);
   if (out == 0) throw std::invalid_argument("int4_dequant: out is null");
   check_alignment(qweight, "qweight");

@@ -397,30 +397,14 @@ void dispatch_gemv(const N16K64Params& p, const GemvArgs& args, int splits, cuda
   p.m == 1 ? dispatch_stage<T, true>(p, args, splits, stream) : dispatch_stage<T, false>(p, args, splits, stream);
 }
 
-N16K64Params weight_params(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t n,
-                           int64_t k, int64_t group_size, int dtype) {
-  N16K64Params p;
-  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  p.scales = reinterpret_cast<const uint16_t*>(scales);
-  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
-  p.n = n;
-  p.k = k;
-  p.group_size = group_size;
-  p.dtype = dtype;
-  return p;
-}
-
 }  // namespace
 
 void int4_gemv_n16k64_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scales,
                                  uintptr_t zeros, uintptr_t bias, uintptr_t out,
                                  uintptr_t workspace, int64_t m, int64_t n, int64_t k,
                                  int64_t group_size, int splits, int dtype, uintptr_t stream) {
-  N16K64Params p = weight_params(qweight, scales, zeros, n, k, group_size, dtype);
-  p.x = reinterpret_cast<const void*>(x);
-  p.bias = reinterpret_cast<const void*>(bias);
-  p.out = reinterpret_cast<void*>(out);
-  p.m = m;
+  const N16K64Params p =
+      linear_params<N16K64Params>(x, qweight, scales, zeros, bias, out, m, n, k, group_size, dtype);
   check_n16k64_params(p);
   if (m < 1 || m > kN16K64GemvMaxRows) throw std::invalid_argument("int4_gemv_n16k64: M must be in 1..8");
   if (k >= (int64_t{1} << 21) || n >= (int64_t{1} << 30)) {
@@ -463,7 +447,7 @@ void int4_gemv_n16k64_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scale
 void int4_dequant_n16k64_cuda_entry(uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                                     uintptr_t out, int64_t n, int64_t k, int64_t group_size,
                                     int dtype, uintptr_t stream) {
-  const N16K64Params p = weight_params(qweight, scales, zeros, n, k, group_size, dtype);
+  const auto p = weight_params<N16K64Params>(qweight, scales, zeros, n, k, group_size, dtype);
   check_n16k64_params(p);
   if (out == 0) throw std::invalid_argument("int4_dequant_n16k64: out is null");
   if (k >= (int64_t{1} << 31) || n >= (int64_t{1} << 31)) {

@@ -381,14 +381,8 @@ void int4_gemm_n16k64_cuda_entry(uintptr_t x, uintptr_t qweight, uintptr_t scale
                                  uintptr_t bias, uintptr_t out, uintptr_t counters, uintptr_t partial,
                                  int64_t m, int64_t n, int64_t k, int64_t group_size, int splits,
                                  int dtype, uintptr_t stream) {
-  N16K64Params p;
-  p.x = reinterpret_cast<const void*>(x);
-  p.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  p.scales = reinterpret_cast<const uint16_t*>(scales);
-  p.zeros = reinterpret_cast<const uint8_t*>(zeros);
-  p.bias = reinterpret_cast<const void*>(bias);
-  p.out = reinterpret_cast<void*>(out);
-  p.m = m, p.n = n, p.k = k, p.group_size = group_size, p.dtype = dtype;
+  const N16K64Params p =
+      linear_params<N16K64Params>(x, qweight, scales, zeros, bias, out, m, n, k, group_size, dtype);
   check_n16k64_params(p);
   require(dtype == kInt4F16 || dtype == kInt4BF16,
           "x must be float16 or bfloat16 (float32 x goes through dequantize + GEMM)");

@@ -140,10 +140,8 @@ def add_rms_norm_reference(
     return normed.to(x.dtype), summed
 
 
-# --- rope + KV append --------------------------------------------------------------------------
-def _rope_shapes(qkv, k_cache, v_cache, positions, cos, signed_sin, num_heads, num_kv_heads):
-    """Validate rope_kv_append's arguments; return (tokens per row, head_dim)."""
-    _check_float("qkv", qkv)
+def _check_kv_cache(k_cache, v_cache):
+    """One layer of a KVCache: two contiguous [B, Hkv, T, hd] tensors of one float dtype."""
     _check_float("k_cache", k_cache)
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError(
@@ -152,6 +150,13 @@ def _rope_shapes(qkv, k_cache, v_cache, positions, cos, signed_sin, num_heads, n
         )
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous (one layer of a KVCache)")
+
+
+# --- rope + KV append --------------------------------------------------------------------------
+def _rope_shapes(qkv, k_cache, v_cache, positions, cos, signed_sin, num_heads, num_kv_heads):
+    """Validate rope_kv_append's arguments; return (tokens per row, head_dim)."""
+    _check_float("qkv", qkv)
+    _check_kv_cache(k_cache, v_cache)
     B, Hkv, _, hd = k_cache.shape
     if Hkv != num_kv_heads or num_heads % num_kv_heads:
         raise ValueError(
@@ -294,14 +299,7 @@ def attention_workspace(
 
 def _check_attention(q, k_cache, v_cache, positions):
     _check_float("q", q)
-    _check_float("k_cache", k_cache)
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(
-            f"k_cache and v_cache must both be [B, Hkv, T, hd] of one dtype; got {k_cache.dtype} "
-            f"{list(k_cache.shape)} and {v_cache.dtype} {list(v_cache.shape)}"
-        )
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous (one layer of a KVCache)")
+    _check_kv_cache(k_cache, v_cache)
     B, Hkv, _, hd = k_cache.shape
     if q.dim() != 3 or q.shape[0] != B or q.shape[2] != hd or q.shape[1] % Hkv:
         raise ValueError(
