@@ -113,9 +113,22 @@ def export_vision_onnx(
         _torch_export(side, raw, max_batch, opset)
         model = onnx.load(str(raw), load_external_data=False)
         pointed = _point_at_bundle(model, side, files, Path(scratch))
+    _drop_stack_traces(model)
     model.metadata_props.add(key=BUILD_ID_KEY, value=build_id)
     onnx.save(model, str(folder / "vision.onnx"))
     return pointed
+
+
+def _drop_stack_traces(model) -> None:
+    """The exporter records each node's Python stack, with the build machine's absolute paths:
+    a bundle must not carry them, and the same source built in another folder must give the same
+    graph."""
+    graphs = [model.graph] + [function for function in model.functions]
+    for graph in graphs:
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if not p.key.endswith("stack_trace")]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
 
 
 def _torch_export(side, path: Path, max_batch: int, opset: int) -> None:

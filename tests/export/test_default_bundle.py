@@ -4,12 +4,14 @@ shipped checkpoint: the same tensors in every weight file, the same graph, confi
 tokenizer (only the build id and timestamps differ)."""
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
 import torch
 from build_script import run_build_script
 
+import rgpt_rt
 from rgpt_rt.bundle import BUILD_ID_KEY, verify_bundle
 from rgpt_rt.export.check import check_bundle
 from rgpt_rt.runtime.session import default_bundle
@@ -29,6 +31,16 @@ def test_no_arguments_build_the_default_bundle(fresh):
     assert manifest.quantization["method"] == "rtn" and manifest.quantization["fused"]
     assert manifest.data["source"] == {"kind": "default"}
     assert manifest.data["tensorrt"] == "TensorRT not installed: ONNX only"
+
+
+def test_the_graph_carries_no_path_of_the_build_machine(fresh):
+    """The exporter's per-node stack traces name absolute source paths: dropped, so a bundle
+    leaks nothing of where it was built and a clone elsewhere builds the same graph."""
+    graph = onnx.load(str(fresh / "vision.onnx"), load_external_data=False)
+    values = [p.value for n in graph.graph.node for p in n.metadata_props]
+    assert values, "the exporter's other node metadata (names, scopes) is kept"
+    root = str(Path(rgpt_rt.__file__).resolve().parents[1])
+    assert not [v for v in values if root in v or 'File "' in v]
 
 
 def test_the_shipped_bundle_is_the_build_of_the_shipped_checkpoint(fresh):
