@@ -57,20 +57,22 @@ def scene(size: int, regions: int, seed: int = 7) -> tuple[np.ndarray, list[np.n
     """An image and `regions` masks from the shapes world when it is installed (so the default
     model sees what it knows), else random blocks."""
     try:
-        from rgpt_rt.training.data.shapes import render_scene
-
-        image, masks = render_scene(seed, size, min_objects=regions)
-        return image, masks[:regions] + masks[: max(0, regions - len(masks))]
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        masks = []
-        for _ in range(regions):
-            mask = np.zeros((size, size), dtype=bool)
-            y, x = rng.integers(0, size // 2, 2)
-            mask[y : y + size // 3, x : x + size // 3] = True
-            masks.append(mask)
-        return image, masks
+        from rgpt_rt.training.data.shapes import MAX_OBJECTS, make_scene
+    except ImportError:  # the runtime installed without the training extras
+        make_scene = None
+    if make_scene is not None:
+        drawn = make_scene(np.random.default_rng(seed), size, min(regions, MAX_OBJECTS))
+        masks = [drawn.mask(index) for index in range(len(drawn.objects))]
+        return drawn.image, [masks[index % len(masks)] for index in range(regions)]
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    masks = []
+    for _ in range(regions):
+        mask = np.zeros((size, size), dtype=bool)
+        y, x = rng.integers(0, size // 2, 2)
+        mask[y : y + size // 3, x : x + size // 3] = True
+        masks.append(mask)
+    return image, masks
 
 
 def median(values: list[float]) -> float:

@@ -24,6 +24,8 @@ from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.export.onnx_vision import TENSORRT_ONNX_OPS, check_onnx_graph, unsupported_ops
 from rgpt_rt.safetensors_io import read_header
 
+pytestmark = pytest.mark.slow  # bundle builds and build subprocesses: ~35 s on 2 cores
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "export" / "build_engine.py"
 

@@ -11,6 +11,8 @@ from tiny_llama_folder import write_tiny_llama
 from rgpt_rt.export.build import BuildOptions, build_bundle
 from rgpt_rt.safetensors_io import SafetensorsWriter
 
+pytestmark = pytest.mark.slow  # bundle builds: ~8 s on 2 cores
+
 
 @pytest.fixture()
 def llm(tmp_path):

@@ -90,6 +90,7 @@ def test_the_manifest_digest_pins_the_bundle(copy, tiny_bundle):
         Session(copy, device="cpu", sha256=digest)
 
 
+@pytest.mark.slow  # a second build: ~3.5 s
 def test_a_file_from_another_build_is_refused_even_with_its_hash_updated(
     copy, tiny_checkpoint, tmp_path
 ):
@@ -110,6 +111,7 @@ def test_a_file_from_another_build_is_refused_even_with_its_hash_updated(
         Session(copy, device="cpu")
 
 
+@pytest.mark.slow  # --check in a subprocess: ~4 s each
 @pytest.mark.parametrize("damage", ["not json", "unknown key", "bad value"])
 def test_check_reports_a_bad_config_without_a_traceback(copy, damage):
     config = json.loads((copy / "config.json").read_text())

@@ -17,6 +17,8 @@ from rgpt_rt.export.check import check_bundle
 from rgpt_rt.runtime.session import default_bundle
 from rgpt_rt.safetensors_io import read_header, read_tensors
 
+pytestmark = pytest.mark.slow  # a build in a subprocess: ~10 s on 2 cores
+
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):

@@ -15,6 +15,9 @@ from rgpt_rt.runtime.families import region_family
 from rgpt_rt.runtime.vision import select_vision_backend
 from rgpt_rt.safetensors_io import read_tensors
 
+# the narrow Osprey bundle these use takes ~10 s to build on 2 cores
+pytestmark = pytest.mark.slow
+
 
 def resize_bilinear(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """F.interpolate(mode="bilinear", align_corners=False), written out: output cell i samples

@@ -60,6 +60,7 @@ def test_osprey_7b_checkpoint_names_and_shapes():
     assert not any(n.startswith("model.vision_tower.") for n in shapes)
 
 
+@pytest.mark.slow  # three-shard folders written and read: ~3-4.5 s each
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_folder_layouts_load_and_agree(tmp_path, fmt, osprey_files):
     folder = write_osprey_folder(
@@ -83,6 +84,7 @@ def test_reading_a_bin_shard_keeps_no_mapping(osprey_files):
     assert source.llm.shards._mapped is None
 
 
+@pytest.mark.slow  # damaged folders written and read: ~2.7 s
 def test_errors_name_the_file(tmp_path, osprey_files):
     folder, convnext = osprey_files
     with pytest.raises(ValueError, match="shards hold no vision tower.*--convnext"):

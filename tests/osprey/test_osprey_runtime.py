@@ -19,6 +19,9 @@ from rgpt_rt.runtime.vision import select_vision_backend
 from rgpt_rt.safetensors_io import read_tensors
 from rgpt_rt.tokenizer import load_tokenizer
 
+# the narrow Osprey bundle these use takes ~10 s to build on 2 cores
+pytestmark = pytest.mark.slow
+
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant "
     "gives helpful, detailed, and polite answers to the human's questions."

@@ -11,6 +11,9 @@ from build_script import run_build_script
 from rgpt_rt.cli import main as cli
 from rgpt_rt.runtime.session import Session
 
+# the narrow Osprey bundle these use takes ~10 s to build on 2 cores
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def session(osprey_bundle):

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from payloads import EXAMPLE_PNG, SQUARE
 
+pytestmark = pytest.mark.slow  # a browser against a live server: ~5 s on 2 cores
+
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
     "--no-sandbox",

@@ -15,6 +15,8 @@ from schemathesis.specs.openapi.checks import (
 
 from rgpt_rt.serve import ServeLimits, create_app
 
+pytestmark = pytest.mark.slow  # schemathesis over every operation: ~11 s on 2 cores
+
 POSTS = ["/v1/describe", "/v1/classify", "/v1/refer", "/v1/ask", "/v1/chat/completions"]
 GETS = ["/v1/info", "/v1/models", "/healthz"]
 CASES = [("POST", path, mode) for path in POSTS for mode in ("positive", "negative")] + [

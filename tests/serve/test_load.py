@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # 200 requests through HTTP: ~6 s on 2 cores
 def test_200_requests_8_at_a_time_are_all_answered(live_server, tmp_path, record_property):
     out = tmp_path / "serve_load.json"
     command = [
