@@ -6,11 +6,16 @@ Session's load and one describe, each step in its own process, timed, with its p
     python benchmarks/memory.py --work DIR --llm-layers 2 --clip-layers 2   # real widths, shallow
     python benchmarks/memory.py --work DIR --device cuda      # load + describe on a GPU too
     python benchmarks/memory.py --work DIR --osprey           # Osprey-7b's layout: .bin shards + the OpenCLIP file
+    python benchmarks/memory.py --bundle B                    # only load + one describe of a built bundle
 
 Folders: lmsys/vicuna-7b-v1.5's config with random fp16 weights in two HF-named shards, and
 openai/clip-vit-large-patch14-336's (rgpt_rt/export/synthetic.py). Targets (issue 22): build
 <= 6 GB peak RSS and <= 10 minutes on 2 cores; bundle <= 4.8 GB; load + one describe <= 5.5 GB
 (CPU: peak RSS; CUDA: host peak RSS + torch.cuda.max_memory_allocated()).
+
+Peak RSS is getrusage's ru_maxrss, with /proc/self/status VmHWM beside it. They agree in a
+plain run; in runs that also read /proc from a sampling thread, VmHWM read up to 0.16 GB below
+ru_maxrss on this container (kernel 6.18): quote ru_maxrss.
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ described = time.perf_counter() - start
 device = 0
 if sys.argv[2] == "cuda":
     device = torch.cuda.max_memory_allocated()
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({{
     "load_s": round(loaded, 1), "describe_s": round(described, 2),
     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    "vm_hwm_gb": int(status["VmHWM"].split()[0]) * 1024 / 1e9,
     "cuda_max_allocated_gb": device / 1e9, "stats": session.stats, "answer": text,
 }}))
 """
@@ -83,9 +90,15 @@ def run(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return result, time.perf_counter() - start
 
 
+def load_and_describe(code: str, bundle: Path, device: str) -> tuple[dict, float]:
+    result, seconds = run([sys.executable, "-c", code, str(bundle), device])
+    return json.loads(result.stdout.strip().splitlines()[-1]), seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="a folder with ~15 GB free")
+    parser.add_argument("--work", type=Path, help="a folder with ~15 GB free")
+    parser.add_argument("--bundle", type=Path, help="only load + one describe of this bundle")
     parser.add_argument("--llm-layers", type=int, help="decoder layers (default: 32, the real 7B)")
     parser.add_argument("--clip-layers", type=int, help="CLIP layers (default: 24)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -93,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--osprey", action="store_true", help="Osprey-7b's files instead")
     args = parser.parse_args(argv)
+    if (args.work is None) == (args.bundle is None):
+        parser.error("give --work (write, build, check, load) or --bundle (load only)")
+    code = LOAD_AND_DESCRIBE.format(threads=args.threads)
+    if args.bundle is not None:
+        session = load_and_describe(code, args.bundle, args.device)[0]
+        print(json.dumps(session, indent=2))
+        return 0
 
     start = time.perf_counter()
     if args.osprey:
@@ -109,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("build (export/build_engine.py)", seconds, manifest["peak_rss_mb"] * 1e6 / GB))
     _, seconds = run([sys.executable, "export/build_engine.py", "--check", str(bundle)])
     rows.append(("--check (hashes, shapes, vision parity)", seconds, None))
-    code = LOAD_AND_DESCRIBE.format(threads=args.threads)
-    result, seconds = run([sys.executable, "-c", code, str(bundle), args.device])
-    session = json.loads(result.stdout.strip().splitlines()[-1])
+    session, seconds = load_and_describe(code, bundle, args.device)
     memory = session["peak_rss_gb"] + session["cuda_max_allocated_gb"]
     rows.append((f"Session load + one describe ({args.device})", seconds, memory))
 
@@ -123,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {step} | {secs:.1f} | {'' if peak is None else f'{peak:.2f}'} |")
     print(f"\nbundle: {size:.2f} GB ({files})")
     print(f"load {session['load_s']} s, describe {session['describe_s']} s")
+    print(
+        f"load + describe: ru_maxrss {session['peak_rss_gb']:.2f} GB, VmHWM {session['vm_hwm_gb']:.2f} GB"
+    )
     steps = manifest["build_seconds"].items()
     print("build steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in steps))
     if args.json:

@@ -29,7 +29,7 @@ from rgpt_rt.safetensors_io import read_header, read_tensors
 # stored in fp16 by a bundle, and kept so under fp32 activations (the rest is small)
 HALF_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 # a CPU prefills long prompts in chunks of this many tokens (model.LlamaDecoder.prefill_chunk)
-CPU_PREFILL_CHUNK = 256
+CPU_PREFILL_CHUNK = 128
 
 
 def load_decoder(

@@ -230,3 +230,18 @@ def test_a_prefill_in_chunks_computes_the_whole_prefill(hf_llama):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32 summation order
     assert chunked.lengths.tolist() == whole.lengths.tolist() == lengths
     torch.testing.assert_close(chunked.k[:, :, :, :30], whole.k[:, :, :, :30], rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunked_prefill_returns_each_rows_last_logits_from_its_own_chunk(hf_llama):
+    """Without all_logits a chunked prefill keeps only each row's last token of the chunk that
+    holds it (rows 29 and 22 of 30 here end in different chunks of 7)."""
+    decoder = load_decoder(hf_llama("gqa")[1])
+    rows = torch.cat([_prompt(30), _prompt(30, seed=4)])  # [2, 30]
+    lengths = [30, 23]
+    decoder.prefill_chunk = None
+    every = decoder.prefill(
+        decoder.new_cache(2, 40), input_ids=rows, lengths=lengths, all_logits=True
+    )
+    decoder.prefill_chunk = 7
+    last = decoder.prefill(decoder.new_cache(2, 40), input_ids=rows, lengths=lengths)
+    torch.testing.assert_close(last, every[[0, 1], [29, 22]], rtol=1e-5, atol=1e-5)

@@ -87,24 +87,26 @@ class OspreyFamily(RegionFamily):
         [N, 2, D] (<mask>, <pos>), in the weights' dtype."""
         if isinstance(features, torch.Tensor) or len(features) != LEVELS:
             raise ValueError("the osprey region encoder takes the four levels res2..res5")
-        w = self._weights(weights)
-        dtype = w["feat_linear.weight_t"].dtype
+        prepared = self._weights(weights)
+        dtype = getattr(weights, "dtype", prepared["feat_linear.weight_t"].dtype)
+        w = lambda name: prepared[name].to(dtype)  # noqa: E731  (a CPU widens one at a time)
         pooled = binary_pool_levels(list(features), masks)  # [N, C_2 + ... + C_5] fp32
-        summed = pooled.to(dtype) @ w["levels.weight_t"] + w["levels.bias"]  # [N, E]
-        mask_embeds = summed @ w["feat_linear.weight_t"] + w["feat_linear.bias"]  # [N, D]
+        summed = pooled.to(dtype) @ w("levels.weight_t") + w("levels.bias")  # [N, E]
+        mask_embeds = summed @ w("feat_linear.weight_t") + w("feat_linear.bias")  # [N, D]
         size = self.config.mask_extractor.mask_size
         small = F.interpolate(
             masks[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
         )  # [N, 1, size, size]
         x = small.flatten(1).to(dtype)
         for i in range(3):
-            x = x @ w[f"mask_linear.layers.{i}.weight_t"] + w[f"mask_linear.layers.{i}.bias"]
+            x = x @ w(f"mask_linear.layers.{i}.weight_t") + w(f"mask_linear.layers.{i}.bias")
             if i < 2:
                 x = F.relu(x)
         return torch.stack([mask_embeds, x], dim=1)  # [N, 2, D]
 
     def _weights(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The MaskExtractor's tensors (read once per weights object), the four level linears
+        """The MaskExtractor's tensors (read once per weights object) in their stored dtype (a
+        CPU's fp32 copies would add ~0.1 GB at rest for Osprey-7b), the four level linears
         stacked along their inputs: sum_l (p_l @ W_l + b_l) = [p_2 .. p_5] @ [W_2; ..; W_5] + sum_l b_l."""
         if self._prepared is not None and self._prepared[0] == id(weights):
             return self._prepared[1]
@@ -113,10 +115,13 @@ class OspreyFamily(RegionFamily):
             if "connector.mask_extractor.feat_linear.bias" in weights
             else "mask_extractor."
         )
-        get = lambda name: weights[prefix + name]  # noqa: E731  (Widened: read in the compute dtype)
+        stored = getattr(weights, "stored", weights)  # a Widened mapping: its stored tensors
+        compute = getattr(weights, "dtype", stored[prefix + "feat_linear.bias"].dtype)
+        get = lambda name: stored[prefix + name]  # noqa: E731
         w = {
             "levels.weight_t": torch.cat([get(f"res{k + 2}.weight_t") for k in range(LEVELS)]),
-            "levels.bias": sum(get(f"res{k + 2}.bias") for k in range(LEVELS)),
+            # summed in the compute dtype (1,024 values), as the four biases were added before
+            "levels.bias": sum(get(f"res{k + 2}.bias").to(compute) for k in range(LEVELS)),
             "feat_linear.weight_t": get("feat_linear.weight_t"),
             "feat_linear.bias": get("feat_linear.bias"),
         }
