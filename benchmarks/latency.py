@@ -54,16 +54,9 @@ LABELS = {
 
 
 def scene(size: int, regions: int, seed: int = 7) -> tuple[np.ndarray, list[np.ndarray]]:
-    """An image and `regions` masks from the shapes world when it is installed (so the default
-    model sees what it knows), else random blocks."""
-    try:
-        from rgpt_rt.training.data.shapes import MAX_OBJECTS, make_scene
-    except ImportError:  # the runtime installed without the training extras
-        make_scene = None
-    if make_scene is not None:
-        drawn = make_scene(np.random.default_rng(seed), size, min(regions, MAX_OBJECTS))
-        masks = [drawn.mask(index) for index in range(len(drawn.objects))]
-        return drawn.image, [masks[index % len(masks)] for index in range(regions)]
+    """A random image and `regions` square masks. Not a shapes-world scene: on those the INT4
+    Session and the fp32 reference may answer with different tokens (seen on seed 7), and
+    end-to-end times then compare unequal work; on these their greedy answers agree."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     masks = []
