@@ -13,11 +13,10 @@ import functools
 
 import pytest
 import torch
-from int4_cases import check_int4_output
+from int4_cases import check_int4_output, one_hot_readback, random_packed
 
 from rgpt_rt import _C
 from rgpt_rt.ops import int4 as int4_ops
-from rgpt_rt.ops import int4_layout as layout
 from rgpt_rt.ops import int4_linear
 from rgpt_rt.ops.int4_format import Int4Weight, dequantize
 from rgpt_rt.runtime.int4_linear import Int4Linear
@@ -43,15 +42,6 @@ SHAPES = {  # id: (N, K, group_size)
     "N300-K512-g64": (300, 512, 64),
     "N136-K768-g256": (136, 768, 256),  # a group spans two stages
 }
-
-
-def random_packed(n, k, group_size=128, max_zero=16, scale=0.02):
-    """Random codes, scales and zeros packed on the GPU: (packed tensors, exact W fp32 [N, K])."""
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=DEVICE)
-    scales = (torch.rand(n, k // group_size, device=DEVICE) * scale + scale / 100).half()
-    zeros = torch.randint(0, max_zero + 1, (n, k // group_size), dtype=torch.uint8, device=DEVICE)
-    packed = layout.pack(codes, scales, zeros, group_size)
-    return packed, layout.dequantize(*packed, n, k, group_size)
 
 
 @functools.cache
@@ -114,13 +104,7 @@ def test_any_row_count_runs_as_blocks_of_64_rows(m):
 def test_one_hot_rows_read_the_exact_weight_back(dtype, group):
     # each output is (q − z)·1 in its group's sum, then · s in fp32 (exact), rounded once to x's
     # dtype: subnormal and large scales, zero = 16 included
-    n, k = 40, 768
-    packed, _ = random_packed(n, k, group)
-    qweight, scales, zeros = packed
-    scales[0, 0, :4] = torch.tensor([2**-24, 3 * 2**-20, 1000.0, 0.1], dtype=torch.float16)
-    weight = layout.dequantize(qweight, scales, zeros, n, k, group)
-    eye = torch.eye(k, device=DEVICE).to(dtype)
-    out = torch.cat([gemm(eye[i : i + 48], packed, n, k, group) for i in range(0, k, 48)])
+    out, weight = one_hot_readback(gemm, 40, 768, group, dtype, rows=48)
     assert torch.equal(out.T, weight.to(dtype))
 
 

@@ -10,10 +10,9 @@ per output (16× fp32's unit roundoff). The dequantized weights and one-hot read
 
 import pytest
 import torch
-from int4_cases import check_int4_output
+from int4_cases import check_int4_output, one_hot_readback, random_packed
 
 from rgpt_rt import _C
-from rgpt_rt.ops import int4_layout as layout
 
 DEVICE = "cuda"
 TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # int4.h Int4DType
@@ -21,15 +20,6 @@ pytestmark = pytest.mark.skipif(
     not hasattr(_C, "int4_gemv_n16k64_cuda"),
     reason="rgpt_rt._C has no n16k64 CUDA kernels: rebuild with nvcc (`make install`)",
 )
-
-
-def random_packed(n, k, group_size=128, max_zero=16, scale=0.02):
-    """Random codes, scales and zeros, packed on the GPU: (packed tensors, exact W fp32 [N, K])."""
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=DEVICE)
-    scales = (torch.rand(n, k // group_size, device=DEVICE) * scale + scale / 100).half()
-    zeros = torch.randint(0, max_zero + 1, (n, k // group_size), dtype=torch.uint8, device=DEVICE)
-    packed = layout.pack(codes, scales, zeros, group_size)
-    return packed, layout.dequantize(*packed, n, k, group_size)
 
 
 def multiprocessors() -> int:
@@ -116,13 +106,7 @@ def test_bf16_activations_beyond_fp16_range():
 def test_gemv_reads_the_exact_weight_back(dtype, group):
     # one-hot rows of x: each output is 1·W[n, k] = (q − z)·s, rounded once to x's dtype
     # (subnormal and large scales, zero = 16 included)
-    n, k = 40, 512
-    packed, _ = random_packed(n, k, group)
-    qweight, scales, zeros = packed
-    scales[0, 0, :4] = torch.tensor([2**-24, 3 * 2**-20, 1000.0, 0.1], dtype=torch.float16)
-    weight = layout.dequantize(qweight, scales, zeros, n, k, group)
-    eye = torch.eye(k, device=DEVICE).to(dtype)
-    out = torch.cat([gemv(eye[i : i + 8], packed, n, k, group) for i in range(0, k, 8)])
+    out, weight = one_hot_readback(gemv, 40, 512, group, dtype, rows=8)
     assert torch.equal(out.T, weight.to(dtype))
 
 
