@@ -13,9 +13,8 @@ openai/clip-vit-large-patch14-336's (rgpt_rt/export/synthetic.py). Targets (issu
 <= 6 GB peak RSS and <= 10 minutes on 2 cores; bundle <= 4.8 GB; load + one describe <= 5.5 GB
 (CPU: peak RSS; CUDA: host peak RSS + torch.cuda.max_memory_allocated()).
 
-Peak RSS is getrusage's ru_maxrss, with /proc/self/status VmHWM beside it. They agree in a
-plain run; in runs that also read /proc from a sampling thread, VmHWM read up to 0.16 GB below
-ru_maxrss on this container (kernel 6.18): quote ru_maxrss.
+Peak RSS is getrusage's ru_maxrss, with /proc/self/status VmHWM beside it; both count KiB
+(/proc writes "kB"), and they agree.
 """
 
 from __future__ import annotations

@@ -24,10 +24,12 @@ from rgpt_rt.ops.int4_format import Int4Weight, split_int4_tensors
 from rgpt_rt.runtime.hf_llama import read_hf_tensors, read_llm_config
 from rgpt_rt.runtime.int4_linear import Int4Linear
 from rgpt_rt.runtime.model import QUANTIZED_LINEARS, LlamaDecoder
+from rgpt_rt.runtime.table_in_file import TableInFile
 from rgpt_rt.safetensors_io import read_header, read_tensors
 
 # stored in fp16 by a bundle, and kept so under fp32 activations (the rest is small)
 HALF_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+EMBED_TENSOR = "model.embed_tokens.weight"  # its HF name, as a bundle stores it
 # a CPU prefills long prompts in chunks of this many tokens (model.LlamaDecoder.prefill_chunk)
 CPU_PREFILL_CHUNK = 128
 
@@ -58,6 +60,7 @@ def decoder_from_state(
     group_size: int = 128,
     device: str | torch.device = "cpu",
     keep_half: bool = False,
+    embed_file: TableInFile | None = None,
     where: str = "the weights",
 ) -> LlamaDecoder:
     """Build from HF-named tensors. int4_weights: already-quantized linears by HF module name
@@ -65,6 +68,7 @@ def decoder_from_state(
     need no fp tensor. Linears may come stacked (self_attn.qkv_proj, mlp.gate_up_proj), as a
     bundle stores them. quant="int4": the remaining q/k/v/o/gate/up/down linears by RTN.
     keep_half: fp16 embed_tokens / lm_head stay fp16 under fp32 activations (half the memory).
+    embed_file: the embedding table, left in its file (then not among `tensors`).
     `where` names the weights' file in errors."""
     if quant not in (None, "int4"):
         raise ValueError(f"quant {quant!r} is unknown; use None or 'int4'")
@@ -85,6 +89,9 @@ def decoder_from_state(
     with torch.device("meta"):
         model = LlamaDecoder(config)
         _stack_like(model, set(state) | {f"{n}.weight" for n in int4_weights})
+    if embed_file is not None:
+        _check_embed_file(config, embed_file, where)
+        model.embed_tokens = None
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {n for n in model.state_dict() if n.rsplit(".", 1)[0] not in int4_weights}
     missing, unknown = expected - set(state), set(state) - set(model.state_dict())
@@ -103,6 +110,7 @@ def decoder_from_state(
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    model.embed_file = embed_file
     for name, weight in int4_weights.items():
         shape = tuple(params[f"{name}.weight"].shape)
         if tuple(weight.shape) != shape:
@@ -118,6 +126,18 @@ def decoder_from_state(
     model.rope_cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
     model.rope_signed_sin = torch.empty(0, config.head_dim, dtype=dtype, device=device)
     return model.eval()
+
+
+def _check_embed_file(config: LLMConfig, table: TableInFile, where: str) -> None:
+    shape = (config.vocab_size, config.hidden_size)
+    if config.tie_word_embeddings or tuple(table.shape) != shape:
+        raise ValueError(
+            f"{where}: {table.name} is {list(table.shape)} but config.json implies {list(shape)}"
+            + (" (and lm_head shares it)" if config.tie_word_embeddings else "")
+            + "; the files disagree: rebuild the bundle"
+        )
+    if not table.dtype.is_floating_point:
+        raise ValueError(f"{where}: {table.name} is {table.dtype}; rebuild the bundle")
 
 
 def _stack_like(model: LlamaDecoder, names: set[str]) -> None:
@@ -146,15 +166,22 @@ def load_bundle_decoder(
     """The decoder of a bundle's llm.safetensors (INT4 linears in the kernels' layout, q/k/v
     and gate/up stacked, the rest fp16; a file without INT4 weights is a plain LLM). Each tensor
     is read once, straight to `device`; nothing of the file stays mapped. fp16 embeddings and
-    lm_head stay fp16 under fp32 activations."""
+    lm_head stay fp16 under fp32 activations. On a CPU the embedding table (unless lm_head
+    shares it) stays in the file and its rows are read when used (table_in_file.py)."""
     path = folder / LLM_FILE
-    _, metadata, _ = read_header(path)
-    tensors = read_tensors(path, device)
-    int4, rest = split_int4_tensors(tensors, metadata, where=f"{folder.name}/{LLM_FILE}")
+    where = f"{folder.name}/{LLM_FILE}"
+    entries, metadata, _ = read_header(path)
+    embed_file = None
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and not config.tie_word_embeddings and EMBED_TENSOR in entries:
+        embed_file = TableInFile(path, EMBED_TENSOR)
+    names = {name for name in entries if embed_file is None or name != EMBED_TENSOR}
+    tensors = read_tensors(path, device, names=names)
+    int4, rest = split_int4_tensors(tensors, metadata, where=where)
     del tensors
     decoder = decoder_from_state(
         config, rest, int4_weights=int4, dtype=dtype, device=device, keep_half=True,
-        where=f"{folder.name}/{LLM_FILE}",
+        embed_file=embed_file, where=where,
     )  # fmt: skip
     decoder.fuse_projections()  # layers a bundle did not store stacked
     if int4:

@@ -57,6 +57,7 @@ class MemoryPlan:
     per_image_prefix: int  # one image's cached prefix KV
     working: int  # activations and workspaces of one call (estimate)
     runtime: int  # the process's own baseline (estimate)
+    embed_in_file: int = 0  # the embedding table, left in llm.safetensors (a CPU reads rows)
 
     @classmethod
     def of_bundle(cls, manifest, device: str = "cpu", **options) -> MemoryPlan:
@@ -104,9 +105,14 @@ class MemoryPlan:
 
         widened = device == "cpu" and vision_file_bytes <= ONNXRUNTIME_CPU_LIMIT
         vision_weights = vision_file_bytes * (2 if widened else 1)
+        # a CPU leaves an untied embedding table in the file (loading.load_bundle_decoder); an
+        # INT4 bundle's is fp16 (a plain bundle's dtype is not known here: it stays counted)
+        in_file = device == "cpu" and quantized and not llm.tie_word_embeddings
+        embed_in_file = llm.vocab_size * llm.hidden_size * 2 if in_file else 0
         return cls(
             device=device,
-            llm_weights=llm_file_bytes,
+            llm_weights=llm_file_bytes - embed_in_file,
+            embed_in_file=embed_in_file,
             vision_weights=vision_weights,
             kv_per_token=kv_per_token,
             max_context=context,
@@ -173,8 +179,13 @@ class MemoryPlan:
 
     def table(self, budget: int | None = None) -> str:
         """A markdown table a user can read before loading."""
+        llm_note = "exact: llm.safetensors as loaded"
+        if self.embed_in_file:
+            llm_note += (
+                f" less its {self.embed_in_file / MiB:,.0f} MiB embedding table (read by rows)"
+            )
         rows = [
-            ("LLM weights", self.llm_weights, "exact: llm.safetensors as loaded"),
+            ("LLM weights", self.llm_weights, llm_note),
             ("vision weights", self.vision_weights, "as held by the vision backend"),
             ("KV cache per 1k positions", self.kv_per_token * 1024, "fp16 for an INT4 model"),
             (f"KV cache at max_context {self.max_context}", self.kv_per_token * self.max_context, ""),

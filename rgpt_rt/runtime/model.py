@@ -42,6 +42,7 @@ from rgpt_rt.runtime.graphs import decode_graph, graph_kv_len
 from rgpt_rt.runtime.hf_llama import ROPE_TYPES, rope_type
 from rgpt_rt.runtime.int4_linear import concat_linears
 from rgpt_rt.runtime.kv_cache import KVCache
+from rgpt_rt.runtime.table_in_file import TableInFile
 
 # The linears that become INT4; embeddings, norms and lm_head stay in floating point.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -278,6 +279,9 @@ class LlamaDecoder(nn.Module):
         # a CPU, where memory is tighter and the GEMMs lose nothing at 128 rows (2 cores, 4096 ->
         # 22016: 1.16 ms a token at 64, 128 or 256 rows)
         self.prefill_chunk: int | None = None
+        # the embedding table when it stayed in the bundle's file (a CPU Session: loading.py);
+        # embed_tokens is then None
+        self.embed_file: TableInFile | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -287,7 +291,7 @@ class LlamaDecoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     # --- preparing for inference ---------------------------------------------------------------
     def fuse_projections(self) -> bool:
@@ -304,7 +308,7 @@ class LlamaDecoder(nn.Module):
         """Bytes a decode step reads from the weights: every parameter and buffer but the rope
         tables and the embedding table (of which it reads B rows), unless lm_head shares it."""
         skip = {id(self.rope_cos), id(self.rope_signed_sin)}
-        if not self.config.tie_word_embeddings:
+        if self.embed_tokens is not None and not self.config.tie_word_embeddings:
             skip.add(id(self.embed_tokens.weight))
         seen, total = set(), 0
         for t in (*self.parameters(), *self.buffers()):
@@ -324,7 +328,14 @@ class LlamaDecoder(nn.Module):
                 f"token ids must be in 0..{self.config.vocab_size - 1}; got {int(input_ids.min())}..{int(input_ids.max())} "
                 "(placeholders such as <image> are spliced as embeddings, not passed as ids)"
             )
-        return self.embed_tokens(input_ids.to(self.device)).to(self.dtype)
+        return self.token_rows(input_ids.to(self.device)).to(self.dtype)
+
+    def token_rows(self, tokens: Tensor) -> Tensor:
+        """tokens [...] (on the decoder's device) -> their rows of the embedding table [..., D]
+        in the table's dtype: from memory, or read from the bundle's file where it stayed."""
+        if self.embed_file is not None:
+            return self.embed_file.rows(tokens).to(tokens.device)
+        return self.embed_tokens.weight.index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1)
 
     def forward(
         self, x: Tensor, input_pos: Tensor, cache: KVCache, kv_len: int, unmasked: bool = False
@@ -504,7 +515,7 @@ class LlamaDecoder(nn.Module):
         eps = self.config.rms_norm_eps
         rope = (self.rope_cos, self.rope_signed_sin)
         attention = self._attention_workspace(cache)
-        x = self.embed_tokens.weight.index_select(0, tokens).to(self.dtype)  # [B, D]
+        x = self.token_rows(tokens).to(self.dtype)  # [B, D]
         residual = None  # the first norm starts the stream with the embeddings
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = cache.layer(i)  # [B, Hkv, T_max, hd]
@@ -524,7 +535,7 @@ class LlamaDecoder(nn.Module):
         first kv_len slots."""
         if self.runs_fused_step(cache):
             return self.fused_step_logits(tokens, input_pos, cache)
-        x = self.embed_tokens(tokens[:, None]).to(self.dtype)  # [B, 1, D]
+        x = self.token_rows(tokens[:, None]).to(self.dtype)  # [B, 1, D]
         h = self(x, input_pos[:, None], cache, kv_len, unmasked)  # [B, 1, D]
         return self.head(h[:, 0])  # [B, V]
 

@@ -25,8 +25,11 @@ def test_bad_sizes_say_how_to_write_one(bad):
 def test_the_plan_adds_up_the_bundles_parts():
     manifest = verify_bundle(default_bundle(), hashes=False)
     plan = MemoryPlan.of_bundle(manifest, "cpu", max_context=256, max_batch=2)
-    assert plan.llm_weights == manifest.files["llm.safetensors"]["bytes"]
     llm = manifest.config.llm
+    table = llm.vocab_size * llm.hidden_size * 2  # fp16, left in the file on a CPU
+    assert plan.llm_weights == manifest.files["llm.safetensors"]["bytes"] - table
+    cuda = MemoryPlan.of_bundle(manifest, "cuda", max_context=256, max_batch=2)
+    assert cuda.llm_weights == manifest.files["llm.safetensors"]["bytes"]
     assert plan.kv_per_token == 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * 2  # fp16
     assert plan.kv() == plan.kv_per_token * max(256, 2 * plan.batch_row)
     assert plan.total() == plan.fixed() + plan.kv()
