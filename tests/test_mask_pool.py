@@ -162,6 +162,22 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(one, many)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_and_dense_quads_add_alike(mode):
+    # Masks pool in groups of up to 16, over the cells any of them weighs, in quads of 4: a
+    # quad whose masks weigh the same cells runs 4-mask tiles, one of masks that overlap little
+    # runs each mask over its own cells. Both must add in the same order. With a full mask in
+    # each group (so the cells listed are every cell), a mask's row is the same bits in a
+    # sparse quad (with other regions) and in a dense one (4 copies of itself).
+    features = random_features(1, 40, 40, 160, torch.float32, seed=3)
+    regions = region_masks(4, 320, 320, seed=4)
+    full = torch.ones_like(regions[:1])
+    sparse = pool(features, torch.cat([regions, full]), mode=mode)
+    for n in range(4):
+        dense = pool(features, torch.cat([regions[n : n + 1].expand(4, -1, -1), full]), mode=mode)
+        assert torch.equal(sparse[n], dense[0]), n
+
+
 # ---- real shapes: a 96x96x1024 fp16 map (ViT-L/14-336 refined 4x), 16 region masks --------
 
 

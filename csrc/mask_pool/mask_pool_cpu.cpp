@@ -41,6 +41,9 @@ constexpr int kGroup = 16;  // masks pooled together in one pass over the featur
 constexpr int kBlock = 128;  // channels per phase-2 task
 constexpr int kPanel = 32;  // cells gathered per fp32 panel (16 KB: stays in L1)
 constexpr int kPrefetch = 24;  // cells ahead whose features are prefetched
+// A quad of masks runs its masks one by one when its (cell, mask) pairs with weight are at
+// most 4 / kQuadShare of its 4 x (cells any of them weighs) (phase 3: accumulate_panel).
+constexpr int kQuadShare = 2;  // 16 regions at 512 px, 1 thread: faster than 1 (always) or never
 // A phase runs on one more thread per this many bytes it touches: starting and joining a
 // thread costs tens of microseconds (milliseconds on a busy machine), small inputs less.
 constexpr int64_t kBytesPerThread = int64_t{1} << 20;
@@ -495,18 +498,41 @@ inline __attribute__((always_inline)) void accumulate_tile(const float* panel,
   }
 }
 
+// acc[m][c] += sum_k weights[k][m] * panel[k][c] for one mask (weights: its column) over
+// c < 16 * strips, only at the panel cells where it has weight (`cells`): tiles of 1 x 64
+// channels (8 independent sums hide the latency of the multiply-adds), then 1 x 16.
+RGPT_HOT void accumulate_mask(const float* panel, const float* weights, uint32_t cells,
+                              int strips, float* acc) {
+  const int channels = 16 * strips;
+  int strip = 0;
+  for (; strip + 64 <= channels; strip += 64) {
+    accumulate_tile<1, 4>(panel, weights, cells, strip, acc);
+  }
+  for (; strip < channels; strip += 16) accumulate_tile<1, 1>(panel, weights, cells, strip, acc);
+}
+
 // acc[m][c] += sum_k weights[k][m] * panel[k][c] for m < masks, c < 16 * strips, k < kPanel.
-// quad_cells[q]: the panel's cells where a mask of quad q (masks 4q..4q+3) has weight; each
-// quad skips the others (the listed cells are the union of the group's regions, and regions
-// rarely all cover a cell). Tiles of 4 masks x 16 channels; the last 1-3 masks take wider
-// tiles (1 x 64, 2 x 32 channels), so that 8 independent sums hide the latency of the
-// multiply-adds. Every tile shape adds in the same order (k, then into acc): the result does
-// not depend on the tiling, and skipping a cell only leaves out a product with weight 0.
+// quad_cells[q]: the panel's cells where a mask of quad q (masks 4q..4q+3) has weight;
+// mask_cells[m]: those where mask m has. A quad whose masks mostly weigh the same cells runs
+// tiles of 4 masks x 16 channels (a feature load serves 4 masks); a quad of masks that mostly
+// weigh different cells (regions overlap little) runs each mask over its own cells, so that
+// no multiply-add has weight 0. Every tile shape adds in the same order (k, then into acc):
+// the result does not depend on the choice, and skipping a cell only leaves out a product
+// with weight 0.
 RGPT_HOT void accumulate_panel(const float* panel, const float* weights,
-                               const uint32_t* quad_cells, int masks, int strips, float* acc) {
+                               const uint32_t* quad_cells, const uint32_t* mask_cells, int masks,
+                               int strips, float* acc) {
   const int channels = 16 * strips;
   int m = 0;
   for (; m + 4 <= masks; m += 4) {
+    int pairs = 0;
+    for (int r = 0; r < 4; ++r) pairs += __builtin_popcount(mask_cells[m + r]);
+    if (pairs * kQuadShare <= 4 * __builtin_popcount(quad_cells[m / 4])) {
+      for (int r = m; r < m + 4; ++r) {
+        accumulate_mask(panel, weights + r, mask_cells[r], strips, acc + r * kBlock);
+      }
+      continue;
+    }
     for (int strip = 0; strip < channels; strip += 16) {
       accumulate_tile<4, 1>(panel, weights + m, quad_cells[m / 4], strip, acc + m * kBlock);
     }
@@ -517,8 +543,7 @@ RGPT_HOT void accumulate_panel(const float* panel, const float* weights,
   int strip = 0;
   switch (masks - m) {
     case 1:
-      for (; strip + 64 <= channels; strip += 64) accumulate_tile<1, 4>(panel, w, cells, strip, a);
-      for (; strip < channels; strip += 16) accumulate_tile<1, 1>(panel, w, cells, strip, a);
+      accumulate_mask(panel, w, mask_cells[m], strips, a);
       break;
     case 2:
       for (; strip + 32 <= channels; strip += 32) accumulate_tile<2, 2>(panel, w, cells, strip, a);
@@ -609,6 +634,7 @@ void pool_group(const Params& p, const Groups& g, const LevelTables& t, int64_t 
   for (int64_t k0 = 0; k0 < listed; k0 += kPanel) {
     const int cells = static_cast<int>(std::min<int64_t>(kPanel, listed - k0));
     uint32_t quad_cells[kGroup / 4] = {};
+    uint32_t mask_cells[kGroup] = {};
     for (int k = 0; k < cells; ++k) {
       // the features of a cell further on: each task walks the grid with a stride of C
       // elements, which the hardware prefetchers follow too late
@@ -620,13 +646,15 @@ void pool_group(const Params& p, const Groups& g, const LevelTables& t, int64_t 
       load_block(grid + cell * channels, panel + k * kBlock, block_width, F);
       const float* w = weights + cell * stride;
       std::memcpy(wpanel + k * kGroup, w, sizeof(float) * stride);
-      for (int q = 0; q < stride / 4; ++q) {
-        const bool any = (w[4 * q] != 0) | (w[4 * q + 1] != 0) | (w[4 * q + 2] != 0) |
-                         (w[4 * q + 3] != 0);  // nan counts: it must poison its mask's row
-        quad_cells[q] |= static_cast<uint32_t>(any) << k;
+      for (int s = 0; s < stride; ++s) {  // nan counts: it must poison its mask's row
+        mask_cells[s] |= static_cast<uint32_t>(w[s] != 0) << k;
       }
     }
-    accumulate_panel(panel, wpanel, quad_cells, size, strips, acc);
+    for (int q = 0; q < stride / 4; ++q) {
+      quad_cells[q] = mask_cells[4 * q] | mask_cells[4 * q + 1] | mask_cells[4 * q + 2] |
+                      mask_cells[4 * q + 3];
+    }
+    accumulate_panel(panel, wpanel, quad_cells, mask_cells, size, strips, acc);
   }
 
   Storage* out = static_cast<Storage*>(p.out);
