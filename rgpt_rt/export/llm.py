@@ -253,7 +253,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rope(config: LLMConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from rgpt_rt.runtime.model import rope_inv_freq
+    from rgpt_rt.runtime.layers import rope_inv_freq
 
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), rope_inv_freq(config))
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]

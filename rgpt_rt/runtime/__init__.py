@@ -8,8 +8,9 @@ quantisers (rgpt_rt.quant); tests/runtime/test_imports.py checks it.
     answer.py       AnswerStream (text deltas) and Chat (turns on one cache)
     preprocess.py   images and masks -> the model's geometry
     vision.py       vision backends (TensorRT, ONNX Runtime, torch) and the region connector
-    model.py        the LLaMA decoder (gpt-fast style), kv_cache.py its cache, graphs.py its
-                    CUDA graphs, loading.py its loading, int4_linear.py its INT4 linears
+    model.py        the LLaMA decoder (gpt-fast style), layers.py its layers, kv_cache.py its
+                    cache, graphs.py its CUDA graphs, loading.py its loading, int4_linear.py its
+                    INT4 linears, table_in_file.py its embedding table left in the bundle (CPU)
     generate.py     sampling, stop strings, streaming text, the decode loop
 """
 

@@ -12,8 +12,9 @@ from torch import nn
 from rgpt_rt.ops.int4_format import dequantize
 from rgpt_rt.runtime import LlamaDecoder, generate
 from rgpt_rt.runtime.int4_linear import Int4Linear
+from rgpt_rt.runtime.layers import RMSNorm
 from rgpt_rt.runtime.loading import decoder_from_state, load_decoder
-from rgpt_rt.runtime.model import QUANTIZED_LINEARS, RMSNorm
+from rgpt_rt.runtime.model import QUANTIZED_LINEARS
 
 
 def _compare(fp: LlamaDecoder, q: LlamaDecoder, record_property) -> float:

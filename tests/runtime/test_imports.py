@@ -45,7 +45,7 @@ SESSION_MODULES = {
     "rgpt_rt.runtime.cache", "rgpt_rt.runtime.families", "rgpt_rt.runtime.families.base",
     "rgpt_rt.runtime.families.osprey", "rgpt_rt.runtime.families.regiongpt",
     "rgpt_rt.runtime.generate", "rgpt_rt.runtime.graphs", "rgpt_rt.runtime.hf_llama",
-    "rgpt_rt.runtime.int4_linear", "rgpt_rt.runtime.kv_cache", "rgpt_rt.runtime.kv_pool",
+    "rgpt_rt.runtime.int4_linear", "rgpt_rt.runtime.kv_cache", "rgpt_rt.runtime.kv_pool", "rgpt_rt.runtime.layers",
     "rgpt_rt.runtime.loading", "rgpt_rt.runtime.memory", "rgpt_rt.runtime.model",
     "rgpt_rt.runtime.preprocess", "rgpt_rt.runtime.session", "rgpt_rt.runtime.stages",
     "rgpt_rt.runtime.table_in_file", "rgpt_rt.runtime.vision",
