@@ -61,6 +61,9 @@ class KVCache:
         # (prefix cache key, length) when this cache holds an image prefix the Session will keep
         # once the answer using it is done (stages.Stages.release)
         self.prefix_of: tuple[str, int] | None = None
+        # the prefix length, while this cache is a cached image prefix lent to an answer (a CPU
+        # answers a next question inside it: stages.Stages.prefill); None otherwise
+        self.lent_at: int | None = None
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's keys and values [B, Hkv, T_max, hd] (views of k and v)."""

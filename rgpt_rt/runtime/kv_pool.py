@@ -33,9 +33,9 @@ class KVPool:
         self.max_context = max_context
         c = decoder.config
         element = torch.empty(0, dtype=decoder.kv_dtype or decoder.dtype).element_size()
-        per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * element
+        self.bytes_per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * element
         self.bucket = KV_BUCKET if decoder.device.type == "cuda" else CPU_KV_BUCKET
-        self.max_free_bytes = per_position * (max_context + max_batch * self.bucket)
+        self.max_free_bytes = self.bytes_per_position * (max_context + max_batch * self.bucket)
         self._free: dict[tuple[int, int], list[KVCache]] = {}
         self._lock = threading.Lock()
 

@@ -23,6 +23,16 @@ GiB = 1 << 30
 # The process before any weight: Python, torch, tokenizers, ONNX Runtime (measured: ~0.4 GB
 # RSS on x86 CPU with torch 2.13; a CUDA context adds ~0.5 GB on the device side).
 RUNTIME_BASE = {"cpu": 400 * MiB, "cuda": 900 * MiB}
+# The prefix cache's default budget: at least 512 MiB, and room for one image prefix of the
+# model as a CPU keeps it (the whole cache of an answer: the image tokens, the system prompt, a
+# question and up to 256 new tokens), so that a second question about an image skips the image's
+# tokens. Osprey-7b's 1,024 image tokens make it 704 MiB of fp16 KV; RegionGPT-7B's 576, 480 MiB.
+PREFIX_CACHE_FLOOR = 512 * MiB
+PREFIX_ROOM = 384  # positions past the image tokens
+
+
+def default_prefix_cache_bytes(num_image_tokens: int, kv_bytes_per_position: int) -> int:
+    return max(PREFIX_CACHE_FLOOR, (num_image_tokens + PREFIX_ROOM) * kv_bytes_per_position)
 
 
 def parse_bytes(text: str | int) -> int:
@@ -85,9 +95,10 @@ class MemoryPlan:
         device: str = "cpu",
         max_context: int | None = None,
         vision_cache_bytes: int = 256 * MiB,
-        prefix_cache_bytes: int = 512 * MiB,
+        prefix_cache_bytes: int | None = None,
         max_batch: int = 16,
     ) -> MemoryPlan:
+        """prefix_cache_bytes: None for the Session's default (default_prefix_cache_bytes)."""
         if device not in RUNTIME_BASE:
             raise ValueError(f"device {device!r}: plan for 'cpu' or 'cuda'")
         llm, vision = config.llm, config.vision
@@ -98,6 +109,9 @@ class MemoryPlan:
         hires = config.hires_grid**2 * vision.hidden_size
         bucket = 256 if device == "cuda" else 64  # kv_pool.KV_BUCKET / CPU_KV_BUCKET
         prefix_tokens = config.num_image_tokens + 64  # the system prompt, roles, the image
+        batch_row = min(context, -(-(prefix_tokens + 128) // bucket) * bucket)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = default_prefix_cache_bytes(config.num_image_tokens, kv_per_token)
         per_image_vision = (config.num_image_tokens * llm.hidden_size + hires) * element
         # On a CPU, ONNX Runtime (chosen for small vision weights) folds them into fp32; the
         # torch backend (chosen past runtime/vision.ONNXRUNTIME_CPU_LIMIT) and CUDA keep fp16.
@@ -117,11 +131,12 @@ class MemoryPlan:
             kv_per_token=kv_per_token,
             max_context=context,
             max_batch=max_batch,
-            batch_row=min(context, -(-(prefix_tokens + 128) // bucket) * bucket),
+            batch_row=batch_row,
             vision_cache=vision_cache_bytes,
             prefix_cache=prefix_cache_bytes,
             per_image_vision=per_image_vision,
-            per_image_prefix=prefix_tokens * kv_per_token,
+            # CUDA keeps a copy of the prefix; a CPU keeps the answer's cache itself (no copy)
+            per_image_prefix=(prefix_tokens if device == "cuda" else batch_row) * kv_per_token,
             working=_working_set(config, prefix_tokens + 64, element, device),
             runtime=RUNTIME_BASE[device],
         )

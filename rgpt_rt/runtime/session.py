@@ -84,7 +84,7 @@ class Session:
         max_context: int | None = None,
         max_image_side: int = 2048,
         vision_cache_bytes: int = 256 << 20,
-        prefix_cache_bytes: int = 512 << 20,
+        prefix_cache_bytes: int | None = None,
         max_batch: int = 16,
         verify: bool = True,
         sha256: str | None = None,
@@ -95,7 +95,10 @@ class Session:
         "tensorrt", "onnxruntime" or "torch"; max_context: the longest prompt + answer a call
         may use (default: the model's); verify: check every file's sha256 at load; sha256:
         pin the bundle by the manifest digest its build printed; memory_budget: bytes or
-        "8GiB": refuse, before loading anything, a configuration that cannot fit (memory.py)."""
+        "8GiB": refuse, before loading anything, a configuration that cannot fit (memory.py).
+        vision_cache_bytes, prefix_cache_bytes: the budgets of the per-image caches (vision
+        results; the image prefix's KV, by default room for one of this model's, at least 512
+        MiB: 0 turns a cache off)."""
         if bundle is not None and not isinstance(bundle, str | Path):
             raise TypeError(f"bundle must be a folder path; got {type(bundle).__name__}")
         if sha256 is not None and not isinstance(sha256, str):
@@ -155,7 +158,7 @@ class Session:
         max_context: int | None = None,
         max_image_side: int = 2048,
         vision_cache_bytes: int = 256 << 20,
-        prefix_cache_bytes: int = 512 << 20,
+        prefix_cache_bytes: int | None = None,
         max_batch: int = 16,
     ) -> None:
         model_context = config.llm.max_position_embeddings
@@ -172,7 +175,9 @@ class Session:
             max_batch=self.max_batch,
             max_image_side=check_int("max_image_side", max_image_side, low=16),
             vision_cache_bytes=check_int("vision_cache_bytes", vision_cache_bytes, low=0),
-            prefix_cache_bytes=check_int("prefix_cache_bytes", prefix_cache_bytes, low=0),
+            prefix_cache_bytes=None
+            if prefix_cache_bytes is None
+            else check_int("prefix_cache_bytes", prefix_cache_bytes, low=0),
         )
         self.config, self.tokenizer, self.vision, self.decoder = config, tokenizer, vision, decoder
         self.device, self.dtype = decoder.device, decoder.dtype

@@ -30,6 +30,7 @@ from rgpt_rt.runtime.families import Features, region_family, splice_embeddings
 from rgpt_rt.runtime.generate import SamplingParams
 from rgpt_rt.runtime.kv_cache import KVCache
 from rgpt_rt.runtime.kv_pool import KVPool
+from rgpt_rt.runtime.memory import default_prefix_cache_bytes
 from rgpt_rt.runtime.model import LlamaDecoder
 from rgpt_rt.runtime.preprocess import Frame
 from rgpt_rt.runtime.vision import VisionBackend, Widened
@@ -58,7 +59,7 @@ class Stages:
         max_batch: int = 16,
         max_image_side: int = 2048,
         vision_cache_bytes: int = 256 << 20,
-        prefix_cache_bytes: int = 512 << 20,
+        prefix_cache_bytes: int | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -81,8 +82,11 @@ class Stages:
         self.max_image_side = max_image_side
         self.lock = threading.RLock()
         self.vision_cache = ByteLRU(vision_cache_bytes)
-        self.prefix_cache = ByteLRU(prefix_cache_bytes)
         self.pool = KVPool(decoder, max_context, max_batch)
+        if prefix_cache_bytes is None:  # room for one image prefix at least (memory.py)
+            per_position = self.pool.bytes_per_position
+            prefix_cache_bytes = default_prefix_cache_bytes(config.num_image_tokens, per_position)
+        self.prefix_cache = ByteLRU(prefix_cache_bytes)
 
     # --- image and regions ----------------------------------------------------------------------
     def see(self, image: ImageLike, stats: dict[str, Any]) -> Seen:
@@ -216,8 +220,14 @@ class Stages:
                 if shared > length:
                     prefix = self._extend(prefix, length, ids[length:shared])
                     length, suffix = shared, suffix[:, shared - length :]
-            cache = self.pool.acquire(rows, needed)
-            cache.copy_prefix(prefix, 0, list(range(rows)), length)
+            if rows == 1 and self._lendable(prefix, length, needed):
+                # A CPU keeps an image's prefix as its first answer's whole cache: the next
+                # question about the image is answered in it, after the prefix (no second
+                # cache, no copy); release() cuts it back to the prefix.
+                cache, prefix.lent_at = prefix, length
+            else:
+                cache = self.pool.acquire(rows, needed)
+                cache.copy_prefix(prefix, 0, list(range(rows)), length)
             embeds = self.splice(suffix, None, torch.cat(list(region_rows)))  # [B, Ts, D]
             logits = self.decoder.prefill(cache, inputs_embeds=embeds)
             prefilled = int(suffix.numel())
@@ -231,7 +241,13 @@ class Stages:
         """An answer's cache is done. When it holds an image prefix that is not cached yet, the
         prefix is kept: on a CPU the cache itself becomes the cached prefix (cut back to it, no
         copy: memory); on CUDA the prefix is copied out (a fraction of a millisecond) and the
-        cache, with the CUDA graphs it carries, goes back to the pool."""
+        cache, with the CUDA graphs it carries, goes back to the pool. A cached prefix lent to
+        an answer is cut back to the prefix."""
+        if cache.lent_at is not None:
+            with self.lock:
+                cache.lengths.fill_(cache.lent_at)
+                cache.lent_at = None
+            return
         parked, cache.prefix_of = cache.prefix_of, None
         if parked is not None:
             key, length = parked
@@ -278,6 +294,18 @@ class Stages:
         stats["prefill_ms"] = elapsed_ms(start)
         stats["prefill_tokens"] = len(ids) - keep
         return cache, logits
+
+    def _lendable(self, prefix: KVCache, length: int, needed: int) -> bool:
+        """Whether an answer of `needed` positions may run inside the cached prefix itself: a
+        CPU's (CUDA's prefixes are exact copies, and its caches carry CUDA graphs), not lent to
+        another answer, holding just the prefix, with room for the answer."""
+        return (
+            self.device.type == "cpu"
+            and prefix.lent_at is None
+            and prefix.batch_size == 1
+            and int(prefix.lengths[0]) == length
+            and prefix.max_len >= needed
+        )
 
     def _prefix_length(self, ids: list[int]) -> int:
         """P: the shared prefix is BOS + system prompt + user role + image tokens."""

@@ -4,6 +4,7 @@ import pytest
 
 from rgpt_rt.bundle import verify_bundle
 from rgpt_rt.cli import main as cli
+from rgpt_rt.config import RGPTConfig
 from rgpt_rt.runtime.memory import GiB, MemoryPlan, MiB, parse_bytes
 from rgpt_rt.runtime.session import Session, default_bundle
 
@@ -54,3 +55,19 @@ def test_info_prints_the_plan_of_a_bundle(capsys):
     out = capsys.readouterr().out
     assert "memory plan (cpu)" in out and "KV cache per 1k positions" in out
     assert "budget 8.00 GiB: fits as configured" in out
+
+
+@pytest.mark.parametrize("preset", ["rgpt-7b", "osprey-7b"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_default_prefix_cache_holds_one_image_prefix_at_full_size(preset, device):
+    # Osprey-7b's 1,024 image tokens need more than the 512 MiB floor: without room for one
+    # prefix, every question about an image would prefill its image tokens again
+    config = RGPTConfig.from_preset(preset)
+    plan = MemoryPlan.of_config(config, llm_file_bytes=0, vision_file_bytes=0, device=device)
+    assert plan.prefix_cache >= 512 * MiB
+    assert plan.prefix_cache >= plan.per_image_prefix  # the plan counts that one prefix
+    # a CPU keeps the answer's whole cache: the prompt and a 256-token answer, bucketed
+    prompt = config.num_image_tokens + 64 + 256
+    assert plan.prefix_cache >= -(-prompt // 64) * 64 * plan.kv_per_token
+    if preset == "osprey-7b":
+        assert plan.prefix_cache > 512 * MiB

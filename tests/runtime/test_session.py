@@ -105,6 +105,40 @@ def test_a_warm_question_prefills_only_its_own_tokens(int4_bundle):
     assert isinstance(first, str)
 
 
+def test_a_cpu_answers_the_next_question_inside_the_cached_prefix(int4_bundle, monkeypatch):
+    # On a CPU an image's prefix is kept as its first answer's whole cache; the next question
+    # about the image is answered in it (no second cache), and it is cut back to the prefix
+    # after. A question while it is lent (an open stream) takes a cache of its own.
+    image, masks = scene(2)
+    session = Session(int4_bundle, device="cpu")
+    expected = [
+        Session(int4_bundle, device="cpu").describe(image, m, max_new_tokens=8) for m in masks
+    ]
+    assert session.describe(image, masks[0], max_new_tokens=8) == expected[0]
+    acquired = []
+    acquire = session.stages.pool.acquire
+    monkeypatch.setattr(
+        session.stages.pool, "acquire", lambda *a: acquired.append(a) or acquire(*a)
+    )
+    assert session.describe(image, masks[1], max_new_tokens=8) == expected[1]
+    assert acquired == [] and session.stats["prefill_tokens"] < 40
+    stream = session.describe(image, masks[0], max_new_tokens=8, stream=True)
+    first = next(stream)  # the cached prefix is lent to this stream
+    assert session.describe(image, masks[1], max_new_tokens=8) == expected[1]
+    assert len(acquired) == 1
+    assert first + "".join(stream) == expected[0]  # its end gives the prefix back
+    assert session.describe(image, masks[0], max_new_tokens=8) == expected[0]
+    assert len(acquired) == 1  # the prefix is back, and lent again
+
+
+def test_without_a_prefix_cache_a_second_question_prefills_the_image_again(int4_bundle):
+    image, masks = scene(2)
+    session = Session(int4_bundle, device="cpu", prefix_cache_bytes=0)
+    for _ in range(2):
+        session.describe(image, masks[0], max_new_tokens=4)
+        assert session.stats["prefill_tokens"] > session.config.num_image_tokens
+
+
 def test_one_prefill_per_new_image_and_the_prefix_kept_for_the_next_question(int4_bundle):
     # The text before the image tokens is the same for every image: its KV is computed once per
     # Session. A new image and its question are then prefilled in one call, and the image
