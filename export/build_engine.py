@@ -7,6 +7,7 @@ and the INT4 LLM, with a manifest of hashes and parity errors.
     python export/build_engine.py --clip clip-vit-large-patch14-336/ --llm vicuna-7b-v1.5/ --rgpt-weights rgpt.safetensors
     python export/build_engine.py --osprey Osprey-7b/ --convnext open_clip_pytorch_model.bin --out bundles/osprey
     python export/build_engine.py --check build/bundles/tiny        # re-verify from the bundle alone: exit 1 on any problem
+    python export/build_engine.py --add-engine bundles/mine         # on the GPU that will run it: add its TensorRT engine
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--check", type=Path, metavar="BUNDLE", help="re-verify an existing bundle and exit"
     )
     parser.add_argument(
+        "--add-engine",
+        type=Path,
+        metavar="BUNDLE",
+        help="build this GPU's TensorRT engine for an existing bundle and list it (--max-batch, --workspace)",
+    )
+    parser.add_argument(
         "--sha256",
         help="with --check: the manifest digest the bundle must have (its build printed it)",
     )
@@ -101,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"bundle check passed: {args.check}")
         print(json.dumps(report, indent=2))
+        return 0
+    if args.add_engine is not None:
+        from rgpt_rt.export.add_engine import add_engine
+
+        try:
+            add_engine(args.add_engine, max_batch=args.max_batch, workspace_gb=args.workspace)
+        except (ValueError, FileNotFoundError, RuntimeError) as error:
+            print(f"error: {error}; {args.add_engine} is unchanged", file=sys.stderr)
+            return 2
         return 0
     try:
         options = BuildOptions(

@@ -9,6 +9,7 @@ device and version that built them. A timing cache beside the build is reused ac
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -81,7 +82,11 @@ def build_vision_engine(
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
     path = out_dir / engine_name(device_name, trt.__version__)
-    path.write_bytes(bytes(serialized))
+    # written beside, then renamed over: a file of that name (a hard link into the bundle being
+    # replaced, add_engine.py) is replaced, never written through
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(bytes(serialized))
+    os.replace(partial, path)
     info = {
         "device": device_name,
         "tensorrt": trt.__version__,
