@@ -15,10 +15,15 @@
 // 2. Cell lists, tasks over (level, group): the cells any mask of the group weights.
 // 3. Sums, tasks over (level, group, block of kBlock channels): the listed cells, kPanel at a
 //    time, are gathered into fp32 panels (features converted once, weights copied) and
-//    accumulated by register tiles of 4 masks x 16 channels, each over the panel's cells
-//    where one of its masks has weight.
+//    accumulated by register tiles: 4 masks x 16 channels over the panel's cells where one of
+//    the 4 has weight, or, where the 4 overlap little, 1 mask x 64 channels over its own cells.
 // Each task writes its own outputs in a fixed order: the result does not depend on the
 // number of threads.
+//
+// The file, top to bottom: constants and element access; the workspace layout and the thread
+// pool; phase 1 (cell weights, one cell row of one mask per call); phase 3's register tiles;
+// the groups' tables; phase 2 (cell lists); phase 3 (one group's sums); the driver
+// (run_typed: phases 0-3 in order, each over its tasks); the entry points.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -410,7 +415,7 @@ void weights_row(const WeightsJob& job, int64_t n, int64_t i, char* scratch, con
   }
 }
 
-// ---- 3. weighted sums ---------------------------------------------------------------------
+// ---- 3. weighted sums: the register tiles -------------------------------------------------
 // x86-64: the hot loops are also compiled for x86-64-v3 (AVX2, FMA) and picked at load time.
 #if defined(RGPT_X86) && !defined(__clang__)
 #define RGPT_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -557,6 +562,7 @@ RGPT_HOT void accumulate_panel(const float* panel, const float* weights,
   }
 }
 
+// ---- the groups' tables, as phases 2 and 3 read them --------------------------------------
 struct Groups {
   const int64_t* order;  // mask indices sorted by image
   const int64_t* start;  // [groups + 1] into order
@@ -579,7 +585,8 @@ struct LevelTables {
   int64_t cells;
 };
 
-// 2. The cells any of the group's masks weights (phase 1 zeroed the padding slots, so every
+// ---- 2. cell lists -------------------------------------------------------------------------
+// The cells any of the group's masks weights (phase 1 zeroed the padding slots, so every
 //    slot of a cell can be tested: Q quads, a fixed count the compiler vectorises).
 template <int Q>
 int64_t list_weighted_cells(const float* w, int64_t cells, int64_t* list) {
@@ -606,7 +613,8 @@ void list_cells(const Groups& g, const LevelTables& t, int64_t group) {
   t.cell_count[group] = count;
 }
 
-// 3. One group of masks (one image) over one channel block of one level.
+// ---- 3. weighted sums: one group ----------------------------------------------------------
+// One group of masks (one image) over one channel block of one level.
 template <Scalar F>
 void pool_group(const Params& p, const Groups& g, const LevelTables& t, int64_t group,
                 int64_t block, char* scratch, const Layout& l) {
@@ -677,6 +685,7 @@ void pool_group(const Params& p, const Groups& g, const LevelTables& t, int64_t 
   }
 }
 
+// ---- the driver: phases 0-3 in order, each over its tasks ----------------------------------
 int64_t element_bytes(Scalar s) {
   switch (s) {
     case Scalar::kFloat32: return 4;
@@ -841,6 +850,7 @@ void run_features(const Params& p, int threads) {
 
 }  // namespace
 
+// ---- the entry points (mask_pool.h) --------------------------------------------------------
 int64_t cpu_workspace_bytes(const Params& p, int num_threads) {
   return make_layout(p, num_threads).bytes;
 }

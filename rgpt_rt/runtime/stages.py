@@ -167,10 +167,8 @@ class Stages:
     ) -> torch.Tensor:
         """ids [B, T] -> token embeddings [B, T, D] with the image embeddings at the image tokens
         and the region embeddings [R, k, D] at the regions' slot tokens (row-major)."""
-        slots = torch.tensor(self.slot_ids, device=ids.device)
-        safe = ids.masked_fill((ids == self.image_id) | torch.isin(ids, slots), 0)
         return splice_embeddings(
-            self.decoder.embed(safe), ids, self.image_id, image_embeds, self.slot_ids, region_embeds
+            self.decoder.embed, ids, self.image_id, image_embeds, self.slot_ids, region_embeds
         )
 
     def check_room(self, needed: int, what: str = "the prompt and answer", fix: str = "") -> None:
@@ -302,7 +300,6 @@ class Stages:
         return (
             self.device.type == "cpu"
             and prefix.lent_at is None
-            and prefix.batch_size == 1
             and int(prefix.lengths[0]) == length
             and prefix.max_len >= needed
         )

@@ -74,12 +74,9 @@ def runtime_inputs(bundle, backend, image, masks, question):
         tokens=config.tokens,
     )
     ids = torch.tensor([tokens.input_ids])
-    slots = family.slot_ids(tokenizer)
-    placeholders = torch.isin(ids, torch.tensor([tokenizer.token_to_id("<image>"), *slots]))
-    token_embeds = decoder.embed(ids.masked_fill(placeholders, 0))
     embeds = splice_embeddings(
-        token_embeds, ids, tokenizer.token_to_id("<image>"), image_embeds, slots,
-        regions[torch.tensor(tokens.region_order)],
+        decoder.embed, ids, tokenizer.token_to_id("<image>"), image_embeds,
+        family.slot_ids(tokenizer), regions[torch.tensor(tokens.region_order)],
     )  # fmt: skip
     return decoder, ids, embeds, tokenizer
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -80,20 +80,21 @@ class RegionFamily:
 
 
 def splice_embeddings(
-    token_embeds: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
     ids: torch.Tensor,
     image_id: int,
     image_embeds: torch.Tensor | None,
     slot_ids: Sequence[int],
     region_embeds: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Token embeddings [B, T, D] of `ids` [B, T] (placeholder ids already embedded as anything)
-    with the image embeddings [.., g², D] at the image tokens and the region embeddings
-    [R, k, D] (R regions in prompt order, k = len(slot_ids)) at the region slot tokens, both
-    row-major: a region's k slots are consecutive tokens, so slot j of region r is row r*k + j."""
+    """Token embeddings [B, T, D] of `ids` [B, T] (`embed`: ids -> new embeddings, given 0 at
+    the placeholders) with the image embeddings [.., g², D] at the image tokens and the region
+    embeddings [R, k, D] (R regions in prompt order, k = len(slot_ids)) at the region slot
+    tokens, both row-major: a region's k slots are consecutive tokens, so slot j of region r is
+    row r*k + j."""
     image_slots = ids == image_id
     region_slots = torch.isin(ids, torch.tensor(list(slot_ids), device=ids.device))
-    out = token_embeds.clone()
+    out = embed(ids.masked_fill(image_slots | region_slots, 0))
     if image_embeds is not None and bool(image_slots.any()):
         out[image_slots] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(out.dtype)
     if region_embeds is not None and bool(region_slots.any()):
